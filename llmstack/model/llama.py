@@ -1,0 +1,213 @@
+"""A decoder-only Transformer whose modules and weight names equal Hugging Face ``LlamaForCausalLM``.
+
+RoPE (rotate-half layout, as HF), RMSNorm, SwiGLU MLP, grouped-query attention, no biases, tied or
+untied embeddings. ``GPT.state_dict()`` keys are HF's keys, so a Llama checkpoint loads with
+``load_state_dict`` and ours saves as one.
+
+Attention is ``scaled_dot_product_attention``. (Running q/k/v, and gate/up, as one matmul over
+concatenated weights was measured slower on CPU: the concatenation and its backward cost more than
+the larger matmul saves. bench/RESULTS.md has the figures.)
+
+What is not here: the loss, optimizers, distribution, compilation, tokenization; they are applied to
+this model from outside (``llmstack.training``). A ``KVCache`` serves generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmstack.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF computes the norm in float32 and casts back before the weight; so do we (parity under bf16).
+        dtype = x.dtype
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+        return self.weight * x
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (T, head_dim) in HF's rotate-half layout (frequencies repeated twice)."""
+    # float32 arithmetic in the same order as HF, so that logits match at long positions too
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the last dim; cos/sin broadcast over the leading dims."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (B, n_kv_head, max_len, head_dim) each.
+
+    All rows share one position counter ``pos`` (prompts of different lengths are left-padded by the
+    caller or prefilled one by one). ``advance`` is called once per forward, after all layers wrote.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds the model's context of {cfg.max_seq_len}")
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k_BHTD.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > {self.max_len}")
+        self.k[layer][:, :, self.pos : end] = k_BHTD
+        self.v[layer][:, :, self.pos : end] = v_BHTD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        d = cfg.n_embd
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        # RoPE in the projections' own (B, T, H, D) layout, then one transpose to (B, H, T, D); all three
+        # in the same dtype for SDPA (under autocast the rotation would otherwise promote q, k to fp32)
+        v_BTHD = self.v_proj(x_BTC).view(B, T, KV, D)
+        cos_T1D, sin_T1D = cos[:, None].to(v_BTHD.dtype), sin[:, None].to(v_BTHD.dtype)
+        q_BHTD = apply_rope(self.q_proj(x_BTC).view(B, T, H, D), cos_T1D, sin_T1D).transpose(1, 2)
+        k_BHTD = apply_rope(self.k_proj(x_BTC).view(B, T, KV, D), cos_T1D, sin_T1D).transpose(1, 2)
+        v_BHTD = v_BTHD.transpose(1, 2)
+
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD)
+        if KV != H:  # grouped-query attention: each kv head serves H // KV query heads
+            k_BHTD = k_BHTD.repeat_interleave(H // KV, dim=1)
+            v_BHTD = v_BHTD.repeat_interleave(H // KV, dim=1)
+
+        if past == 0:
+            y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
+        elif T == 1:  # one new token sees the whole cache
+            y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD)
+        else:  # a chunk after a non-empty cache: causal mask aligned to the end (bottom-right)
+            S = k_BHTD.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask)
+        y_BTC = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y_BTC)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's ``LlamaModel``: embeddings, layers, final norm (the ``model.`` prefix of the weight names)."""
+
+    layers: list[DecoderLayer]  # an nn.ModuleList at run time
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layer))  # type: ignore[assignment]
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layer) (GPT-2)."""
+        out_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # RMSNorm gains
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab). With ``cache``, positions continue from it."""
+        B, T = idx_BT.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.max_seq_len}")
+        cos = self.rope_cos[start : start + T]
+        sin = self.rope_sin[start : start + T]
+        x = self.model.embed_tokens(idx_BT)  # (B, T, C)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x)
+        return self.lm_head(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,149 @@
+"""The main job: raw pages -> documents -> tokenizer -> token shards -> base model -> samples.
+
+Each stage skips work whose output already exists (a finished tokenizer, complete shards, a
+checkpoint to resume from), so running it again after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from llmstack.io import write_json
+
+DREAM_PROMPTS = ("The ", "import os\n", "In Python, a list")
+
+
+def _stage(name: str) -> float:
+    print(f"\n=== {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> int:
+
+    from llmstack.cli import main as cli
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t = _stage("1/5 pretraining data")
+    from llmstack.data.corpus import build_default_corpus, read_jsonl
+
+    corpus = build_default_corpus()
+    n_docs = sum(1 for _ in read_jsonl(corpus))
+    print(f"{n_docs} documents in {corpus}")
+    timings["data"] = time.perf_counter() - t
+
+    t = _stage("2/5 tokenizer")
+    from llmstack.tokenizer import Tokenizer
+    from llmstack.training.presets import get_preset
+
+    tok_dir = run_dir / "tokenizer"
+    vocab = get_preset(preset, 4096)[0].vocab_size
+    if not (tok_dir / "tokenizer.json").exists():
+        rc = cli(
+            [
+                "tokenizer",
+                "train",
+                "--run-dir",
+                str(run_dir),
+                "--corpus",
+                str(corpus),
+                "--vocab-size",
+                str(vocab),
+            ]
+        )
+        if rc:
+            return rc
+    tok = Tokenizer.load(tok_dir)
+    if tok.bos_id is None:
+        raise ValueError(f"{tok_dir}: the tokenizer has no <|bos|> token")
+    bos: int = tok.bos_id
+    print(f"tokenizer: {tok.vocab_size} tokens at {tok_dir}")
+    timings["tokenizer"] = time.perf_counter() - t
+
+    t = _stage("3/5 token shards")
+    from llmstack.data.shards import ShardIndex
+
+    shard_dir = run_dir / "shards"
+    try:
+        idx = ShardIndex.load(shard_dir)
+        idx.check_tokenizer(tok)
+    except (FileNotFoundError, ValueError):
+        rc = cli(["tokenize", "--run-dir", str(run_dir), "--corpus", str(corpus)])
+        if rc:
+            return rc
+        idx = ShardIndex.load(shard_dir)
+    print(f"{idx.n_tokens('train'):,} train tokens, {idx.n_tokens('val'):,} val tokens in {shard_dir}")
+    timings["tokenize"] = time.perf_counter() - t
+
+    t = _stage("4/5 pretraining")
+    argv = ["pretrain", "--preset", preset, "--run-dir", str(run_dir), "--device", "cpu"]
+    if max_steps:
+        argv += ["--max-steps", str(max_steps)]
+    rc = cli(argv)
+    if rc:
+        return rc
+    timings["pretrain"] = time.perf_counter() - t
+
+    t = _stage("5/5 dreams (samples from the base model)")
+    from llmstack.inference.sample import SamplingConfig, generate
+    from llmstack.training.checkpoint import load_model
+    from llmstack.training.metrics import read_metrics
+
+    model, ckpt = load_model(run_dir)
+    samples = []
+    for i, prompt in enumerate(DREAM_PROMPTS):
+        ids = list(
+            generate(
+                model,
+                [bos, *tok.encode_ordinary(prompt)],
+                SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=50, seed=i),
+                {tok.bos_id},
+            )
+        )
+        text = prompt + tok.decode([i for i in ids if i != bos])
+        samples.append(text)
+        print(f"--- {prompt!r}\n{text}\n")
+    timings["sample"] = time.perf_counter() - t
+
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    trains = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    outputs = {
+        "run": str(run_dir),
+        "checkpoint": str(ckpt.path),
+        "tokenizer": str(tok_dir),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "loss_plot": str(run_dir / "loss.png"),
+    }
+    summary = {
+        "preset": preset,
+        "documents": n_docs,
+        "train_tokens": idx.n_tokens("train"),
+        "params": model.num_params(),
+        "steps": ckpt.step,
+        "val_bpb_initial": evals[0]["val_bpb"] if evals else None,
+        "val_bpb_final": evals[-1]["val_bpb"] if evals else None,
+        "train_loss_first": trains[0]["loss"] if trains else None,
+        "train_loss_last": trains[-1]["loss"] if trains else None,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "samples": samples,
+        "outputs": outputs,
+    }
+    write_json(run_dir / "summary.json", summary)
+    total = time.perf_counter() - t_all
+    print("=== summary ===")
+    if evals:
+        print(
+            f"validation bits/byte: {summary['val_bpb_initial']:.3f} at step 0 -> {summary['val_bpb_final']:.3f} "
+            f"at step {ckpt.step}  (a uniform guess over bytes is 8.0)"
+        )
+    if trains:
+        print(f"train loss: {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} nats/token")
+    print(json.dumps(summary["seconds"]), f"total {total:.0f}s")
+    for k, v in outputs.items():
+        print(f"{k:>11}: {v}")
+    print(f"    summary: {run_dir / 'summary.json'}")
+    return 0

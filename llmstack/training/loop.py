@@ -1,0 +1,209 @@
+"""The one training loop. Pretraining, SFT and RL differ only in their ``Task``.
+
+A task supplies micro-batches, turns a batch into a scalar loss, evaluates, and carries its own
+resumable state (a data cursor). The loop owns everything else: optimizer and schedule, gradient
+accumulation, clipping, autocast, ``torch.compile``, DDP, checkpoints, metrics, progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from llmstack.model.llama import GPT
+from llmstack.training import checkpoint as ckpt_io
+from llmstack.training.config import TrainConfig, resolve_dtype
+from llmstack.training.distributed import DistInfo, all_reduce_mean, barrier
+from llmstack.training.metrics import MetricsLog, plot_metrics
+from llmstack.training.optim import build_optimizer, lr_at
+
+
+class Task(Protocol):
+    name: str
+
+    def next_batch(self) -> Any:
+        """The next micro-batch for this rank."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Mean loss over the batch and the number of tokens it was computed on."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics, e.g. {"val_bpb": ...}; run on rank 0 with the unwrapped model."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this call
+    evals: list[dict[str, float]] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    checkpoint: Path | None = None
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    model: GPT,
+    task: Task,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    dist: DistInfo,
+    *,
+    meta: dict[str, Any],
+    resume: bool = True,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``task`` to ``cfg.max_steps``; resume from ``run_dir``'s latest checkpoint if any.
+
+    ``meta`` (model config, tokenizer fingerprint, stage name, ...) is stored with each checkpoint.
+    ``stop_at`` ends this call early (with a checkpoint) while the schedule still spans ``max_steps``:
+    a long run done in pieces.
+    """
+    run_dir = Path(run_dir)
+    device = dist.device
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    step = 0
+    if resume:
+        try:
+            ckpt = ckpt_io.load_meta(run_dir)
+        except FileNotFoundError:
+            ckpt = None
+        if ckpt is not None:
+            if ckpt.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+                raise ValueError(
+                    f"{ckpt.path}: checkpoint was trained with tokenizer "
+                    f"{str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, this run uses "
+                    f"{str(meta.get('tokenizer_fingerprint'))[:12]}; use a new run directory"
+                )
+            if ckpt.meta["model_config"] != model.config.to_dict():
+                raise ValueError(
+                    f"{ckpt.path}: checkpoint model config differs from this run's; use a new run directory"
+                )
+            ckpt_io.load_model_weights(model, ckpt)
+            ckpt_io.load_training_state(ckpt, optimizer)
+            task.load_state_dict(ckpt.meta["task_state"])
+            step = ckpt.step
+            if dist.is_main and progress:
+                print(f"resumed from {ckpt.path} at step {step}")
+    model.train()
+    fwd_model: Any = model  # possibly compiled and/or DDP-wrapped
+    if cfg.compile:
+        fwd_model = torch.compile(fwd_model)
+    if dist.enabled:
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    result = TrainResult(step=step)
+
+    def checkpoint_now(at: int) -> None:
+        if dist.is_main:
+            full_meta = {
+                **meta,
+                "model_config": model.config.to_dict(),
+                "train_config": cfg.to_dict(),
+                "task_state": task.state_dict(),
+            }
+            result.checkpoint = ckpt_io.save_checkpoint(run_dir, at, model, optimizer, full_meta, cfg.keep_checkpoints)
+        barrier(dist)
+
+    def evaluate_now(at: int) -> None:
+        if dist.is_main:
+            model.eval()
+            with torch.no_grad(), _autocast(device, amp_dtype):
+                metrics = task.evaluate(model)
+            model.train()
+            result.evals.append({"step": at, **metrics})
+            log.write({"kind": "eval", "step": at, **metrics})
+            if progress:
+                tqdm.write(f"step {at}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        barrier(dist)
+
+    if step >= cfg.max_steps:
+        return result
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc=task.name,
+        unit="step",
+        disable=not (progress and dist.is_main),
+        dynamic_ncols=True,
+    )
+    if step == 0:  # the untrained baseline, so the curve shows how far training moved
+        evaluate_now(0)
+    tokens_done, train_time = 0, 0.0
+    end = min(cfg.max_steps, stop_at) if stop_at else cfg.max_steps
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = task.next_batch()
+            sync = micro == cfg.grad_accum - 1 or not dist.enabled
+            with contextlib.nullcontext() if sync else fwd_model.no_sync(), _autocast(device, amp_dtype):
+                loss, n_tokens = task.loss(fwd_model, batch)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            step_tokens += n_tokens
+        grad_norm = 0.0
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_loss = all_reduce_mean(step_loss, dist)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower the learning rate")
+        tok_s = step_tokens * dist.world_size / dt
+        tokens_done += step_tokens * dist.world_size
+        train_time += dt
+        result.losses.append(step_loss)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log.write(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tok_per_s": tok_s,
+                    "dt": dt,
+                    "time": time.time(),
+                }
+            )
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        last = step == end
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            evaluate_now(step)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+            checkpoint_now(step)
+    bar.close()
+    result.step = step
+    result.tokens_per_second = tokens_done / max(1e-9, train_time)
+    if dist.is_main:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{task.name}: {run_dir.name}")
+    return result

@@ -1,0 +1,71 @@
+"""Metrics: one JSON object per line, and plots of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmstack.io import atomic_write
+
+
+class MetricsLog:
+    """Append-only JSONL. After a resume, steps may repeat; readers keep the last record of a step."""
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        by_key[(rec.get("kind", "train"), rec.get("step", -1))] = rec
+    return sorted(by_key.values(), key=lambda r: (r.get("step", -1), r.get("kind", "")))
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path:
+    """Training loss and validation bits-per-byte against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
+    val = [(r["step"], r["val_bpb"]) for r in recs if r.get("kind") == "eval" and "val_bpb" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=1, color="tab:blue", alpha=0.8, label="train loss (nats/token)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label="val bits/byte")
+        ax2.set_ylabel("validation bits per byte")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(title or Path(metrics_path).parent.name)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return png_path

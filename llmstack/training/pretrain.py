@@ -1,0 +1,102 @@
+"""The pretraining stage: next-token prediction on packed token shards, evaluated in bits per byte.
+
+llmstack pretrain --preset tiny                          # one CPU process
+torchrun --standalone --nproc_per_node 2 -m llmstack.cli pretrain --preset tiny   # 2 CPU processes (gloo)
+torchrun --standalone --nproc_per_node 8 -m llmstack.cli pretrain --preset d20    # 8 GPUs (NCCL)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmstack.data.loader import PackedLoader
+from llmstack.data.shards import ShardIndex
+from llmstack.tokenizer import Tokenizer
+from llmstack.training.config import TrainConfig
+from llmstack.training.distributed import DistInfo
+
+
+def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for; 0 for special tokens (they are not text)."""
+    lengths = torch.zeros(tok.vocab_size, dtype=torch.int64)
+    for i in range(tok.n_ranks):
+        lengths[i] = len(tok.decode_token_bytes(i))
+    return lengths
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, batches, byte_lengths: torch.Tensor, device: torch.device) -> float:
+    """Tokenizer-independent loss: total nats over targets / (ln 2 x bytes of those targets).
+
+    Targets that are special tokens (document boundaries) carry no bytes and are left out of both sums.
+    """
+    nats, n_bytes = 0.0, 0
+    byte_lengths = byte_lengths.to(device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        logits = logits_of(model, x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nb = byte_lengths[y.reshape(-1)]
+        mask = nb > 0
+        nats += float(loss[mask].sum())
+        n_bytes += int(nb.sum())
+    return nats / (math.log(2) * max(1, n_bytes))
+
+
+class PretrainTask:
+    name = "pretrain"
+
+    def __init__(self, shards: ShardIndex, tok: Tokenizer, cfg: TrainConfig, dist: DistInfo) -> None:
+        shards.check_tokenizer(tok)
+        if tok.bos_id is None:
+            raise ValueError("pretraining needs a tokenizer with a <|bos|> document-boundary token")
+        self.device = dist.device
+        self.train_loader = PackedLoader(
+            shards.arrays("train"),
+            shards.bos_id,
+            cfg.seq_len,
+            cfg.batch_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=cfg.seed,
+        )
+        self.val_loader = PackedLoader(
+            shards.arrays("val"),
+            shards.bos_id,
+            cfg.seq_len,
+            min(cfg.batch_size, 8),
+            shuffle=False,
+        )
+        self.eval_batches = cfg.eval_batches
+        self.byte_lengths = token_byte_lengths(tok)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.train_loader.next_batch()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        logits = logits_of(model, x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)), y.numel()
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        batches = (b for i, b in enumerate(self.val_loader) if i < self.eval_batches)
+        return {
+            "val_bpb": bits_per_byte(model, batches, self.byte_lengths, self.device),
+            "epoch": self.train_loader.epoch,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self.train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_loader.load_state_dict(state["train_loader"])
