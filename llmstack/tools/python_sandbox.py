@@ -1,0 +1,204 @@
+"""A Python interpreter tool: the model's code runs in a separate, resource-limited process.
+
+Containment, in layers (each one independent of the others):
+
+* a fresh interpreter (``python -I -S``: no site-packages, no PYTHON* variables, no user site),
+  a scrubbed environment, an empty temporary working directory that is deleted afterwards;
+* rlimits: CPU seconds, address space (memory), file size (so output is bounded), open files,
+  and number of processes (fork bombs), plus a wall-clock timeout that kills the process group;
+* when run as root: its own network namespace (no interfaces but a down loopback: no network)
+  and the unprivileged ``nobody`` user (cannot read root-only files, and its process limit bites);
+  as an ordinary user: an unprivileged user+network namespace where the kernel allows it.
+
+What is not covered: a kernel exploit, reading world-readable files outside the working directory
+when no mount namespace is available, and CPU/memory taken from other processes within the limits.
+``SandboxResult.isolation`` says which layers were in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+NOBODY = 65534
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+SANDBOX_DIR = "/tmp/sandbox"  # where the working directory appears inside the mount namespace
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_seconds: float = 10.0
+    cpu_seconds: int = 5
+    memory_mb: int = 512
+    output_bytes: int = 16_384
+    max_processes: int = 16
+    max_open_files: int = 64
+
+
+@dataclass
+class SandboxResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None  # None: killed at the wall-clock limit
+    timed_out: bool
+    seconds: float
+    isolation: list[str] = field(default_factory=list)
+
+    def as_tool_output(self) -> str:
+        parts = []
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append("stderr:\n" + self.stderr.rstrip("\n"))
+        if self.timed_out:
+            parts.append("error: the program ran past its time limit and was stopped")
+        elif self.exit_code not in (0, None):
+            parts.append(f"exit status {self.exit_code}")
+        return "\n".join(parts) if parts else "(no output)"
+
+
+def _count_processes(uid: int) -> int:
+    n = 0
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if p.stat().st_uid == uid:
+                    n += 1
+    return n
+
+
+def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int) -> None:
+    """Runs in the child between fork and exec: namespaces first (they need privileges), then rlimits."""
+    import resource
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if as_root:
+        libc.unshare(CLONE_NEWNET)
+        # a private mount namespace with empty tmpfs over the shared temp dirs: what the code writes
+        # there vanishes with it (the working directory stays reachable: cwd was entered already)
+        # (the working directory, itself under /tmp, is bind-mounted back at SANDBOX_DIR)
+        if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+            workdir_fd = os.open(".", os.O_RDONLY)
+            for d in PRIVATE_TMP:
+                if os.path.isdir(d):
+                    libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=64m,mode=1777")
+            os.makedirs(SANDBOX_DIR, exist_ok=True)
+            libc.mount(f"/proc/self/fd/{workdir_fd}".encode(), SANDBOX_DIR.encode(), None, MS_BIND, None)
+            os.chdir(SANDBOX_DIR)
+            os.close(workdir_fd)
+    else:
+        libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    mb = 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes * 4, limits.output_bytes * 4))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if as_root:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+def _world_executable(path: str) -> bool:
+    """Can an unprivileged user run this file (every directory on the way searchable by others)?"""
+    real = Path(os.path.realpath(path))
+    if not real.is_file() or not os.stat(real).st_mode & 0o001:
+        return False
+    return all(os.stat(d).st_mode & 0o001 for d in real.parents)
+
+
+def _interpreter(drop_to_nobody: bool) -> str:
+    """This interpreter, or, when 'nobody' cannot run it (a venv under /root), the system python3."""
+    if not drop_to_nobody or _world_executable(sys.executable):
+        return sys.executable
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
+        if _world_executable(candidate):
+            return candidate
+    return ""
+
+
+def _network_isolated(as_root: bool) -> bool:
+    """Whether the unshare above can work here (probe in a throwaway child)."""
+    flags = CLONE_NEWNET if as_root else CLONE_NEWUSER | CLONE_NEWNET
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        rc = ctypes.CDLL(None, use_errno=True).unshare(flags)
+        os._exit(0 if rc == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run ``code`` in a sandboxed interpreter and return what it printed."""
+    limits = limits or SandboxLimits()
+    as_root = os.geteuid() == 0
+    python = _interpreter(drop_to_nobody=as_root)
+    if not python:  # no interpreter 'nobody' may run: keep root's, without the user switch
+        python, as_root = sys.executable, False
+    nproc = limits.max_processes + (_count_processes(NOBODY) if as_root else _count_processes(os.getuid()))
+    workdir = Path(tempfile.mkdtemp(prefix="llmstack-sandbox-"))
+    isolation = ["separate process", "rlimits (cpu, memory, file size, files, processes)", "scrubbed env"]
+    if _network_isolated(as_root):
+        isolation.append("no network (own network namespace)")
+    if as_root:
+        isolation.append("private /tmp, /var/tmp, /dev/shm (own mount namespace)")
+        isolation.append("unprivileged user 'nobody'")
+        os.chown(workdir, NOBODY, NOBODY)
+    (workdir / "main.py").write_text(code, encoding="utf-8")
+    out_path, err_path = workdir / ".stdout", workdir / ".stderr"
+    home = SANDBOX_DIR if as_root else str(workdir)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+    t0 = time.monotonic()
+    timed_out = False
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [python, "-I", "-S", "-B", "main.py"],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=lambda: _child_setup(limits, as_root, nproc),  # noqa: PLW1509 - the point
+        )
+        try:
+            proc.wait(timeout=limits.wall_seconds)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    seconds = time.monotonic() - t0
+
+    def read(p: Path) -> str:
+        data = p.read_bytes()
+        text = data[: limits.output_bytes].decode("utf-8", errors="replace")
+        return text + ("\n[output truncated]" if len(data) > limits.output_bytes else "")
+
+    stdout, stderr = read(out_path), read(err_path)
+    shutil.rmtree(workdir, ignore_errors=True)
+    code_ = None if timed_out else proc.returncode
+    if code_ is not None and code_ < 0:
+        stderr += f"\nkilled by signal {signal.Signals(-code_).name}"
+    return SandboxResult(stdout, stderr, code_, timed_out, seconds, isolation)
+
+
+def python_tool(code: str) -> str:
+    """The tool's entry point: what the program printed, or what went wrong."""
+    return run_python(code).as_tool_output()

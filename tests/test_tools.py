@@ -1,0 +1,118 @@
+"""Tools: the calculator's allow-list, and sandbox escapes attempted for real."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmstack.tools.calculator import calculator, evaluate
+from llmstack.tools.python_sandbox import SandboxLimits, run_python
+
+
+@pytest.mark.parametrize(
+    "expr, value",
+    [("123*456", 56088), ("2**10", 1024), ("(7 - 10) * 3", -9), ("7 // 2 + 7 % 2", 4), ("sqrt(2)**2", 2.0000000000000004),
+     ("2^3", 8), ("-(-5)", 5), ("pi", 3.141592653589793)],
+)
+def test_calculator_evaluates_arithmetic(expr, value):
+    assert evaluate(expr) == value
+
+
+@pytest.mark.parametrize(
+    "expr, reason",
+    [
+        ("__import__('os').system('id')", "not allowed"),
+        ("__import__('os')", "function '__import__'"),
+        ("().__class__.__bases__", "Attribute"),
+        ("open('/etc/passwd')", "function 'open'"),
+        ("[x for x in range(10)]", "ListComp"),
+        ("9**9**9", "exponent"),
+        ("10**200", "too large"),
+        ("1/0", "division by zero"),
+        ("'a' * 3", "Constant"),
+        ("a + 1", "name 'a'"),
+        ("1 +", "cannot parse"),
+        ("1" * 300, "longer than"),
+        ("-" * 60 + "1", "nested too deeply"),
+    ],
+)
+def test_calculator_refuses_with_a_reason(expr, reason):
+    out = calculator(expr)
+    assert out.startswith("error:") and reason in out
+
+
+def test_calculator_result_formatting():
+    assert calculator("6/3") == "2" and calculator("1/3") == "0.333333333333" and calculator("999*999") == "998001"
+
+
+LIMITS = SandboxLimits(wall_seconds=8, cpu_seconds=2, memory_mb=256)
+
+
+def test_sandbox_runs_code_and_reports_errors():
+    r = run_python("print(sum(range(10)))\nimport sys; print('err', file=sys.stderr)", LIMITS)
+    assert r.stdout == "45\n" and "err" in r.stderr and r.exit_code == 0
+    bad = run_python("raise ValueError('boom')", LIMITS)
+    assert bad.exit_code == 1 and "ValueError: boom" in bad.stderr
+    assert "exit status 1" in bad.as_tool_output()
+
+
+def test_sandbox_environment_is_scrubbed_and_workdir_is_empty(monkeypatch):
+    monkeypatch.setenv("LLMSTACK_SECRET_TOKEN", "hunter2")
+    r = run_python("import os; print(sorted(os.environ)); print(os.listdir('.'))", LIMITS)
+    assert "LLMSTACK_SECRET_TOKEN" not in r.stdout and "hunter2" not in r.stdout
+    assert "['HOME', 'LANG', 'PATH', 'TMPDIR']" in r.stdout
+
+
+def test_sandbox_cannot_read_private_files(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the-secret")
+    secret.chmod(0o600)
+    os.chmod(tmp_path, 0o700)
+    r = run_python(f"print(open({str(secret)!r}).read())", LIMITS)
+    assert "the-secret" not in r.stdout and r.exit_code != 0
+    assert "PermissionError" in r.stderr or "FileNotFoundError" in r.stderr
+
+
+def test_sandbox_writes_do_not_land_outside(tmp_path):
+    target = Path("/tmp") / f"llmstack-escape-{os.getpid()}"
+    r = run_python(f"open({str(target)!r}, 'w').write('x'); print('wrote')", LIMITS)
+    assert not target.exists(), r
+
+
+def test_sandbox_has_no_network():
+    code = "import socket\ns = socket.socket(); s.settimeout(2)\ns.connect(('1.1.1.1', 80)); print('connected')"
+    r = run_python(code, LIMITS)
+    assert "connected" not in r.stdout and r.exit_code != 0
+
+
+def test_sandbox_contains_a_fork_bomb():
+    r = run_python("import os\nwhile True:\n    os.fork()", LIMITS)
+    assert r.exit_code != 0 or r.timed_out
+    # no child survives its process group
+    assert "Resource temporarily unavailable" in r.stderr or r.timed_out
+
+
+def test_sandbox_limits_memory():
+    r = run_python("x = bytearray(1024**3); print('allocated')", LIMITS)
+    assert "allocated" not in r.stdout and "MemoryError" in r.stderr
+
+
+def test_sandbox_stops_infinite_loops_and_sleeps():
+    for code in ("while True: pass", "import time; time.sleep(60)"):
+        r = run_python(code, SandboxLimits(wall_seconds=3, cpu_seconds=1))
+        assert r.timed_out or (r.exit_code is not None and r.exit_code < 0)
+        assert r.seconds < 10
+
+
+def test_sandbox_bounds_output():
+    r = run_python("while True: print('x' * 1000)", LIMITS)
+    assert len(r.stdout) <= LIMITS.output_bytes + 50 and r.exit_code != 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="namespaces are Linux-only")
+def test_sandbox_reports_its_isolation():
+    r = run_python("print(1)", LIMITS)
+    assert "separate process" in r.isolation and any("rlimits" in i for i in r.isolation)
