@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmstack.model.llama import GPT, KVCache
+from llmstack.model.llama import GPT
 
 
 @dataclass(frozen=True)
@@ -52,34 +52,17 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generat
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
-@torch.no_grad()
 def generate(
     model: GPT,
     prompt_ids: list[int],
     cfg: SamplingConfig,
     stop_ids: set[int] | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (prefill the prompt once, then decode with the cache)."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
-    ctx = model.config.max_seq_len
-    if len(prompt_ids) >= ctx:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    model.eval()
-    max_new = min(cfg.max_new_tokens, ctx - len(prompt_ids))
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new, device, dtype)
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    logits = model(torch.tensor([prompt_ids], device=device), cache)[:, -1]
-    for i in range(max_new):
-        nxt = sample_next(logits, cfg, gen)
-        tok = int(nxt[0])
-        yield tok
-        if stop_ids and tok in stop_ids:
-            return
-        if i + 1 < max_new:
-            logits = model(nxt.view(1, 1), cache)[:, -1]
+    """Yield new token ids of one prompt as they are sampled (the engine with a batch of one)."""
+    from llmstack.inference.engine import Engine  # the engine builds on this module
+
+    for ev in Engine(model).stream([prompt_ids], cfg, stop_ids or set()):
+        yield ev.token
 
 
 def stream_text(ids: Iterator[int], token_bytes: Callable[[int], bytes]) -> Iterator[str]:

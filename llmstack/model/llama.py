@@ -57,8 +57,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Pre-allocated keys/values for every layer: (B, n_kv_head, max_len, head_dim) each.
 
-    All rows share one position counter ``pos`` (prompts of different lengths are left-padded by the
-    caller or prefilled one by one). ``advance`` is called once per forward, after all layers wrote.
+    All rows share one position counter ``pos``. Prompts of different lengths are left-padded by
+    the caller, who marks the padding in ``key_valid`` (B, max_len): attention then skips those keys.
+    RoPE scores depend only on position differences, so a row's left padding does not change its
+    result. ``advance`` is called once per forward, after all layers wrote.
     """
 
     def __init__(
@@ -71,6 +73,17 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0
+        self.key_valid: torch.Tensor | None = None  # (B, max_len) bool; None: every key is valid
+
+    def attention_mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, T, S) bool: causal, minus padded keys; a padded query still sees itself (stays finite)."""
+        if self.key_valid is None:
+            return None
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+        mask = causal[None, None] & self.key_valid[:, None, None, :S]
+        idx = torch.arange(T, device=device)
+        mask[:, :, idx, idx + S - T] = True
+        return mask
 
     def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k_BHTD.shape[2]
@@ -115,7 +128,10 @@ class Attention(nn.Module):
             k_BHTD = k_BHTD.repeat_interleave(H // KV, dim=1)
             v_BHTD = v_BHTD.repeat_interleave(H // KV, dim=1)
 
-        if past == 0:
+        pad_mask = cache.attention_mask(T, k_BHTD.shape[2], x_BTC.device) if cache is not None else None
+        if pad_mask is not None:
+            y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=pad_mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
         elif T == 1:  # one new token sees the whole cache
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD)

@@ -1,0 +1,40 @@
+"""Tool dispatch: the text inside a tool-call span is ``name: argument``; the answer is text.
+
+Whatever goes wrong (an unknown tool, a malformed call, a tool that raises) comes back to the model
+as an ``error: ...`` result instead of stopping generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmstack.tools.calculator import calculator
+from llmstack.tools.python_sandbox import python_tool
+
+Tool = Callable[[str], str]
+MAX_RESULT_CHARS = 2000
+
+
+class ToolBox:
+    def __init__(self, tools: dict[str, Tool]) -> None:
+        self.tools = dict(tools)
+
+    def call(self, text: str) -> str:
+        name, sep, argument = text.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            return f"error: a tool call is written 'name: argument'; tools: {', '.join(sorted(self.tools))}"
+        tool = self.tools.get(name)
+        if tool is None:
+            return f"error: unknown tool {name!r}; tools: {', '.join(sorted(self.tools))}"
+        try:
+            result = tool(argument.strip())
+        except Exception as e:  # a tool bug must not end the conversation
+            result = f"error: {type(e).__name__}: {e}"
+        if len(result) > MAX_RESULT_CHARS:
+            result = result[:MAX_RESULT_CHARS] + "\n[truncated]"
+        return result
+
+
+def default_toolbox() -> ToolBox:
+    return ToolBox({"calculator": calculator, "python": python_tool})
