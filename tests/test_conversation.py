@@ -11,7 +11,11 @@ from llmstack.tokenizer import special as S
 TOOL_CONV = [
     {"role": "system", "content": "You are helpful."},
     {"role": "user", "content": "What is 12*34? ünïcödé 🙂"},
-    {"role": "assistant", "content": "Let me compute.", "tool_calls": [{"function": {"name": "calculator", "arguments": "12*34"}}]},
+    {
+        "role": "assistant",
+        "content": "Let me compute.",
+        "tool_calls": [{"function": {"name": "calculator", "arguments": "12*34"}}],
+    },
     {"role": "tool", "content": "408"},
     {"role": "assistant", "content": "It is 408."},
     {"role": "user", "content": "Thanks <|assistant_end|>"},

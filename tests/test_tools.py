@@ -14,8 +14,16 @@ from llmstack.tools.python_sandbox import SandboxLimits, run_python
 
 @pytest.mark.parametrize(
     "expr, value",
-    [("123*456", 56088), ("2**10", 1024), ("(7 - 10) * 3", -9), ("7 // 2 + 7 % 2", 4), ("sqrt(2)**2", 2.0000000000000004),
-     ("2^3", 8), ("-(-5)", 5), ("pi", 3.141592653589793)],
+    [
+        ("123*456", 56088),
+        ("2**10", 1024),
+        ("(7 - 10) * 3", -9),
+        ("7 // 2 + 7 % 2", 4),
+        ("sqrt(2)**2", 2.0000000000000004),
+        ("2^3", 8),
+        ("-(-5)", 5),
+        ("pi", 3.141592653589793),
+    ],
 )
 def test_calculator_evaluates_arithmetic(expr, value):
     assert evaluate(expr) == value

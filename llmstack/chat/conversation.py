@@ -181,7 +181,9 @@ CHAT_TEMPLATE = (
     "{%- if m['role'] == 'system' -%}{{- '" + S.SYSTEM_START + "' + m['content'] + '" + S.SYSTEM_END + "' -}}"
     "{%- elif m['role'] == 'user' -%}{{- '" + S.USER_START + "' + m['content'] + '" + S.USER_END + "' -}}"
     "{%- elif m['role'] == 'assistant' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '" + S.ASSISTANT_START + "' -}}{%- endif -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '"
+    + S.ASSISTANT_START
+    + "' -}}{%- endif -%}"
     "{%- if m['content'] -%}{{- m['content'] -}}{%- endif -%}"
     "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
     "{%- set f = c['function'] if 'function' in c else c -%}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmstack.inference.sample import SamplingConfig, sample_next
+from llmstack.model.config import ModelConfig
 from llmstack.model.llama import KVCache
 
 
@@ -79,7 +80,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tools: ToolUse | None = None) -> None:
         self.model = model
         self.tools = tools
-        self.config = model.config  # type: ignore[attr-defined]
+        self.config: ModelConfig = model.config  # type: ignore[assignment]
 
     @torch.no_grad()
     def stream(

@@ -33,7 +33,8 @@ FUNCTIONS: dict[str, Callable[..., float | int]] = {
     "tan": math.tan,
 }
 CONSTANTS = {"pi": math.pi, "e": math.e}
-BINARY = {
+Number = float | int
+BINARY: dict[type[ast.operator], Callable[[Number, Number], Number]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -42,7 +43,7 @@ BINARY = {
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
-UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+UNARY: dict[type[ast.unaryop], Callable[[Number], Number]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
 class CalculatorError(ValueError):
@@ -70,7 +71,7 @@ def _eval(node: ast.AST, depth: int) -> float | int:
         raise CalculatorError("the expression is nested too deeply")
     if isinstance(node, ast.Expression):
         return _eval(node.body, depth + 1)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return _check(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
         a, b = _eval(node.left, depth + 1), _eval(node.right, depth + 1)

@@ -49,7 +49,10 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
 
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in recs if r.get("kind") == "eval" and "val_bpb" in r]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    key = next((k for k in ("val_bpb", "val_loss") if any(k in r for r in evals)), "val_bpb")
+    val = [(r["step"], r[key]) for r in evals if key in r]
+    label = "val bits/byte" if key == "val_bpb" else "val loss (nats/token, assistant tokens)"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         ax.plot(*zip(*train, strict=True), lw=1, color="tab:blue", alpha=0.8, label="train loss (nats/token)")
@@ -58,8 +61,8 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     ax.grid(alpha=0.3)
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label="val bits/byte")
-        ax2.set_ylabel("validation bits per byte")
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label=label)
+        ax2.set_ylabel(label)
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     ax.set_title(title or Path(metrics_path).parent.name)

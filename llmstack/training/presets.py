@@ -88,6 +88,23 @@ def d20(vocab_size: int = 65536) -> tuple[ModelConfig, TrainConfig]:
     return model, train
 
 
+def sft_config(max_seq_len: int) -> TrainConfig:
+    """SFT: short conversations, a lower learning rate than pretraining, a few hundred steps."""
+    return TrainConfig(
+        max_steps=500,
+        batch_size=16,
+        seq_len=min(192, max_seq_len),
+        lr=1e-3,
+        warmup_steps=20,
+        schedule="cosine",
+        min_lr_ratio=0.05,
+        eval_every=100,
+        eval_batches=8,
+        ckpt_every=250,
+        weight_decay=0.0,
+    )
+
+
 PRESETS: dict[str, Callable[..., tuple[ModelConfig, TrainConfig]]] = {"tiny": tiny, "d12": d12, "d20": d20}
 
 

@@ -1,0 +1,218 @@
+"""The SFT data mixture: conversations that turn a base model into an assistant.
+
+Every source is a function ``(n, seed) -> list[Conversation]``, deterministic in its seed; train and
+held-out sets come from disjoint seeds. Sources:
+
+* ``chitchat``: real human-to-human conversations (PyPI ``chitchat-dataset``);
+* ``arithmetic``: 3-digit x 3-digit products and sums, answered through a calculator tool call;
+* ``gsm``: grade-school word problems with worked solutions (``reasoning-gym``'s ``gsm_symbolic``),
+  every ``a op b = c`` step in the solution rewritten as a calculator call;
+* ``identity``: who the model is, from a small model card, so it knows itself;
+* ``spelling``: letter counting (the strawberry problem) answered with the Python tool, since a
+  model sees tokens, not letters.
+
+What is not here yet: "I don't know" examples made by interrogating a model about facts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmstack.chat.conversation import Conversation, Message, Part
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str = "llmstack-tiny"
+    maker: str = "the llmstack project"
+    description: str = "a small language model trained from scratch on the Python documentation"
+    abilities: str = "answer short questions, do arithmetic with a calculator, and run Python code"
+
+
+IDENTITY_QUESTIONS = {
+    "name": [
+        "What is your name?",
+        "Who are you?",
+        "What are you called?",
+        "Tell me your name.",
+        "What should I call you?",
+    ],
+    "maker": ["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Where do you come from?"],
+    "abilities": ["What can you do?", "How can you help me?", "What are you able to do?", "What are your skills?"],
+    "chatgpt": ["Are you ChatGPT?", "Are you made by OpenAI?", "Are you GPT-4?", "Are you Claude?"],
+}
+# held out for evaluation: paraphrases never seen in training
+IDENTITY_EVAL = {
+    "name": ["Could you tell me what your name is?", "Introduce yourself.", "what's your name"],
+    "maker": ["Which team made you?", "Who is responsible for creating you?", "who developed you"],
+}
+
+
+def identity_answer(kind: str, card: ModelCard, rng: random.Random) -> str:
+    if kind == "name":
+        return rng.choice([f"I am {card.name}, {card.description}.", f"My name is {card.name}."])
+    if kind == "maker":
+        return rng.choice([f"I was made by {card.maker}.", f"{card.maker.capitalize()} trained me. I am {card.name}."])
+    if kind == "abilities":
+        return f"I am {card.name}. I can {card.abilities}."
+    return f"No. I am {card.name}, made by {card.maker}."
+
+
+def identity(n: int, seed: int, card: ModelCard | None = None) -> list[Conversation]:
+    card = card or ModelCard()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice(list(IDENTITY_QUESTIONS))
+        q = rng.choice(IDENTITY_QUESTIONS[kind])
+        if rng.random() < 0.3:
+            q = q.lower().rstrip("?.") + rng.choice(["?", "", " please"])
+        out.append(Conversation.of(("user", q), ("assistant", identity_answer(kind, card, rng))))
+    return out
+
+
+ARITH_TEMPLATES = {
+    "*": ["What is {a} times {b}?", "What is {a} * {b}?", "Compute {a} x {b}.", "Multiply {a} by {b}.", "{a}*{b}=?"],
+    "+": ["What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}."],
+}
+
+
+def arithmetic_question(rng: random.Random, op: str = "*") -> tuple[str, int, int]:
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return rng.choice(ARITH_TEMPLATES[op]).format(a=a, b=b), a, b
+
+
+def arithmetic(n: int, seed: int) -> list[Conversation]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        op = "*" if rng.random() < 0.8 else "+"
+        q, a, b = arithmetic_question(rng, op)
+        value = a * b if op == "*" else a + b
+        parts = [
+            Part("tool_call", f"calculator: {a}{op}{b}"),
+            Part("tool_result", str(value)),
+            Part("text", f"The answer is {value}."),
+        ]
+        out.append(Conversation.of(("user", q), ("assistant", parts)))
+    return out
+
+
+_STEP = re.compile(r"(\d[\d.]*(?:\s*[-+*/×x]\s*\d[\d.]*)+)\s*=\s*(-?\d[\d.,]*)")
+
+
+def with_calculator_calls(solution: str) -> list[Part]:
+    """Rewrite each ``a op b = c`` in a worked solution as a calculator call and its result."""
+    parts: list[Part] = []
+    pos = 0
+    for m in _STEP.finditer(solution):
+        if m.start() > pos:
+            parts.append(Part("text", solution[pos : m.start()]))
+        expr = m.group(1).replace("×", "*").replace(" x ", " * ")
+        parts += [Part("tool_call", f"calculator: {expr}"), Part("tool_result", m.group(2).rstrip(".,"))]
+        pos = m.end()
+    if pos < len(solution):
+        parts.append(Part("text", solution[pos:]))
+    return parts
+
+
+def gsm(n: int, seed: int) -> list[Conversation]:
+    import reasoning_gym
+
+    out = []
+    for x in reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed):
+        cot = x["metadata"].get("answer_cot") or ""
+        cot = re.sub(r"\n?#### .*$", "", cot).strip()
+        parts = [*with_calculator_calls(cot), Part("text", f"\nThe answer is {x['answer']}.")]
+        out.append(Conversation.of(("user", x["question"]), ("assistant", parts)))
+    return out
+
+
+def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
+    import chitchat_dataset
+
+    data = chitchat_dataset.Dataset()
+    keys = sorted(data)
+    rng = random.Random(seed)
+    rng.shuffle(keys)
+    out = []
+    for k in keys:
+        runs = data[k]["messages"]  # each run: consecutive messages of one speaker
+        turns = [" ".join(m["text"].strip() for m in run if m.get("text")) for run in runs]
+        turns = [t for t in turns if t][:max_turns]
+        if len(turns) < 2:
+            continue
+        if len(turns) % 2:
+            turns = turns[:-1]
+        roles = ["user", "assistant"] * (len(turns) // 2)
+        out.append(Conversation([Message(r, t) for r, t in zip(roles, turns, strict=True)]))  # type: ignore[arg-type]
+        if len(out) == n:
+            break
+    return out
+
+
+SPELLING_TEMPLATES = [
+    "How many {l}'s are in {w}?",
+    "How many times does the letter {l} appear in {w}?",
+    "Count the letter {l} in the word {w}.",
+    "how many {l} in {w}",
+]
+
+
+def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
+    if not words:
+        raise ValueError("spelling needs a word list")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = rng.choice(words)
+        letter = rng.choice(w) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        count = w.count(letter)
+        q = rng.choice(SPELLING_TEMPLATES).format(l=letter, w=w)
+        parts = [
+            Part("tool_call", f"python: print({w!r}.count({letter!r}))"),
+            Part("tool_result", str(count)),
+            Part("text", f"There {'is' if count == 1 else 'are'} {count} '{letter}' in \"{w}\"."),
+        ]
+        out.append(Conversation.of(("user", q), ("assistant", parts)))
+    return out
+
+
+def words_from(texts: list[str], limit: int = 2000) -> list[str]:
+    """Plain lowercase words of 5-12 letters from a corpus, most frequent first."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        for w in re.findall(r"\b[a-z]{5,12}\b", t):
+            counts[w] = counts.get(w, 0) + 1
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """How many conversations of each kind (train); held-out sets use other seeds."""
+
+    arithmetic: int = 3000
+    identity: int = 600
+    spelling: int = 600
+    gsm: int = 300
+    chitchat: int = 600
+
+
+def build_mixture(cfg: MixtureConfig, seed: int, words: list[str]) -> list[Conversation]:
+    sources: dict[str, Callable[[int, int], list[Conversation]]] = {
+        "arithmetic": arithmetic,
+        "identity": identity,
+        "spelling": lambda n, s: spelling(n, s, words),
+        "gsm": gsm,
+        "chitchat": chitchat,
+    }
+    convs: list[Conversation] = []
+    for i, (name, fn) in enumerate(sources.items()):
+        n = getattr(cfg, name)
+        if n:
+            convs += fn(n, seed * 100 + i)
+    random.Random(seed).shuffle(convs)
+    return convs

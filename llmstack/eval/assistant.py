@@ -1,0 +1,125 @@
+"""Generative evaluations of an assistant on held-out problems, run through the engine.
+
+* ``arithmetic``: 3-digit x 3-digit products, with the calculator and without (the same model with
+  tool calls left unanswered, so any number it gives is its own);
+* ``identity``: paraphrased questions about itself never seen in training; correct when the answer
+  names the model (name questions) or its maker (maker questions);
+* ``spelling``: letter counts, with the Python tool.
+
+Each returns accuracy with a 95% Wilson interval, and a few transcripts to read.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.mixture import IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
+from llmstack.inference.engine import Engine, ToolUse
+from llmstack.inference.sample import SamplingConfig
+from llmstack.tokenizer import special as S
+from llmstack.tools.registry import ToolBox, default_toolbox
+
+EVAL_SEED = 90_210  # disjoint from the training seeds (small integers)
+
+
+@dataclass
+class EvalResult:
+    name: str
+    correct: int
+    total: int
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.total)
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Wilson score interval."""
+        n, p = self.total, self.accuracy
+        if n == 0:
+            return 0.0, 1.0
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+    def line(self) -> str:
+        lo, hi = self.interval()
+        return f"{self.name:<24} {self.accuracy:6.1%}  [{lo:.1%}, {hi:.1%}]  ({self.correct}/{self.total})"
+
+
+class Assistant:
+    """A model + tokenizer + chat format, answering batches of questions through the engine."""
+
+    def __init__(self, model, tok, tools: ToolBox | None = None, max_new_tokens: int = 64) -> None:
+        self.tok, self.fmt = tok, ChatFormat(tok)
+        self.tool_use = ToolUse.from_tokenizer(tok, tools.call) if tools else None
+        self.engine = Engine(model, self.tool_use)
+        self.cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        self.stop = {tok.special_id(S.ASSISTANT_END), tok.bos_id}
+
+    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
+        """The full assistant turn of each (tool calls and results rendered as text)."""
+        out = []
+        for i in range(0, len(questions), batch_size):
+            prompts = [self.fmt.prompt(Conversation.of(("user", q))) for q in questions[i : i + batch_size]]
+            for ids in self.engine.generate(prompts, self.cfg, self.stop):
+                out.append(self.tok.decode([t for t in ids if t not in self.stop]))
+        return out
+
+
+def _final_number(text: str) -> int | None:
+    visible = re.sub(r"<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)", " ", text, flags=re.S)
+    visible = re.sub(r"<\|tool_result_start\|>.*?(<\|tool_result_end\|>|$)", " ", visible, flags=re.S)
+    nums = re.findall(r"-?\d+", visible.replace(",", ""))
+    return int(nums[-1]) if nums else None
+
+
+def _score(name: str, answers: list[str], ok: Callable[[int, str], bool], questions: list[str]) -> EvalResult:
+    res = EvalResult(name, 0, len(answers))
+    for i, a in enumerate(answers):
+        good = ok(i, a)
+        res.correct += good
+        if len(res.examples) < 3:
+            res.examples.append(f"{'✓' if good else '✗'} {questions[i]!r} -> {a!r}")
+    return res
+
+
+def eval_arithmetic(model, tok, n: int = 100, tools: bool = True) -> EvalResult:
+    rng = random.Random(EVAL_SEED)
+    qs = [arithmetic_question(rng, "*") for _ in range(n)]
+    box = default_toolbox() if tools else None
+    answers = Assistant(model, tok, box, max_new_tokens=40).answer([q for q, _, _ in qs])
+    name = "multiply 3x3 " + ("(calculator)" if tools else "(no tools)")
+    return _score(name, answers, lambda i, a: _final_number(a) == qs[i][1] * qs[i][2], [q for q, _, _ in qs])
+
+
+def eval_identity(model, tok, card: ModelCard | None = None) -> EvalResult:
+    card = card or ModelCard()
+    items = [(q, card.name) for q in IDENTITY_EVAL["name"]] + [(q, card.maker) for q in IDENTITY_EVAL["maker"]]
+    variants = [(v, key) for q, key in items for v in (q, q.lower(), q.rstrip("?.") + "?")]
+    answers = Assistant(model, tok, None, max_new_tokens=40).answer([q for q, _ in variants])
+    return _score("identity", answers, lambda i, a: variants[i][1].lower() in a.lower(), [q for q, _ in variants])
+
+
+def eval_spelling(model, tok, words: list[str], n: int = 50) -> EvalResult:
+    rng = random.Random(EVAL_SEED)
+    pairs = [(w, rng.choice(w)) for w in rng.sample(words, min(n, len(words)))]
+    qs = [f"How many {ltr}'s are in {w}?" for w, ltr in pairs]
+    answers = Assistant(model, tok, default_toolbox(), max_new_tokens=60).answer(qs)
+    return _score("letter count (python)", answers, lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1]), qs)
+
+
+def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int = 100) -> list[EvalResult]:
+    results = [
+        eval_arithmetic(model, tok, n, tools=True),
+        eval_arithmetic(model, tok, n, tools=False),
+        eval_identity(model, tok),
+    ]
+    if corpus_texts:
+        results.append(eval_spelling(model, tok, words_from(corpus_texts)[1000:2000], n=min(n, 50)))
+    return results

@@ -1,0 +1,81 @@
+"""SFT: the data mixture, batching with the loss mask, training through the shared loop, scoring."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model_config
+
+from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.mixture import ModelCard, arithmetic, identity, spelling, with_calculator_calls, words_from
+from llmstack.eval.assistant import EvalResult, _final_number
+from llmstack.model.llama import GPT
+from llmstack.tokenizer import special as S
+from llmstack.training.config import TrainConfig
+from llmstack.training.distributed import DistInfo
+from llmstack.training.loop import train
+from llmstack.training.sft import IGNORE, SFTTask, collate
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def test_worked_solutions_become_calculator_calls():
+    parts = with_calculator_calls("He has 35 × 3 = 105 kiwi, so 105 + 35 = 140 in all.")
+    calls = [p.text for p in parts if p.kind == "tool_call"]
+    results = [p.text for p in parts if p.kind == "tool_result"]
+    assert calls == ["calculator: 35 * 3", "calculator: 105 + 35"] and results == ["105", "140"]
+    assert parts[0].text == "He has " and parts[-1].text == " in all."
+
+
+def test_mixture_sources_are_correct_and_deterministic():
+    convs = arithmetic(50, seed=3)
+    assert [c.messages[1].parts for c in convs] == [c.messages[1].parts for c in arithmetic(50, seed=3)]
+    for c in convs:
+        call, result, text = c.messages[1].parts
+        a, op, b = call.text.removeprefix("calculator: ").partition("*" if "*" in call.text else "+")
+        assert int(result.text) == (int(a) * int(b) if op == "*" else int(a) + int(b))
+        assert text.text == f"The answer is {result.text}."
+    for c in spelling(30, 1, ["strawberry", "banana"]):
+        word = c.messages[1].parts[0].text.split("'")[1]
+        letter = c.messages[1].parts[0].text.split("'")[3]
+        assert c.messages[1].parts[1].text == str(word.count(letter))
+    card = ModelCard(name="testbot", maker="the test team")
+    answers = [c.messages[1].text for c in identity(40, 0, card)]
+    assert all("testbot" in a or "test team" in a for a in answers)
+    assert words_from(["the tokenizer tokenizer splits words", "splits"])[:2] == ["splits", "tokenizer"]
+
+
+def test_collate_trains_only_assistant_tokens(tok):
+    fmt = ChatFormat(tok)
+    r = fmt.render(arithmetic(1, seed=0)[0])
+    x, y = collate([(r.ids, r.mask)], pad_id=tok.special_id(S.PAD))
+    assert x.shape == y.shape and x.shape[1] % 64 == 0
+    trained = y[y != IGNORE].tolist()
+    assert trained == [t for t, m in zip(r.ids[1:], r.mask[1:], strict=True) if m]
+    assert tok.decode(trained).endswith("<|assistant_end|>") and "<|tool_result_start|>" not in tok.decode(trained)
+
+
+def test_sft_through_the_shared_loop_learns_the_format(tok, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(tok.vocab_size, max_seq_len=128))
+    convs = [Conversation.of(("user", "hi"), ("assistant", "the model reads tokens"))] * 32
+    cfg = TrainConfig(max_steps=60, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=2, eval_every=0, eval_batches=2)
+    task = SFTTask(convs, convs[:8], ChatFormat(tok), tok.special_id(S.PAD), cfg, CPU)
+    result = train(model, task, cfg, tmp_path, CPU, meta={"tokenizer_fingerprint": tok.fingerprint}, progress=False)
+    assert result.evals[0]["val_loss"] > 3.0 and result.evals[-1]["val_loss"] < 0.5
+    prompt = ChatFormat(tok).prompt(Conversation.of(("user", "hi")))
+    from llmstack.inference.engine import Engine
+    from llmstack.inference.sample import SamplingConfig
+
+    out = Engine(model).generate(
+        [prompt], SamplingConfig(max_new_tokens=20, temperature=0.0), {tok.special_id(S.ASSISTANT_END)}
+    )[0]
+    assert tok.decode(out) == "the model reads tokens<|assistant_end|>"
+
+
+def test_scoring_ignores_numbers_inside_tool_spans():
+    text = "<|tool_call_start|>calculator: 12*34<|tool_call_end|><|tool_result_start|>408<|tool_result_end|>It is 407."
+    assert _final_number(text) == 407
+    assert _final_number("<|tool_call_start|>calculator: 12*34") is None
+    r = EvalResult("x", 95, 100)
+    lo, hi = r.interval()
+    assert lo < 0.95 < hi and lo > 0.88 and hi < 0.99
