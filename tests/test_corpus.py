@@ -318,12 +318,15 @@ def test_build_default_corpus_offline_and_idempotent(
     monkeypatch.setattr(corpus.os, "cpu_count", lambda: 1)
     data = tmp_path / "data"
     logs: list[str] = []
-    out = build_default_corpus(data, log=logs.append)
-    assert out == data / "corpus" / "python-docs.jsonl"
-    assert len(list(read_jsonl(out))) == 3
+    out = build_default_corpus(data, log=logs.append)  # through the data pipeline (data/refine.py)
+    assert out == data / "corpus" / "web.jsonl"
+    assert (data / "pipeline" / "run" / "report.md").exists()
+    kept = {d.url.rsplit("/", 1)[-1] for d in read_jsonl(out)}
+    assert kept <= {"frob.html", "intro.html", "index.html"}  # never the stub, the index or _static
     assert find_default_corpus(data) == out
     before = out.read_bytes()
     monkeypatch.setattr(corpus, "iter_html_documents", lambda *a, **k: pytest.fail("re-extracted"))
+    monkeypatch.setattr("llmstack.data.crawl.run_pipeline", lambda *a, **k: pytest.fail("re-ran the pipeline"))
     assert build_default_corpus(data, log=logs.append) == out
     assert out.read_bytes() == before
     assert any("already built" in line for line in logs)

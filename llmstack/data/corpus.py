@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +32,8 @@ MIN_CHARS = 200  # below this a page is an index, a redirect or a stub, not pros
 # Sphinx's generated navigation pages: no prose, and they are the slowest to extract (contents.html
 # alone is 2.5 MB of links and took 7 s of the ~80 s it took to extract every page).
 NAVIGATION_PAGES = re.compile(r"(genindex(-\w+)?|contents|search|py-modindex)\.html")
-SOURCES = (fetch.SOURCE_PYTHON_DOCS, fetch.SOURCE_KJV)  # in order of preference
+SOURCE_WEB = "web"  # the crawl through the FineWeb-style pipeline (data/refine.py): the default
+SOURCES = (SOURCE_WEB, fetch.SOURCE_PYTHON_DOCS, fetch.SOURCE_KJV)  # in order of preference
 FETCH_COMMAND = "llmstack data fetch"
 
 
@@ -107,9 +109,7 @@ def _is_content_page(rel: Path) -> bool:
 def list_html_pages(html_root: Path) -> list[Path]:
     """The content pages under the root, in sorted relative-path order (the corpus order)."""
     html_root = Path(html_root)
-    pages = [
-        p for p in html_root.rglob("*.html") if p.is_file() and _is_content_page(p.relative_to(html_root))
-    ]
+    pages = [p for p in html_root.rglob("*.html") if p.is_file() and _is_content_page(p.relative_to(html_root))]
     return sorted(pages, key=lambda p: p.relative_to(html_root).as_posix())
 
 
@@ -251,34 +251,41 @@ def corpus_path(source: str, data: Path | None = None) -> Path:
 
 
 def build_default_corpus(data: Path | None = None, log: Log = print) -> Path:
-    """Fetch the default source and extract it to ``corpus/<source>.jsonl``; return that path.
+    """Fetch the default source, run it through the data pipeline, return ``corpus/web.jsonl``.
 
-    Skips the extraction when the JSONL already exists (it is written atomically).
+    The pipeline (``llmstack data pipeline``, see ``data/refine.py``) runs over the main job's
+    crawl (the Python manual) with the ``docs`` profile and leaves its shards and report in
+    ``data/pipeline/run/``. Where apt is unusable the KJV fallback is read as before into
+    ``corpus/kjv.jsonl``. Skips all work when the JSONL already exists (it is written atomically).
     """
     info = fetch.fetch_default(data, log)
     source, raw = info["source"], Path(info["path"])
-    out = corpus_path(source, data)
+    out = corpus_path(SOURCE_WEB if source == fetch.SOURCE_PYTHON_DOCS else source, data)
     if out.exists():
         log(f"corpus already built: {out}")
         return out
     t0 = time.perf_counter()
     if source == fetch.SOURCE_PYTHON_DOCS:
-        docs: Iterator[Document] = iter_html_documents(raw, progress=True)
+        from llmstack.data.crawl import run_pipeline
+        from llmstack.data.sources import HtmlTree
+
+        work = (Path(data) if data is not None else data_dir()) / "pipeline" / "run"
+        result = run_pipeline([HtmlTree(raw, DOCS_BASE_URL)], work, profile="docs", log=log)
+        with atomic_write(out) as f, result.corpus.open(encoding="utf-8") as src:
+            shutil.copyfileobj(src, f)
+        log(f"pipeline report: {work / 'report.md'}")
+        docs: Iterator[Document] = read_jsonl(out)
     elif source == fetch.SOURCE_KJV:
         docs = iter_bible_documents(raw)
+        write_jsonl(docs, out)
+        docs = read_jsonl(out)
     else:
         raise ValueError(f"unknown corpus source {source!r}")
-    stats = {"docs": 0, "chars": 0}
-
-    def counted(it: Iterator[Document]) -> Iterator[Document]:
-        for d in it:
-            stats["docs"] += 1
-            stats["chars"] += len(d.text)
-            yield d
-
-    write_jsonl(counted(docs), out)
+    n_docs = n_chars = 0
+    for d in docs:
+        n_docs, n_chars = n_docs + 1, n_chars + len(d.text)
     seconds = time.perf_counter() - t0
-    log(f"wrote {stats['docs']} documents, {stats['chars']:,} characters to {out} in {seconds:.1f}s")
+    log(f"wrote {n_docs} documents, {n_chars:,} characters to {out} in {seconds:.1f}s")
     return out
 
 

@@ -113,12 +113,18 @@ class Engine:
         logits = self.model(idx.to(device), cache)[:, -1]  # (B, V)
         for _ in range(max_new):
             next_ids = []
+            greedy = logits.argmax(dim=-1).tolist() if cfg.temperature == 0 else None  # one call for all rows
             for i, row in enumerate(rows):
                 if row.done:
                     next_ids.append(0)  # a finished row keeps decoding a dummy token; it is never shown
                     continue
                 forced = bool(row.forced)
-                tok = row.forced.popleft() if forced else int(sample_next(logits[i : i + 1], cfg, row.gen)[0])
+                if forced:
+                    tok = row.forced.popleft()
+                elif greedy is not None:
+                    tok = greedy[i]
+                else:
+                    tok = int(sample_next(logits[i : i + 1], cfg, row.gen)[0])
                 next_ids.append(tok)
                 row.tokens.append(tok)
                 row.n_new += 1
