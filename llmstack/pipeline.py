@@ -1,4 +1,4 @@
-"""The main job: raw pages -> documents -> tokenizer -> token shards -> base model -> samples.
+"""The main job: raw pages -> documents -> tokenizer -> token shards -> base model -> samples -> SFT -> eval.
 
 Each stage skips work whose output already exists (a finished tokenizer, complete shards, a
 checkpoint to resume from), so running it again after an interruption continues where it stopped.
@@ -20,7 +20,7 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> int:
+def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_steps: int | None = None) -> int:
 
     from llmstack.cli import main as cli
 
@@ -28,7 +28,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    t = _stage("1/5 pretraining data")
+    t = _stage("1/7 pretraining data")
     from llmstack.data.corpus import build_default_corpus, read_jsonl
 
     corpus = build_default_corpus()
@@ -36,7 +36,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
     print(f"{n_docs} documents in {corpus}")
     timings["data"] = time.perf_counter() - t
 
-    t = _stage("2/5 tokenizer")
+    t = _stage("2/7 tokenizer")
     from llmstack.tokenizer import Tokenizer
     from llmstack.training.presets import get_preset
 
@@ -64,7 +64,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
     print(f"tokenizer: {tok.vocab_size} tokens at {tok_dir}")
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = _stage("3/5 token shards")
+    t = _stage("3/7 token shards")
     from llmstack.data.shards import ShardIndex
 
     shard_dir = run_dir / "shards"
@@ -79,7 +79,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
     print(f"{idx.n_tokens('train'):,} train tokens, {idx.n_tokens('val'):,} val tokens in {shard_dir}")
     timings["tokenize"] = time.perf_counter() - t
 
-    t = _stage("4/5 pretraining")
+    t = _stage("4/7 pretraining")
     argv = ["pretrain", "--preset", preset, "--run-dir", str(run_dir), "--device", "cpu"]
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
@@ -88,7 +88,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
         return rc
     timings["pretrain"] = time.perf_counter() - t
 
-    t = _stage("5/5 dreams (samples from the base model)")
+    t = _stage("5/7 dreams (samples from the base model)")
     from llmstack.inference.sample import SamplingConfig, generate
     from llmstack.training.checkpoint import load_model
     from llmstack.training.metrics import read_metrics
@@ -109,6 +109,23 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
         print(f"--- {prompt!r}\n{text}\n")
     timings["sample"] = time.perf_counter() - t
 
+    t = _stage("6/7 supervised finetuning into an assistant")
+    sft_dir = run_dir / "sft"
+    argv = ["sft", "--run-dir", str(run_dir), "--device", "cpu"]
+    if sft_steps:
+        argv += ["--max-steps", str(sft_steps)]
+    rc = cli(argv)
+    if rc:
+        return rc
+    timings["sft"] = time.perf_counter() - t
+
+    t = _stage("7/7 evaluation of the assistant (held-out problems)")
+    rc = cli(["eval", "--model", str(sft_dir), "--n", "100"])
+    if rc:
+        return rc
+    assistant_eval = json.loads((sft_dir / "eval.json").read_text())
+    timings["eval"] = time.perf_counter() - t
+
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     trains = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
     outputs = {
@@ -117,6 +134,9 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
         "tokenizer": str(tok_dir),
         "metrics": str(run_dir / "metrics.jsonl"),
         "loss_plot": str(run_dir / "loss.png"),
+        "sft_checkpoint": str(sft_dir / "checkpoints"),
+        "sft_loss_plot": str(sft_dir / "loss.png"),
+        "assistant_eval": str(sft_dir / "eval.json"),
     }
     summary = {
         "preset": preset,
@@ -130,6 +150,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
         "train_loss_last": trains[-1]["loss"] if trains else None,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "samples": samples,
+        "assistant": {k: round(v["accuracy"], 3) for k, v in assistant_eval.items()},
         "outputs": outputs,
     }
     write_json(run_dir / "summary.json", summary)
@@ -142,6 +163,9 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None) -> in
         )
     if trains:
         print(f"train loss: {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} nats/token")
+    for k, v in assistant_eval.items():
+        lo, hi = v["interval"]
+        print(f"assistant, {k}: {v['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] of {v['total']}")
     print(json.dumps(summary["seconds"]), f"total {total:.0f}s")
     for k, v in outputs.items():
         print(f"{k:>11}: {v}")

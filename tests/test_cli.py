@@ -162,7 +162,7 @@ def test_errors_are_clear_and_exit_2(workdir, tmp_path, capsys):
     )
     assert "llmstack tokenize" in capsys.readouterr().err
     assert main(["sample", "--run-dir", str(tmp_path / "none")]) == 2
-    assert "no such checkpoint" in capsys.readouterr().err
+    assert "no such model file or directory" in capsys.readouterr().err
 
 
 def test_prompt_longer_than_context_is_refused(workdir, capsys):

@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face and GGUF import/export, tokenizers across formats, chat templates."""

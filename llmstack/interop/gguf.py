@@ -1,0 +1,294 @@
+"""GGUF (llama.cpp's file format): import Llama-architecture models, export ours as F16 or Q8_0.
+
+Read and written with the ``gguf`` package (``GGUFReader`` + ``gguf.quants.dequantize`` / ``quantize``).
+Two conversions matter for correctness:
+
+- **Tensor names**: GGUF's ``blk.N.attn_q.weight`` etc. map one-to-one to HF Llama names (``NAMES``).
+- **Q/K row order**: llama.cpp applies RoPE to adjacent pairs (GPT-J style) while HF/our model rotates
+  halves; its converter permutes the rows of ``attn_q``/``attn_k`` so that the two agree. Import undoes
+  that permutation (``unpermute_qk``), export applies it (``permute_qk``).
+
+The tokenizer travels as GGUF metadata: ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE), the
+vocabulary as byte-level strings indexed by id, merges as "a b" strings, token types (control for
+specials), bos/eos ids and ``tokenizer.chat_template``. Imported tokenizers become ``HFTokenizer``
+(see ``interop/tokenizer.py`` for why not tiktoken ranks).
+
+What is not covered: architectures other than ``llama``, rope scaling, and quantisation types outside
+``SUPPORTED_TYPES`` (each refused by name); export quantises 2-D weights only, norms stay F32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmstack.interop.bundle import Bundle, check_vocab, load_state
+from llmstack.interop.tokenizer import HFTokenizer, byte_level, hf_from_vocab_merges, merges_from_ranks
+from llmstack.model.config import ModelConfig
+from llmstack.model.llama import GPT
+from llmstack.tokenizer.bpe import Tokenizer
+
+NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+"""Tensor types import dequantises (``gguf.quants`` implements them in numpy)."""
+
+EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+"""f16 and q8_0 are the ones to ship; f32, q4_0 and q4_1 exist so tests can write every type import reads."""
+TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
+
+
+def gguf_to_hf_name(name: str) -> str:
+    if name in NAMES:
+        return NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise ValueError(f"unknown GGUF tensor {name!r}")
+
+
+def hf_to_gguf_name(name: str) -> str:
+    inverse = {v: k for k, v in NAMES.items()}
+    if name in inverse:
+        return inverse[name]
+    layer_inverse = {v: k for k, v in LAYER_NAMES.items()}
+    _, _, idx, *rest = name.split(".")
+    module, param = ".".join(rest[:-1]), rest[-1]
+    return f"blk.{idx}.{layer_inverse[module]}.{param}"
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half rows -> llama.cpp interleaved pairs (as ``convert_hf_to_gguf.py``'s ``permute``)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``permute_qk``."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------- import
+def import_gguf(path: str | Path) -> Bundle:
+    """Load a llama-architecture GGUF file: config from metadata, dequantised weights, tokenizer, template."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises several kinds for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: llama)")
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
+        if qtype not in SUPPORTED_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} has unsupported type {qtype} (supported: {SUPPORTED_TYPES})")
+        array = dequantize(t.data, t.tensor_type).astype(np.float32)
+        state[gguf_to_hf_name(t.name)] = torch.from_numpy(array.reshape(tuple(reversed(t.shape.tolist()))))
+    if "model.embed_tokens.weight" not in state:
+        raise ValueError(f"{path}: tensor token_embd.weight is missing")
+    cfg = _config_from_metadata(meta, path, vocab_size=state["model.embed_tokens.weight"].shape[0])
+    for name in list(state):
+        if name.endswith("q_proj.weight"):
+            state[name] = unpermute_qk(state[name], cfg.n_head)
+        elif name.endswith("k_proj.weight"):
+            state[name] = unpermute_qk(state[name], cfg.n_kv_head)
+    if "lm_head.weight" not in state:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": True})
+    model = GPT(cfg)
+    load_state(model, state, str(path))
+    tok = _tokenizer(reader, path)
+    check_vocab(cfg.vocab_size, tok, str(path))
+    template = meta.get("tokenizer.chat_template")
+    return Bundle(model.eval(), tok, template if isinstance(template, str) else None, tok.bos_token, tok.eos_token)
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a value type this gguf version cannot render; we do not read it anyway
+        return None
+
+
+def _config_from_metadata(meta: dict[str, Any], path: Path, vocab_size: int) -> ModelConfig:
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata llama.{key} is missing")
+        return value
+
+    if meta.get("llama.rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("rope.dimension_count", n_embd // n_head))
+    if head_dim != n_embd // n_head:
+        raise ValueError(f"{path}: rope.dimension_count {head_dim} != embedding_length / head_count (partial RoPE)")
+    return ModelConfig(
+        vocab_size=vocab_size,  # the embedding's rows; the tokenizer is checked against it
+        n_layer=int(get("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)),
+        intermediate_size=int(get("feed_forward_length")),
+        max_seq_len=int(get("context_length")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=False,
+    )
+
+
+def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
+    fields = reader.fields
+
+    def value(key: str) -> Any:
+        return _field_value(fields[key]) if key in fields else None
+
+    model = value("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, i.e. byte-level BPE)")
+    tokens, merges, types = (
+        value("tokenizer.ggml.tokens"),
+        value("tokenizer.ggml.merges"),
+        value("tokenizer.ggml.token_type"),
+    )
+    if not tokens or merges is None:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
+    types = types or [TOKEN_NORMAL] * len(tokens)
+    specials = [i for i, kind in enumerate(types) if kind == TOKEN_CONTROL]
+    raw = hf_from_vocab_merges(tokens, merges, specials, value("tokenizer.ggml.pre"))
+    bos, eos = value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")
+    return HFTokenizer(
+        raw, tokens[bos] if bos is not None and bos < len(tokens) else None, tokens[eos] if eos is not None else None
+    )
+
+
+# ----------------------------------------------------------------------------- export
+def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
+    """Write ``bundle`` (Llama architecture) to ``out`` as GGUF; written to a temp file, then renamed."""
+    from gguf import GGUFWriter
+
+    out = Path(out)
+    if quant not in EXPORT_TYPES:
+        raise ValueError(f"unsupported export quantisation {quant!r} (supported: {', '.join(EXPORT_TYPES)})")
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new --out (export never overwrites)")
+    if not isinstance(bundle.model, GPT):
+        raise ValueError(f"GGUF export supports Llama-architecture models, not {bundle.architecture}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = GGUFWriter(str(tmp), "llama")
+        _write_metadata(writer, bundle, bundle.model.config, quant)
+        _write_tokenizer(writer, bundle)
+        _write_tensors(writer, bundle.model, quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _write_metadata(writer: Any, bundle: Bundle, cfg: ModelConfig, quant: str) -> None:
+    from gguf import LlamaFileType
+
+    writer.add_name("llmstack")
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
+
+
+def _write_tokenizer(writer: Any, bundle: Bundle) -> None:
+    """Vocabulary padded to the embedding size, so llama.cpp's vocab and the model's rows agree."""
+    tok, n_rows = bundle.tokenizer, bundle.model.config.vocab_size
+    if isinstance(tok, Tokenizer):
+        id_to_token = {rank: byte_level(token) for token, rank in tok.mergeable_ranks.items()}
+        merges = [f"{a} {b}" for a, b in merges_from_ranks(tok.mergeable_ranks)]
+        pre = "llama-bpe"
+    else:
+        vocab = tok.raw.get_vocab(with_added_tokens=True)
+        id_to_token = {i: t for t, i in vocab.items()}
+        stored = json.loads(tok.raw.to_str())["model"].get("merges", [])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in stored]
+        pre = "default"
+    id_to_token.update({i: name for name, i in tok.special_tokens.items()})
+    tokens = [id_to_token.get(i, f"<|unused_{i}|>") for i in range(n_rows)]
+    types = [TOKEN_CONTROL if (i not in id_to_token or tok.is_special(i)) else TOKEN_NORMAL for i in range(n_rows)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (
+        (bundle.bos_token, writer.add_bos_token_id),
+        (bundle.eos_token, writer.add_eos_token_id),
+    ):
+        if name and name in tok.special_tokens:
+            add(tok.special_tokens[name])
+    writer.add_add_bos_token(False)
+    if bundle.chat_template:
+        writer.add_chat_template(bundle.chat_template)
+
+
+def _write_tensors(writer: Any, model: GPT, quant: str) -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    cfg = model.config
+    state = model.state_dict()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    for name, tensor in state.items():
+        w = tensor.detach().float().cpu()
+        if name.endswith("q_proj.weight"):
+            w = permute_qk(w, cfg.n_head)
+        elif name.endswith("k_proj.weight"):
+            w = permute_qk(w, cfg.n_kv_head)
+        array = w.numpy()
+        gguf_name = hf_to_gguf_name(name)
+        if array.ndim == 1 or quant == "f32":
+            writer.add_tensor(gguf_name, array.astype(np.float32))
+        elif quant.startswith("q") and array.shape[-1] % 32 == 0:  # blocks of 32 along a row
+            qtype = GGMLQuantizationType[quant.upper()]
+            writer.add_tensor(gguf_name, quantize(array, qtype), raw_dtype=qtype)
+        else:  # f16, and rows too short for a block
+            writer.add_tensor(gguf_name, array.astype(np.float16))
