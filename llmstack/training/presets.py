@@ -91,10 +91,10 @@ def d20(vocab_size: int = 65536) -> tuple[ModelConfig, TrainConfig]:
 def sft_config(max_seq_len: int) -> TrainConfig:
     """SFT: short conversations, a learning rate below pretraining, a few hundred steps."""
     return TrainConfig(
-        max_steps=600,
+        max_steps=900,
         batch_size=16,
         seq_len=min(192, max_seq_len),
-        lr=2e-3,
+        lr=3e-3,
         warmup_steps=20,
         schedule="cosine",
         min_lr_ratio=0.05,
