@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.training.config import resolve_dtype
+from llmstack.training.pretrain import logits_of
 
 PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
@@ -46,11 +47,6 @@ def build_hf(cfg: ModelConfig) -> torch.nn.Module:
     hf_cfg = LlamaConfig(**cfg.to_hf_dict())
     hf_cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(hf_cfg)
-
-
-def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def measure(model, args, device, steps: int, dtype: str) -> list[float]:

@@ -442,6 +442,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_overrides(sp: argparse.ArgumentParser) -> None:
+    """Flags that override a stage's TrainConfig (read back by ``_train_config``)."""
+    sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--batch-size", type=int, help="rows per micro-batch per process")
+    sp.add_argument("--grad-accum", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--warmup-steps", type=int)
+    sp.add_argument("--schedule", choices=["cosine", "wsd"])
+    sp.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA and AMX CPUs)"
+    )
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sp.add_argument("--eval-every", type=int)
+    sp.add_argument("--ckpt-every", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -544,21 +563,7 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
     pt.add_argument("--tokenizer")
     pt.add_argument("--shards")
     pt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    pt.add_argument("--max-steps", type=int)
-    pt.add_argument("--batch-size", type=int, help="rows per micro-batch per process")
-    pt.add_argument("--grad-accum", type=int)
-    pt.add_argument("--seq-len", type=int)
-    pt.add_argument("--lr", type=float)
-    pt.add_argument("--warmup-steps", type=int)
-    pt.add_argument("--schedule", choices=["cosine", "wsd"])
-    pt.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA and AMX CPUs)"
-    )
-    pt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    pt.add_argument("--eval-every", type=int)
-    pt.add_argument("--ckpt-every", type=int)
-    pt.add_argument("--seed", type=int)
-    pt.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    _add_train_overrides(pt)
     pt.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser(
@@ -593,22 +598,7 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
     sf.add_argument("--tokenizer")
     sf.add_argument("--out", help="output run directory (default: <run>/sft)")
     sf.add_argument("--device", default=None)
-    for flag, kind in (
-        ("--max-steps", int),
-        ("--batch-size", int),
-        ("--grad-accum", int),
-        ("--seq-len", int),
-        ("--lr", float),
-        ("--warmup-steps", int),
-        ("--eval-every", int),
-        ("--ckpt-every", int),
-        ("--seed", int),
-    ):
-        sf.add_argument(flag, type=kind)
-    sf.add_argument("--schedule", choices=["cosine", "wsd"])
-    sf.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
-    sf.add_argument("--compile", action="store_true")
-    sf.add_argument("--no-resume", action="store_true")
+    _add_train_overrides(sf)
     sf.set_defaults(func=cmd_sft)
 
     ev = sub.add_parser(

@@ -101,10 +101,10 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
                 model,
                 [bos, *tok.encode_ordinary(prompt)],
                 SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=50, seed=i),
-                {tok.bos_id},
+                {bos},
             )
         )
-        text = prompt + tok.decode([i for i in ids if i != bos])
+        text = prompt + tok.decode([t for t in ids if t != bos])
         samples.append(text)
         print(f"--- {prompt!r}\n{text}\n")
     timings["sample"] = time.perf_counter() - t
