@@ -24,6 +24,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/llmstack data fetch --assets-only
+	# headless chromium for the web UI test (Playwright's own browser download is not reachable)
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || echo "could not install chromium"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llmstack

@@ -103,3 +103,119 @@ def tiny_model_config(vocab_size: int, **kw):
     )
     base.update(kw)
     return ModelConfig(**base)
+
+
+# ----------------------------------------------------------------------------- a scripted model behind a real server
+SCRIPT_REPLY = " the model reads"
+
+
+def bigram_model(tok, transitions: dict[int, int], **cfg):
+    """A real GPT whose weights make greedy decoding follow ``transitions`` (token -> next token).
+
+    Attention and MLP outputs are zeroed, so the residual stream at each position is the token's own
+    embedding; each ``lm_head`` row is a scaled sum of the normalised embeddings of the tokens that
+    lead to it. Checked here: every transition is the argmax.
+    """
+    import torch
+
+    from llmstack.model.llama import GPT
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(tok.vocab_size, n_embd=64, max_seq_len=128, tie_embeddings=False, **cfg)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        unit = emb / emb.norm(dim=-1, keepdim=True)
+        head = torch.zeros_like(model.lm_head.weight)
+        for a, b in transitions.items():
+            head[b] += 20 * unit[a]
+        model.lm_head.weight.copy_(head)
+        src = torch.tensor(list(transitions))
+        got = model(src.view(-1, 1))[:, -1].argmax(-1).tolist()
+    assert got == list(transitions.values()), "bigram weights do not give the scripted transitions"
+    return model
+
+
+def script_transitions(tok) -> dict[int, int]:
+    """Chat: ``<|assistant_start|>`` -> " the model reads" -> ``<|assistant_end|>``; a forced call to
+    ``calculator: `` writes ``42`` and ends; an assistant prefill ``x`` opens a call ``42`` (a malformed
+    call: the tool answers with an error); after a tool result the reply is " the model reads" again."""
+    from llmstack.tokenizer import special as S
+
+    sid = tok.special_id
+    t1, t2, t3 = (tok.encode_ordinary(w) for w in (" the", " model", " reads"))
+    (n42,) = tok.encode_ordinary("42")
+    (x,) = tok.encode_ordinary("x")
+    last_of_prefix = tok.encode_ordinary("calculator: ")[-1]
+    assert all(len(t) == 1 for t in (t1, t2, t3))
+    tr = {
+        sid(S.ASSISTANT_START): t1[0],
+        t1[0]: t2[0],
+        t2[0]: t3[0],
+        t3[0]: sid(S.ASSISTANT_END),
+        last_of_prefix: n42,
+        n42: sid(S.TOOL_CALL_END),
+        sid(S.TOOL_RESULT_END): t1[0],
+        x: sid(S.TOOL_CALL_START),
+        sid(S.TOOL_CALL_START): n42,
+    }
+    assert len(tr) == 9, "scripted transitions collide: pick other words"
+    return tr
+
+
+@pytest.fixture(scope="session")
+def scripted_run(tmp_path_factory, tok):
+    """A run directory holding the scripted model and the test tokenizer (what ``llmstack serve`` loads)."""
+    from llmstack.interop.bundle import llmstack_bundle, save_run
+
+    out = tmp_path_factory.mktemp("scripted") / "run"
+    save_run(llmstack_bundle(bigram_model(tok, script_transitions(tok)), tok), out, "test: scripted bigram model")
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(scripted_run, tmp_path_factory):
+    """A real ``llmstack serve`` process on localhost serving the scripted model as ``tiny``; yields its URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmstack", "serve", "--model", f"tiny={scripted_run}", "--port", str(port)]
+            + ["--no-assistants", "--max-tokens-cap", "64"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server did not start: {log.read_text()}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

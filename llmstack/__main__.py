@@ -1,0 +1,5 @@
+import sys
+
+from llmstack.cli import main
+
+sys.exit(main())

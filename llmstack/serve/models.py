@@ -1,0 +1,181 @@
+"""The models a server offers: loaded bundles, how each turns OpenAI messages into prompt ids.
+
+Two kinds of chat model sit behind one interface:
+
+* ours (an llmstack tokenizer with tool tokens): messages become a ``Conversation`` rendered with
+  ``ChatFormat``; tools can run inside the engine (calculator, python, ...) or be handed back to the
+  client as OpenAI ``tool_calls``;
+* any other bundle (SmolLM2 from its GGUF, an HF directory): messages are rendered with the model's
+  own chat template; it has no tool tokens, so a request with ``tools`` is refused.
+
+A custom assistant (``llmstack.assistants``) is a served model of its own: its instructions and the
+passages retrieved from its knowledge files are put in front of the client's messages, and its
+answer gets a ``Sources:`` footer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmstack.inference.engine import Engine, ToolUse
+from llmstack.interop.bundle import Bundle, load_bundle, resolve_model
+from llmstack.tokenizer import special as S
+from llmstack.tokenizer.bpe import Tokenizer
+from llmstack.tools.registry import ToolBox, default_toolbox
+
+
+class RequestError(ValueError):
+    """A client error: becomes a 4xx OpenAI-style JSON error."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+@dataclass
+class ServedModel:
+    name: str
+    bundle: Bundle
+    toolbox: ToolBox | None  # tools the engine runs itself (ours only)
+    assistant: Any = None  # an llmstack.assistants Assistant, or None
+    created: int = 0
+    engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        tok = self.bundle.tokenizer
+        self.ours = isinstance(tok, Tokenizer) and S.TOOL_CALL_START in tok.special_tokens
+        tools = None
+        if self.ours:
+            run = self.toolbox.call if self.toolbox else _no_server_tools
+            tools = ToolUse.from_tokenizer(tok, run)
+        self.engine = Engine(self.bundle.model, tools, token_bytes=tok.decode_token_bytes)
+        self.stop_ids = frozenset(
+            self.bundle.stop_ids() | ({tok.bos_id} if self.ours and tok.bos_id is not None else set())
+        )
+        self.special_ids = frozenset(tok.special_tokens.values())
+
+    @property
+    def context(self) -> int:
+        return int(self.bundle.model.config.max_seq_len)
+
+    def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """OpenAI messages (already validated) -> prompt ids asking for the next assistant turn."""
+        if not self.ours:
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                raise RequestError(f"model {self.name!r} has no tool tokens: it does not support tools", "tools")
+            from llmstack.interop.chat import prompt_ids
+
+            return prompt_ids(self.bundle, [{"role": m["role"], "content": m["content"] or ""} for m in messages])
+        from llmstack.chat.conversation import ChatFormat, Conversation
+
+        msgs = [_our_message(m) for m in messages]
+        if tools:
+            listing = "\n".join(f"- {t['name']}: {t.get('description', '')}".rstrip(": ") for t in tools)
+            note = f"You can call these tools (write `name: argument`):\n{listing}"
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
+            else:
+                msgs.insert(0, {"role": "system", "content": note})
+        try:
+            conv = Conversation.from_openai(msgs)
+        except (ValueError, KeyError) as e:
+            raise RequestError(f"messages: {e}", "messages") from None
+        return ChatFormat(self.bundle.tokenizer).prompt(conv)
+
+    def tool_call_prefix(self, name: str | None) -> list[int]:
+        """Ids that force a tool call (``tool_choice``): the call-start token and the tool's name."""
+        tok = self.bundle.tokenizer
+        return [tok.special_id(S.TOOL_CALL_START), *(tok.encode_ordinary(f"{name}: ") if name else [])]
+
+    def text_ids(self, text: str) -> list[int]:
+        """A completion prompt: the text as ordinary tokens, after BOS when the model has one."""
+        tok = self.bundle.tokenizer
+        ids = tok.encode_ordinary(text)
+        bos = self.bundle.bos_token
+        if bos and bos in tok.special_tokens:
+            ids = [tok.special_tokens[bos], *ids]
+        return ids
+
+
+def _no_server_tools(call: str) -> str:
+    return "error: no tools run on this server for this model"
+
+
+def _our_message(m: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI tool-call arguments (JSON) -> our ``name: argument`` text."""
+    if not m.get("tool_calls"):
+        return m
+    calls = []
+    for c in m["tool_calls"]:
+        fn = c["function"]
+        calls.append({"function": {"name": fn["name"], "arguments": arguments_text(fn.get("arguments", ""))}})
+    return {**m, "tool_calls": calls}
+
+
+def arguments_text(arguments: str) -> str:
+    """``{"input": "2+3"}`` -> ``2+3``; any other JSON is kept as written."""
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, TypeError):
+        return arguments
+    if isinstance(parsed, dict) and set(parsed) == {"input"} and isinstance(parsed["input"], str):
+        return parsed["input"]
+    return arguments
+
+
+def arguments_json(argument: str) -> str:
+    """Our call argument -> OpenAI ``arguments``: a JSON object as is, else ``{"input": ...}``."""
+    try:
+        if isinstance(json.loads(argument), dict):
+            return argument
+    except ValueError:
+        pass
+    return json.dumps({"input": argument})
+
+
+class ModelRegistry:
+    """Named models, loaded once; assistants share their base model's weights."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ServedModel] = {}
+        self._bundles: dict[str, Bundle] = {}
+
+    def bundle(self, spec: str | Path) -> Bundle:
+        key = str(resolve_model(spec).resolve())
+        if key not in self._bundles:
+            self._bundles[key] = load_bundle(spec)
+        return self._bundles[key]
+
+    def preload(self, spec: str | Path, bundle: Bundle) -> None:
+        """Use an already loaded bundle for ``spec`` (tests, or a caller that loaded it)."""
+        self._bundles[str(resolve_model(spec).resolve())] = bundle
+
+    def add(self, name: str, spec: str | Path, created: int = 0) -> ServedModel:
+        if name in self.models:
+            raise ValueError(f"two models are named {name!r}: give one another name (--model NAME=PATH)")
+        sm = ServedModel(name, self.bundle(spec), default_toolbox(), created=created)
+        self.models[name] = sm
+        return sm
+
+    def add_assistant(self, assistant: Any, created: int = 0) -> ServedModel:
+        if assistant.name in self.models:
+            raise ValueError(f"assistant {assistant.name!r} has the name of a model already served")
+        toolbox = default_toolbox()
+        allowed = set(assistant.tools)
+        toolbox = ToolBox({k: v for k, v in toolbox.tools.items() if k in allowed})
+        sm = ServedModel(assistant.name, self.bundle(assistant.base_model), toolbox, assistant, created)
+        self.models[assistant.name] = sm
+        return sm
+
+    def get(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise RequestError(
+                f"The model {name!r} does not exist; models: {', '.join(sorted(self.models))}",
+                "model",
+                "model_not_found",
+                404,
+            )
+        return self.models[name]

@@ -1,0 +1,261 @@
+"""The OpenAI wire format: request schemas (validated with pydantic) and how events become choices.
+
+Requests are parsed by hand from the raw body (size-limited, UTF-8 checked) and validated here, so
+every client mistake gets an OpenAI-style ``{"error": {...}}`` with status 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmstack.inference.engine import Event
+from llmstack.serve.models import RequestError, ServedModel, arguments_json
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Req):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Req):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = ""
+
+
+class ToolCall(_Req):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Req):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Req):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(_Req):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _Named(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: _Named
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class _Sampling(_Req):
+    model: str = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # an llmstack extension
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class TokenizeRequest(_Req):
+    model: str = Field(min_length=1)
+    text: str
+
+
+def parse(body: bytes, schema: type[_Req]) -> Any:
+    """Raw body -> a validated request, or a ``RequestError`` naming what is wrong."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise RequestError(f"{loc}: {err['msg']}" if loc else err["msg"], loc or None) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class StopFilter:
+    """Holds back text that may be the start of a stop sequence; cuts the text at the first stop."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.buf, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        self.buf += text
+        hits = [self.buf.find(s) for s in self.stops if s in self.buf]
+        if hits:
+            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
+            return out
+        hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.buf.endswith(s[:k])), default=0)
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+@dataclass
+class Choice:
+    """Turns one row's events into what the client sees: text, tool calls, log-probabilities.
+
+    ``feed`` returns the deltas of this event (for streaming); the choice also keeps everything for
+    the non-streamed answer. Server-run tools show up as ``llmstack_tool`` deltas ({type: call |
+    result, text}), an llmstack extension OpenAI clients ignore.
+    """
+
+    sm: ServedModel
+    stops: list[str]
+    call_prefix: list[int] | None = None  # a forced call's name tokens: the row starts inside a call
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    server_tools: list[dict[str, str]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish: str | None = None
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = StopFilter(self.stops)
+        self._call: list[int] | None = None if self.call_prefix is None else list(self.call_prefix)
+        self._result: list[int] | None = None
+        tu = self.sm.engine.tools
+        self._ids = (tu.call_start, tu.call_end, tu.result_start, tu.result_end) if tu else None
+
+    def feed(self, ev: Event) -> list[dict[str, Any]]:
+        self.n_tokens += 1
+        out: list[dict[str, Any]] = []
+        tok, ids = ev.token, self._ids
+        if ev.forced and ids is not None:
+            if tok == ids[2]:
+                self._result = []
+            elif tok == ids[3] and self._result is not None:
+                result = self.sm.bundle.tokenizer.decode(self._result)
+                self.server_tools.append({"type": "result", "text": result})
+                out.append({"llmstack_tool": {"type": "result", "text": result}})
+                self._result = None
+            elif self._result is not None:
+                self._result.append(tok)
+        elif ids is not None and tok == ids[0] and self._call is None:
+            self._call = []
+        elif ids is not None and self._call is not None and tok == ids[1]:
+            call = self.sm.bundle.tokenizer.decode(self._call)
+            self._call = None
+            if ev.finish == "tool_calls":
+                name, _, argument = call.partition(":")
+                tc = {
+                    "index": len(self.tool_calls),
+                    "id": new_id("call"),
+                    "type": "function",
+                    "function": {"name": name.strip(), "arguments": arguments_json(argument.strip())},
+                }
+                self.tool_calls.append(tc)
+                out.append({"tool_calls": [tc]})
+            else:
+                self.server_tools.append({"type": "call", "text": call})
+                out.append({"llmstack_tool": {"type": "call", "text": call}})
+        elif self._call is not None:
+            self._call.append(tok)
+        elif tok not in self.sm.special_ids:
+            raw = self.sm.bundle.tokenizer.decode_token_bytes(tok)
+            piece = self._stop.feed(self._utf8.decode(raw))
+            if ev.logprob is not None and not self._stop.stopped:
+                self.logprobs.append(self._lp_entry(tok, ev.logprob, ev.top))
+            if piece:
+                self.text += piece
+                out.append({"content": piece})
+        if ev.finish is not None:
+            tail = self._stop.feed(self._utf8.decode(b"", final=True)) + self._stop.flush()
+            if tail:
+                self.text += tail
+                out.append({"content": tail})
+            self.finish = ev.finish
+        return out
+
+    def _lp_entry(self, tok: int, lp: float, top: list[tuple[int, float]] | None) -> dict[str, Any]:
+        def one(t: int, v: float) -> dict[str, Any]:
+            b = self.sm.bundle.tokenizer.decode_token_bytes(t)
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
+
+        return {**one(tok, lp), "top_logprobs": [one(t, v) for t, v in (top or [])]}
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,480 @@
+// The llmstack chat UI: a model picker, a streamed chat and a token view over the OpenAI-compatible API.
+//
+// Everything the model or the server writes is put into the page as text (textContent / text nodes),
+// never parsed as HTML. The stream is read with fetch + a ReadableStream reader (EventSource cannot
+// POST). Not covered: markdown rendering, several choices (n > 1), client-side tools (tool_calls are
+// shown, never answered), saving conversations.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "llmstack.apiKey";
+const MODEL_STORE = "llmstack.model";
+const N_COLOURS = 7; // the token view's pastel backgrounds: .c0 .. .c6 in style.css
+
+const state = {
+  messages: [], // {role, content, el, body, meta, calls, tokens}
+  streaming: null, // {controller, msg} while an answer streams
+  models: new Map(), // id -> the /v1/models card
+};
+
+// ----------------------------------------------------------------------------- small helpers
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function apiHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const key = localStorage.getItem(KEY_STORE);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
+// An OpenAI-style error body ({"error": {"message"}}) -> its message; anything else -> the status line.
+async function errorMessage(res) {
+  const text = await res.text().catch(() => "");
+  try {
+    const body = JSON.parse(text);
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (_) {
+    // not JSON: fall through
+  }
+  return `${res.status} ${res.statusText}${text ? `: ${text.slice(0, 300)}` : ""}`;
+}
+
+async function api(path, body) {
+  const init = body === undefined ? { headers: apiHeaders() } : { method: "POST", headers: apiHeaders(), body: JSON.stringify(body) };
+  const res = await fetch(path, init);
+  if (!res.ok) throw new Error(await errorMessage(res));
+  return res.json();
+}
+
+function showError(message) {
+  $("error-text").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+// ----------------------------------------------------------------------------- models
+async function loadModels() {
+  const select = $("model");
+  let cards;
+  try {
+    cards = (await api("/v1/models")).data || [];
+  } catch (e) {
+    showError(`Could not list models: ${e.message}`);
+    return;
+  }
+  const previous = select.value || localStorage.getItem(MODEL_STORE);
+  state.models = new Map(cards.map((c) => [c.id, c]));
+  const groups = { model: el("optgroup"), assistant: el("optgroup") };
+  groups.model.label = "Models";
+  groups.assistant.label = "Assistants";
+  for (const card of cards) {
+    const info = card.llmstack || {};
+    const isAssistant = info.kind === "assistant";
+    const option = el("option", null, isAssistant ? `${card.id} (assistant)` : card.id);
+    option.value = card.id;
+    option.dataset.kind = isAssistant ? "assistant" : "model";
+    if (info.description) option.title = info.description;
+    groups[isAssistant ? "assistant" : "model"].append(option);
+  }
+  select.replaceChildren(...[groups.model, groups.assistant].filter((g) => g.children.length));
+  if (previous && state.models.has(previous)) select.value = previous;
+  showModelInfo();
+}
+
+function showModelInfo() {
+  const card = state.models.get($("model").value);
+  const info = (card && card.llmstack) || {};
+  const parts = [];
+  if (card) parts.push(info.kind === "assistant" ? "assistant" : "model");
+  if (info.context) parts.push(`context ${info.context} tokens`);
+  if (info.tools && info.tools.length) parts.push(`server tools: ${info.tools.join(", ")}`);
+  if (info.description) parts.push(info.description);
+  $("model-info").textContent = parts.join(" · ");
+  $("model").title = info.description || "";
+}
+
+// ----------------------------------------------------------------------------- messages
+function addMessage(role, content) {
+  $("empty").hidden = true;
+  const msg = { role, content: "", calls: [], tokens: null };
+  msg.el = el("div", `msg ${role}`);
+  msg.el.dataset.testid = `msg-${role}`;
+  msg.body = el("div", "body");
+  msg.meta = el("div", "meta");
+  msg.el.append(el("div", "role", role), msg.body, msg.meta);
+  $("messages").append(msg.el);
+  state.messages.push(msg);
+  if (content) appendText(msg, content);
+  scrollDown(true);
+  return msg;
+}
+
+function removeMessage(msg) {
+  msg.el.remove();
+  state.messages = state.messages.filter((m) => m !== msg);
+  $("empty").hidden = state.messages.length > 0;
+}
+
+// Each delta becomes its own text node, so the page grows as the answer streams.
+function appendText(msg, text) {
+  let span = msg.body.lastElementChild;
+  if (!span || !span.classList.contains("text")) {
+    span = el("span", "text");
+    msg.body.append(span);
+  }
+  span.append(document.createTextNode(text));
+  msg.content += text;
+  scrollDown();
+}
+
+// A tool the server ran itself: its call and its result as blocks of their own inside the answer.
+function addServerTool(msg, tool) {
+  if (tool.type === "call") {
+    const block = el("div", "tool-call");
+    block.append(el("span", "tool-icon", "⚙"), el("code", null, tool.text));
+    msg.body.append(block);
+  } else {
+    const block = el("div", "tool-result");
+    if (/^\s*error\b/i.test(tool.text)) block.classList.add("tool-error");
+    block.append(el("span", "tool-icon", "→"), el("code", null, tool.text));
+    msg.body.append(block);
+  }
+  scrollDown();
+}
+
+// Client tool calls (OpenAI tool_calls) stream as pieces keyed by index: name, then arguments.
+function addToolCallDelta(msg, delta) {
+  const i = delta.index || 0;
+  let call = msg.calls[i];
+  if (!call) {
+    call = { name: "", arguments: "", code: el("code") };
+    const block = el("div", "tool-call client");
+    block.title = "a tool call for the client to run";
+    block.append(el("span", "tool-icon", "⚙"), call.code);
+    msg.body.append(block);
+    msg.calls[i] = call;
+  }
+  const fn = delta.function || {};
+  call.name += fn.name || "";
+  call.arguments += fn.arguments || "";
+  call.code.textContent = `${call.name}(${call.arguments})`;
+}
+
+function applyDelta(msg, delta) {
+  if (typeof delta.content === "string" && delta.content) appendText(msg, delta.content);
+  if (delta.llmstack_tool) addServerTool(msg, delta.llmstack_tool);
+  for (const call of delta.tool_calls || []) addToolCallDelta(msg, call);
+}
+
+function finishMessage(msg, { finish, stopped, error, seconds }) {
+  msg.el.classList.remove("streaming");
+  const notes = [];
+  if (stopped) {
+    msg.el.classList.add("stopped");
+    notes.push("stopped");
+  } else if (error) {
+    msg.el.classList.add("failed");
+    notes.push("error");
+  } else if (finish) {
+    msg.el.dataset.finish = finish;
+    notes.push(finish === "length" ? "cut at max tokens" : `finish: ${finish}`);
+  }
+  if (seconds !== undefined) notes.push(`${seconds.toFixed(1)} s`);
+  msg.meta.replaceChildren(el("span", "note", notes.join(" · ")));
+  addTokenToggle(msg);
+  scrollDown();
+}
+
+function addTokenToggle(msg) {
+  const button = el("button", "toggle-tokens small ghost", "Tokens");
+  button.type = "button";
+  button.dataset.testid = "toggle-tokens";
+  button.title = "show this message as the model's tokens";
+  button.addEventListener("click", () => toggleMessageTokens(msg, button));
+  msg.meta.append(button);
+}
+
+async function toggleMessageTokens(msg, button) {
+  if (msg.tokens) {
+    msg.tokens.remove();
+    msg.tokens = null;
+    msg.body.hidden = false;
+    button.textContent = "Tokens";
+    return;
+  }
+  try {
+    const result = await api("/api/tokenize", { model: $("model").value, text: msg.content });
+    msg.tokens = el("div", "token-view");
+    msg.tokens.classList.toggle("with-ids", $("tokens-ids").checked);
+    renderTokens(msg.tokens, result.tokens);
+    msg.body.hidden = true;
+    msg.body.after(msg.tokens);
+    button.textContent = `Text (${result.count} tokens)`;
+  } catch (e) {
+    showError(`Tokenize: ${e.message}`);
+  }
+}
+
+function scrollDown(force) {
+  const box = $("messages");
+  const near = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  if (force || near) box.scrollTop = box.scrollHeight;
+}
+
+// ----------------------------------------------------------------------------- streaming
+// Server-Sent Events from a fetch response: yields each event's data (the "data:" lines joined).
+// Partial lines are buffered across reads; a stop (the signal) cancels the reader.
+async function* sseData(res, signal) {
+  const reader = res.body.getReader();
+  const cancel = () => reader.cancel().catch(() => {});
+  signal.addEventListener("abort", cancel);
+  const decoder = new TextDecoder();
+  const eol = /\r\n|\r|\n/;
+  let buf = "";
+  let data = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (value) buf += decoder.decode(value, { stream: true });
+      if (done) buf += decoder.decode();
+      let m;
+      // a "\r" at the very end may be half of "\r\n": wait for the next read
+      while ((m = eol.exec(buf)) && (done || m[0] !== "\r" || m.index < buf.length - 1)) {
+        const line = buf.slice(0, m.index);
+        buf = buf.slice(m.index + m[0].length);
+        if (line === "") {
+          if (data.length) yield data.join("\n");
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        } // other fields (event:, id:, retry:) and ":" comments are not used by this API
+      }
+      if (done) {
+        if (buf.startsWith("data:")) data.push(buf.slice(buf.startsWith("data: ") ? 6 : 5));
+        if (data.length) yield data.join("\n");
+        return;
+      }
+    }
+  } finally {
+    signal.removeEventListener("abort", cancel);
+    cancel();
+  }
+}
+
+function requestBody() {
+  const model = $("model").value;
+  const messages = state.messages.map((m) => ({ role: m.role, content: m.content }));
+  const system = $("system").value.trim();
+  if (system) messages.unshift({ role: "system", content: system });
+  const body = { model, messages, stream: true };
+  const temperature = $("temperature").value.trim();
+  if (temperature !== "") body.temperature = Number(temperature);
+  const maxTokens = $("max-tokens").value.trim();
+  if (maxTokens !== "") body.max_tokens = Number(maxTokens);
+  return body;
+}
+
+async function generate() {
+  if (state.streaming) return;
+  if (!$("model").value) {
+    showError("No model to talk to: the server lists none (or the API key is missing).");
+    return;
+  }
+  hideError();
+  const body = requestBody();
+  const prefill = $("prefill").value;
+  if (prefill) body.messages.push({ role: "assistant", content: prefill });
+  const msg = addMessage("assistant", prefill);
+  msg.el.classList.add("streaming");
+  const controller = new AbortController();
+  state.streaming = { controller, msg };
+  setBusy(true);
+  const started = performance.now();
+  let finish = null;
+  let error = null;
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: apiHeaders(),
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!res.ok) throw new Error(await errorMessage(res));
+    for await (const data of sseData(res, controller.signal)) {
+      if (data === "[DONE]") break;
+      let chunk;
+      try {
+        chunk = JSON.parse(data);
+      } catch (_) {
+        throw new Error(`the server sent a malformed event: ${data.slice(0, 200)}`);
+      }
+      if (chunk.error) {
+        error = chunk.error.message || JSON.stringify(chunk.error);
+        continue;
+      }
+      for (const choice of chunk.choices || []) {
+        if ((choice.index || 0) !== 0) continue; // this page asks for one choice
+        applyDelta(msg, choice.delta || {});
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    }
+  } catch (e) {
+    if (!controller.signal.aborted) error = e.message || String(e);
+  } finally {
+    state.streaming = null;
+    const stopped = controller.signal.aborted;
+    if (error) showError(error);
+    const empty = !msg.content && !msg.body.children.length;
+    if (empty && (error || stopped)) removeMessage(msg); // the user's turn stays: Regenerate retries it
+    else finishMessage(msg, { finish, stopped, error, seconds: (performance.now() - started) / 1000 });
+    setBusy(false);
+  }
+}
+
+function send() {
+  const text = $("input").value;
+  if (!text.trim() || state.streaming) return;
+  addMessage("user", text);
+  $("input").value = "";
+  generate();
+}
+
+function regenerate() {
+  if (state.streaming) return;
+  const last = state.messages[state.messages.length - 1];
+  if (last && last.role === "assistant") removeMessage(last);
+  if (!state.messages.some((m) => m.role === "user")) return;
+  generate();
+}
+
+function stop() {
+  if (state.streaming) state.streaming.controller.abort();
+}
+
+function newChat() {
+  stop();
+  for (const msg of [...state.messages]) removeMessage(msg);
+  hideError();
+  setBusy(false);
+  $("input").focus();
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  $("regenerate").disabled = busy || state.messages.length === 0;
+  document.body.classList.toggle("busy", busy);
+}
+
+// ----------------------------------------------------------------------------- the token view
+function renderTokens(container, tokens) {
+  container.replaceChildren(
+    ...tokens.map((t, i) => {
+      const span = el("span", `token c${i % N_COLOURS}`, t.text);
+      if (t.text.includes("\n")) span.classList.add("nl");
+      span.dataset.id = t.id;
+      span.title = `token ${i} · id ${t.id} · ${JSON.stringify(t.text)}`;
+      return span;
+    }),
+  );
+}
+
+let tokenizeSeq = 0;
+let tokenizeTimer = null;
+let tokensEdited = false; // until the user types there, the view follows the last message
+
+async function tokenizeView() {
+  const seq = ++tokenizeSeq;
+  const text = $("tokens-input").value;
+  const count = $("tokens-count");
+  if (!$("model").value) return;
+  try {
+    const result = await api("/api/tokenize", { model: $("model").value, text });
+    if (seq !== tokenizeSeq) return; // a newer request is on its way
+    renderTokens($("tokens-output"), result.tokens);
+    count.dataset.count = result.count;
+    count.textContent = `${result.count} token${result.count === 1 ? "" : "s"} · ${[...text].length} characters`;
+  } catch (e) {
+    if (seq === tokenizeSeq) showError(`Tokenize: ${e.message}`);
+  }
+}
+
+function scheduleTokenize() {
+  clearTimeout(tokenizeTimer);
+  tokenizeTimer = setTimeout(tokenizeView, 150);
+}
+
+function useLastMessage() {
+  const last = state.messages[state.messages.length - 1];
+  $("tokens-input").value = last ? last.content : $("input").value;
+  tokensEdited = false;
+  scheduleTokenize();
+}
+
+function showTab(name) {
+  const tokens = name === "tokens";
+  $("chat-view").hidden = tokens;
+  $("tokens-view").hidden = !tokens;
+  $("tab-chat").setAttribute("aria-selected", String(!tokens));
+  $("tab-tokens").setAttribute("aria-selected", String(tokens));
+  if (tokens) {
+    if (!tokensEdited) useLastMessage();
+    $("tokens-input").focus();
+  }
+}
+
+// ----------------------------------------------------------------------------- wiring
+function init() {
+  $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  $("api-key").addEventListener("change", () => {
+    const key = $("api-key").value.trim();
+    if (key) localStorage.setItem(KEY_STORE, key);
+    else localStorage.removeItem(KEY_STORE);
+    hideError();
+    loadModels();
+  });
+  $("model").addEventListener("change", () => {
+    localStorage.setItem(MODEL_STORE, $("model").value);
+    showModelInfo();
+    if (!$("tokens-view").hidden) scheduleTokenize();
+  });
+  $("composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    send();
+  });
+  $("input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    }
+  });
+  $("stop").addEventListener("click", stop);
+  $("regenerate").addEventListener("click", regenerate);
+  $("new-chat").addEventListener("click", newChat);
+  $("error-close").addEventListener("click", hideError);
+  $("tab-chat").addEventListener("click", () => showTab("chat"));
+  $("tab-tokens").addEventListener("click", () => showTab("tokens"));
+  $("tokens-input").addEventListener("input", () => {
+    tokensEdited = true;
+    scheduleTokenize();
+  });
+  $("tokens-last").addEventListener("click", useLastMessage);
+  $("tokens-ids").addEventListener("change", () => {
+    for (const view of document.querySelectorAll(".token-view")) {
+      view.classList.toggle("with-ids", $("tokens-ids").checked);
+    }
+  });
+  setBusy(false);
+  loadModels();
+}
+
+init();
