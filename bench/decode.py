@@ -30,9 +30,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ours(model: GPT, prompts: torch.Tensor, new: int, device: torch.device) -> tuple[float, float]:
-    """(prefill seconds, total seconds) for greedy decoding of ``new`` tokens."""
-    engine = Engine(model)
+def time_ours(prompts: torch.Tensor, new: int, device: torch.device, engine: Engine) -> tuple[float, float]:
+    """(prefill seconds, total seconds) for greedy decoding of ``new`` tokens (a CUDA graph's capture
+    happens at the first decode step, so it is counted in the decode time)."""
     rows = prompts.tolist()
     sync(device)
     t0 = time.perf_counter()
@@ -62,6 +62,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None, help="grouped-query attention (default: --heads)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's static decode step")
+    ap.add_argument(
+        "--static",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="engine decode steps: fixed-shape + CUDA graph (on; auto = on for CUDA) or dynamic (off)",
+    )
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
@@ -72,13 +80,14 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = torch.device(args.device)
+    static = {"auto": None, "on": True, "off": False}[args.static]
     dtype = getattr(torch, args.dtype)
     cfg = ModelConfig(
         vocab_size=args.vocab,
         n_layer=args.layers,
         n_embd=args.dim,
         n_head=args.heads,
-        n_kv_head=args.heads,
+        n_kv_head=args.kv_heads or args.heads,
         intermediate_size=-(-8 * args.dim // 3 // 64) * 64,
         max_seq_len=args.prompt + args.new + 8,
     )
@@ -89,16 +98,18 @@ def main() -> None:
     hf.generation_config.eos_token_id = None
     print(
         f"shape: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, {ours.num_params() / 1e6:.1f}M params, "
-        f"prompt {args.prompt}, new {args.new}, {args.dtype} on {args.device}, threads {torch.get_num_threads()}"
+        f"prompt {args.prompt}, new {args.new}, {args.dtype} on {args.device}, threads {torch.get_num_threads()}, "
+        f"engine steps: {args.static}{' + compile' if args.compile else ''}"
     )
     with torch.inference_mode():
         for B in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), device=device)
             res: dict[str, list[tuple[float, float]]] = {"llmstack": [], "transformers": []}
-            time_ours(ours, prompts, 4, device)  # warm-up
+            engine = Engine(ours, static=static, compile=args.compile)
+            time_ours(prompts, 4, device, engine)  # warm-up (a CUDA graph is captured here, once)
             time_hf(hf, prompts, 4, device)
             for _ in range(args.rounds):
-                res["llmstack"].append(time_ours(ours, prompts, args.new, device))
+                res["llmstack"].append(time_ours(prompts, args.new, device, engine))
                 res["transformers"].append(time_hf(hf, prompts, args.new, device))
             rate = {}
             for name, r in res.items():

@@ -224,8 +224,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- sample
 def cmd_sample(args: argparse.Namespace) -> int:
-
-    from llmstack.inference.sample import SamplingConfig, generate, stream_text
+    from llmstack.inference.engine import Engine, Request
+    from llmstack.inference.sample import SamplingConfig, stream_text
+    from llmstack.inference.simulate import conversation_prompt, few_shot_prompt, until_stop
     from llmstack.interop.bundle import load_bundle
     from llmstack.training.checkpoint import load_meta
 
@@ -239,27 +240,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f"{ckpt.path} was trained with tokenizer {str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, "
                 f"but {args.tokenizer} is {tok.fingerprint[:12]}; pass the matching --tokenizer"
             )
+    sim = None  # a base model as a simulator: a document whose continuation answers the prompt
+    if args.few_shot or args.conversation:
+        if not args.prompt.strip():
+            raise ValueError("--few-shot and --conversation need a --prompt (the question to answer)")
+        sim = few_shot_prompt(args.few_shot, args.prompt) if args.few_shot else conversation_prompt(args.prompt)
     bundle = load_bundle(source)  # ours, or an imported HF / GGUF model with its own tokenizer
     model = bundle.model.to(args.device or "cpu")
     if not args.tokenizer:
         tok = bundle.tokenizer
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        seed=args.seed,
+    cfg = _sampling_config(args)
+    prompt_ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode_ordinary(
+        sim.text if sim else args.prompt
     )
+    if sim and len(prompt_ids) >= model.config.max_seq_len:
+        raise ValueError(
+            f"the {'few-shot' if args.few_shot else 'conversation'} prompt is {len(prompt_ids)} tokens; the model's "
+            f"context is {model.config.max_seq_len}: use fewer or shorter examples, or a shorter --prompt"
+        )
+    engine = Engine(model, token_bytes=tok.decode_token_bytes)
+    stops = {tok.bos_id} if tok.bos_id is not None else set()
     for i in range(args.num_samples):
-        prompt_ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode_ordinary(args.prompt)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
         sc = cfg if cfg.seed is None else SamplingConfig(**{**cfg.__dict__, "seed": cfg.seed + i})
-        stops = {tok.bos_id} if tok.bos_id is not None else set()
-        gen = generate(model, prompt_ids, sc, stop_ids=stops)  # type: ignore[arg-type]  # GPT2: same interface
-        for piece in stream_text(gen, tok.decode_token_bytes):
+        req = Request(prompt_ids, sc, stops, stop_texts=(sim.stop.encode(),) if sim else (), tool_mode="off")
+        ids = (ev.token for ev in engine.run([req]) if ev.token not in stops)
+        pieces = stream_text(ids, tok.decode_token_bytes)
+        if sim:
+            pieces = until_stop(pieces, sim.stop)  # only the answer: the document around it is ours
+        else:
+            sys.stdout.write(args.prompt)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -280,7 +292,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     import shutil
 
     from llmstack.chat.conversation import ChatFormat
-    from llmstack.chat.mixture import MixtureConfig, build_mixture, words_from
+    from llmstack.chat.mixture import MixtureConfig, build_mixture, read_conversations, words_from
     from llmstack.tokenizer import special
     from llmstack.training.checkpoint import load_model
     from llmstack.training.distributed import init_distributed, shutdown
@@ -299,7 +311,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     cfg = _train_config(args, sft_config(model.config.max_seq_len))
     words = words_from(_corpus_texts())[:1000] or ["strawberry", "banana", "python", "letter", "tokenizer"]
     mix = MixtureConfig()
-    train_convs = build_mixture(mix, seed=1, words=words)
+    extra = [c for f in args.extra_conversations for c in read_conversations(f)]  # e.g. from `llmstack synth`
+    train_convs = build_mixture(mix, seed=1, words=words, extra=extra)
     val_convs = build_mixture(
         MixtureConfig(*(max(1, getattr(mix, f) // 20) for f in mix.__dataclass_fields__)), seed=2, words=words
     )
@@ -554,6 +567,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- synthetic SFT data (issue #4)
+def _sampling_config(args: argparse.Namespace):
+    """--max-new-tokens, --temperature, --top-k (0: off), --top-p and --seed, in SamplingConfig's field order."""
+    from llmstack.inference.sample import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
+    from llmstack.interop.bundle import load_bundle
+    from llmstack.paths import data_dir
+
+    questions = read_lines(args.topics or TOPICS)
+    system_file = SYSTEM if args.system is None else args.system
+    system = "\n".join(read_lines(system_file)) if system_file else None
+    out = Path(args.out) if args.out else data_dir() / "synth" / "conversations.jsonl"
+    t0 = time.perf_counter()
+    teacher = load_bundle(args.teacher)
+    teacher.model.to(args.device or "cpu")
+    teacher.template()  # no chat template: fail before generating anything
+    sampling = _sampling_config(args)
+    cfg = SynthConfig(n=args.n, batch_size=args.batch_size, sampling=sampling, min_words=args.min_words)
+    n = len(questions) if args.n is None else args.n
+    with tqdm(total=n, desc="synth", unit="conv", disable=args.no_progress) as bar:
+        result = synthesize(teacher, questions, system, cfg, on_done=bar.update)
+    if not result.conversations:  # leave a file from an earlier run as it is
+        print(f"{result.summary()}; nothing written", file=sys.stderr)
+        return 1
+    write_conversations(out, result.conversations)
+    print(f"{result.summary()} -> {out} ({time.perf_counter() - t0:.0f}s, teacher {args.teacher})")
+    return 0
+
+
 def _add_train_overrides(sp: argparse.ArgumentParser) -> None:
     """Flags that override a stage's TrainConfig (read back by ``_train_config``)."""
     sp.add_argument("--max-steps", type=int)
@@ -680,8 +729,13 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
 
     sp = sub.add_parser(
         "sample",
-        help="sample text from a checkpoint, streaming",
-        description='Example: llmstack sample --prompt "The os module" --seed 0',
+        help="sample text from a checkpoint, streaming (or use a base model as a simulator)",
+        formatter_class=fmt,
+        description="""Continue a prompt with a checkpoint, or make a base model answer through a document.
+
+  llmstack sample --prompt "The os module" --seed 0
+  llmstack sample --few-shot examples.jsonl --prompt "def" --seed 0        # Input:/Output: blocks
+  llmstack sample --conversation --prompt "What is a list?" --seed 0       # Human:/Assistant: document""",
     )
     common(sp)
     sp.add_argument("--checkpoint", help="checkpoint or run directory (default: <run>)")
@@ -694,6 +748,19 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
     sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
     sp.add_argument("--num-samples", type=int, default=1)
     sp.add_argument("--device", default=None)
+    sim = sp.add_mutually_exclusive_group()
+    sim.add_argument(
+        "--few-shot",
+        metavar="FILE",
+        help='examples before --prompt: .jsonl of {"input": ..., "output": ...} (as "Input: ...\\nOutput: ..." '
+        "blocks), or any other file as verbatim text; prints only the completion, up to the next blank line",
+    )
+    sim.add_argument(
+        "--conversation",
+        action="store_true",
+        help="the conversation document: a base model plays a helpful assistant answering --prompt "
+        "(llmstack/inference/prompts/conversation.txt); stops at the next 'Human:' line",
+    )
     sp.set_defaults(func=cmd_sample)
 
     sf = sub.add_parser(
@@ -703,6 +770,7 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
         description="""Finetune a base checkpoint on the SFT mixture (llmstack/chat/mixture.py).
 
   llmstack sft --run-dir runs/tiny                # base runs/tiny -> runs/tiny/sft
+  llmstack sft --extra-conversations data/synth/conversations.jsonl   # + a teacher's (`llmstack synth`)
   torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20""",
     )
     common(sf)
@@ -710,6 +778,14 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
     sf.add_argument("--tokenizer")
     sf.add_argument("--out", help="output run directory (default: <run>/sft)")
     sf.add_argument("--device", default=None)
+    sf.add_argument(
+        "--extra-conversations",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='JSONL of {"messages": [...]} (OpenAI format, e.g. from `llmstack synth`) added to the training '
+        "mixture; repeatable",
+    )
     _add_train_overrides(sf)
     sf.set_defaults(func=cmd_sft)
 
@@ -864,6 +940,38 @@ Examples:
     sv.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
+    sy = sub.add_parser(
+        "synth",
+        help="synthetic SFT conversations: a teacher model answers seed questions (OpenAI-format JSONL)",
+        formatter_class=fmt,
+        description="""A teacher model (default SmolLM2-135M-Instruct) answers the seed questions with its own chat
+template; truncated, empty, too short and repetitive replies are dropped and counted. The kept
+conversations are written atomically as JSONL ({"messages": [user, assistant]}) for the SFT mixture.
+
+  llmstack synth                                            # 60 seed questions -> data/synth/conversations.jsonl
+  llmstack synth --n 240 --batch-size 16                    # 4 answers per question (seed + i)
+  llmstack synth --teacher runs/smollm2 --topics my_questions.txt --out synth.jsonl
+  llmstack sft --extra-conversations data/synth/conversations.jsonl""",
+    )
+    sy.add_argument("--teacher", default="smollm2", help="smollm2, an HF directory, a .gguf file or a run directory")
+    sy.add_argument(
+        "--topics", help="questions, one a line, # comments (default: llmstack/chat/prompts/synth_topics.txt)"
+    )
+    sy.add_argument(
+        "--system", help="the teacher's system prompt file (default: prompts/synth_system.txt; '' for none)"
+    )
+    sy.add_argument("--out", help="JSONL to write (default: data/synth/conversations.jsonl)")
+    sy.add_argument("--n", type=int, help="conversations to generate (default: one per question; more cycle)")
+    sy.add_argument("--batch-size", type=int, default=8, help="rows decoded together")
+    sy.add_argument("--max-new-tokens", type=int, default=256, help="longer replies are dropped as truncated")
+    sy.add_argument("--temperature", type=float, default=0.7)
+    sy.add_argument("--top-k", type=int, default=50, help="0 disables")
+    sy.add_argument("--top-p", type=float, default=0.9)
+    sy.add_argument("--seed", type=int, default=0, help="conversation i samples with seed + i")
+    sy.add_argument("--min-words", type=int, default=4, help="shorter replies are dropped as too_short")
+    sy.add_argument("--device", default=None)
+    sy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sy.set_defaults(func=cmd_synth)
     return p
 
 

@@ -312,19 +312,25 @@ def smollm2():
     return load_bundle("smollm2")
 
 
-def test_smollm2_answers_from_the_knowledge_file_and_cites_it(tmp_path, smollm2, monkeypatch, capsys):
+def zephyr(tmp_path):
+    """A SmolLM2 assistant whose knowledge files hold a fact no model knows (the lab cat's name)."""
     from llmstack.assistants import Generation
 
     (tmp_path / "cat.md").write_text(KNOWLEDGE["cat.md"])
     (tmp_path / "coffee.txt").write_text(KNOWLEDGE["coffee.txt"])
-    path = create_assistant(
+    return create_assistant(
         tmp_path / "assistants",
         "zephyr",
         "smollm2",
         "You are the helpful assistant of the Zephyr Lab. Answer the question in one sentence.",
         [tmp_path / "cat.md", tmp_path / "coffee.txt"],
+        description="Knows the lab",
         generation=Generation(temperature=0.0, max_tokens=40),
     )
+
+
+def test_smollm2_answers_from_the_knowledge_file_and_cites_it(tmp_path, smollm2, monkeypatch, capsys):
+    path = zephyr(tmp_path)
     a = load_assistant(path)
     question = [{"role": "user", "content": "What is the name of the office cat of the Zephyr Lab?"}]
     answer = "".join(a.reply(smollm2, question))
@@ -342,21 +348,10 @@ def test_smollm2_answers_from_the_knowledge_file_and_cites_it(tmp_path, smollm2,
 def test_served_assistant_answers_from_its_knowledge_with_a_citation(tmp_path, smollm2):
     from fastapi.testclient import TestClient
 
-    from llmstack.assistants import Generation
     from llmstack.serve.app import create_app
     from llmstack.serve.models import ModelRegistry
 
-    (tmp_path / "cat.md").write_text(KNOWLEDGE["cat.md"])
-    (tmp_path / "coffee.txt").write_text(KNOWLEDGE["coffee.txt"])
-    path = create_assistant(
-        tmp_path / "assistants",
-        "zephyr",
-        "smollm2",
-        "You are the helpful assistant of the Zephyr Lab. Answer the question in one sentence.",
-        [tmp_path / "cat.md", tmp_path / "coffee.txt"],
-        description="Knows the lab",
-        generation=Generation(temperature=0.0, max_tokens=40),
-    )
+    path = zephyr(tmp_path)
     registry = ModelRegistry()
     registry.preload("smollm2", smollm2)
     registry.add_assistant(load_assistant(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model_config
 
@@ -113,3 +114,59 @@ def test_toolbox_runs_real_tools():
     assert box.call("calculator: 123*456") == "56088"
     assert box.call("python: print(len('strawberry'.split('r')) - 1)") == "3"
     assert "unknown tool" in box.call("browser: x")
+
+
+def test_static_decode_steps_equal_dynamic_ones():
+    """The fixed-shape step (what a CUDA graph replays) gives the dynamic path's tokens and log-probs,
+    with left padding, GQA and rows that finish early."""
+    from llmstack.inference.engine import Request
+
+    torch.manual_seed(5)
+    model = GPT(tiny_model_config(100, max_seq_len=64)).eval()
+    prompts = [[1, 5, 9, 13, 2, 7, 8], [4], [3, 3, 3, 11]]
+    cfg = SamplingConfig(max_new_tokens=15, temperature=0.0)
+
+    def run(static: bool):
+        engine = Engine(model, static=static)
+        reqs = [Request(p, cfg, stop_ids={17}, logprobs=2) for p in prompts]
+        return [(e.row, e.token, round(e.logprob, 4)) for e in engine.run(reqs)]
+
+    dynamic, static = run(False), run(True)
+    assert static == dynamic and len(dynamic) > 15
+    sampled = SamplingConfig(max_new_tokens=10, temperature=1.0, seed=3)
+    assert Engine(model, static=True).generate(prompts, sampled) == Engine(model, static=False).generate(
+        prompts, sampled
+    )
+
+
+def test_stop_texts_end_a_row_and_tool_mode_return_stops_at_the_call():
+    from llmstack.inference.engine import Request
+
+    torch.manual_seed(2)
+    model = GPT(tiny_model_config(100)).eval()
+    token_bytes = lambda t: bytes([97 + t % 26])  # noqa: E731  # token t "spells" one letter
+    engine = Engine(model, token_bytes=token_bytes)
+    free = engine.generate([[1, 2]], GREEDY)[0]
+    text = b"".join(token_bytes(t) for t in free)
+    stop = text[4:6]
+    events = list(engine.run([Request([1, 2], GREEDY, stop_texts=(stop,))]))
+    got = b"".join(token_bytes(e.token) for e in events)
+    assert got.endswith(stop) and stop not in got[:-1] and events[-1].finish == "stop"
+    scripted = Scripted({1: CS, CS: X, X: CE, CE: 5})
+    out = list(Engine(scripted, tool_use(lambda call: "never run", "")).run([Request([1], GREEDY, tool_mode="return")]))
+    assert [e.token for e in out] == [CS, X, CE] and out[-1].finish == "tool_calls"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_equals_dynamic_decode():
+    torch.manual_seed(5)
+    model = GPT(tiny_model_config(100, max_seq_len=64)).to("cuda").eval()
+    prompts = [[1, 5, 9, 13, 2, 7, 8], [4], [3, 3, 3, 11]]
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    graphs, dynamic = Engine(model, static=True), Engine(model, static=False)
+    assert graphs.generate(prompts, cfg) == dynamic.generate(prompts, cfg)
+    # the captured graph and its cache are reused by the next call, with other prompts
+    other = [[7, 7, 1], [2, 9, 4, 4, 4, 1, 1, 3], [5]]
+    assert graphs.generate(other, cfg) == dynamic.generate(other, cfg)
+    assert len(graphs._graphs) == 1

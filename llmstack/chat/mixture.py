@@ -9,17 +9,21 @@ held-out sets come from disjoint seeds. Sources:
   every ``a op b = c`` step in the solution rewritten as a calculator call;
 * ``identity``: who the model is, from a small model card, so it knows itself;
 * ``spelling``: letter counting (the strawberry problem) answered with the Python tool, since a
-  model sees tokens, not letters.
+  model sees tokens, not letters;
+* extra: conversations from JSONL files of OpenAI-style messages (``read_conversations``), such as
+  a teacher model's answers written by ``llmstack synth`` (``chat/synth.py``).
 
 What is not here yet: "I don't know" examples made by interrogating a model about facts.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmstack.chat.conversation import Conversation, Message, Part
 
@@ -201,7 +205,41 @@ class MixtureConfig:
     chitchat: int = 600
 
 
-def build_mixture(cfg: MixtureConfig, seed: int, words: list[str]) -> list[Conversation]:
+def read_conversations(path: str | Path) -> list[Conversation]:
+    """``{"messages": [...]}`` per line (OpenAI format); blank lines are skipped. Errors name file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            messages = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]}')
+            conv = Conversation.from_openai(messages)
+            if not any(m.role == "assistant" for m in conv.messages):
+                raise ValueError("no assistant message (nothing to train on)")
+        except KeyError as e:  # a tool call without its function name
+            raise ValueError(f"{path}:{n}: missing key {e}") from None
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}:{n}: {e}") from None
+        out.append(conv)
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
+def build_mixture(
+    cfg: MixtureConfig, seed: int, words: list[str], extra: Sequence[Conversation] = ()
+) -> list[Conversation]:
+    """The generated sources in ``cfg``'s amounts, plus ``extra`` conversations as they are, shuffled together."""
     sources: dict[str, Callable[[int, int], list[Conversation]]] = {
         "arithmetic": arithmetic,
         "identity": identity,
@@ -214,5 +252,6 @@ def build_mixture(cfg: MixtureConfig, seed: int, words: list[str]) -> list[Conve
         n = getattr(cfg, name)
         if n:
             convs += fn(n, seed * 100 + i)
+    convs += extra
     random.Random(seed).shuffle(convs)
     return convs

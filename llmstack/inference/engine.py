@@ -14,15 +14,18 @@ and a result back into ids.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from llmstack.inference.sample import SamplingConfig, sample_next
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import KVCache
+
+MAX_GRAPHS = 8  # captured decode graphs kept per engine (each holds a KV cache)
 
 
 @dataclass
@@ -119,11 +122,23 @@ class Engine:
         model: torch.nn.Module,
         tools: ToolUse | None = None,
         token_bytes: Callable[[int], bytes] | None = None,
+        static: bool | None = None,
+        compile: bool = False,
     ) -> None:
+        """``static``: decode with fixed-shape steps (``KVCache.make_static``), captured as a CUDA graph
+        on a GPU; ``None`` does so on CUDA for models that support it (``GPT``), eager elsewhere.
+        ``compile``: ``torch.compile`` the static step first (fuses the many small kernels
+        of a one-token step; a compile of tens of seconds on first use). Keep one engine per model:
+        the captured graphs live in it."""
         self.model = model
         self.tools = tools
         self.token_bytes = token_bytes
+        self.static = static
+        self.compile = compile
+        self._compiled: Any = None
         self.config: ModelConfig = model.config  # type: ignore[assignment]
+        # CUDA: (B, cache length, device, dtype) -> (cache, (graph, input ids, logits) once captured)
+        self._graphs: OrderedDict[tuple[Any, ...], tuple[KVCache, Any]] = OrderedDict()
 
     def stream(
         self,
@@ -167,16 +182,19 @@ class Engine:
         ]
         for row in rows:
             self._open_call(row)
-        cache = KVCache(self.config, B, longest + max(r.max_new for r in rows), device, dtype)
+        cache = self._cache(B, longest + max(r.max_new for r in rows), device, dtype)
         idx = torch.zeros(B, longest, dtype=torch.long)
-        if any(len(r.prompt) != longest for r in reqs):
+        pads = [longest - len(r.prompt) for r in reqs]
+        if any(pads) and cache.key_valid is None:
             cache.key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
         for i, r in enumerate(reqs):  # left-pad
-            idx[i, longest - len(r.prompt) :] = torch.tensor(r.prompt)
-            if cache.key_valid is not None:
-                cache.key_valid[i, : longest - len(r.prompt)] = False
+            idx[i, pads[i] :] = torch.tensor(r.prompt)
+            if pads[i]:
+                assert cache.key_valid is not None
+                cache.key_valid[i, : pads[i]] = False
         self.model.eval()
         logits = self.model(idx.to(device), cache)[:, -1]  # (B, V)
+        step = None  # built at the first decode step (a CUDA graph is captured then)
         want_lp = any(r.logprobs is not None for r in reqs)
         while True:
             for row in rows:
@@ -213,8 +231,96 @@ class Engine:
                 yield ev
             if all(r.done for r in rows):
                 return
-            step = torch.tensor(next_ids, device=device).view(B, 1)
-            logits = self.model(step, cache)[:, -1]
+            if step is None:
+                step = self._decoder(cache, B, device)
+            logits = step(next_ids)
+
+    def _use_static(self, device: torch.device) -> bool:
+        use = self.static if self.static is not None else device.type == "cuda"
+        return bool(use) and getattr(self.model, "supports_static_cache", False)
+
+    def _cache(self, B: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """A fresh cache; on CUDA with static steps, a kept one (length rounded up to a power of two)
+        whose decode step was captured as a graph by an earlier call, so capture happens once."""
+        if not (self._use_static(device) and device.type == "cuda"):
+            return KVCache(self.config, B, length, device, dtype)
+        length = min(self.config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
+        key = (B, length, str(device), dtype)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            cache = self._graphs[key][0]
+            cache.reset()
+            return cache
+        cache = KVCache(self.config, B, length, device, dtype)
+        self._graphs[key] = (cache, None)
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return cache
+
+    def _decoder(self, cache: KVCache, B: int, device: torch.device) -> Callable[[list[int]], torch.Tensor]:
+        """One decode step: next ids of every row -> (B, V) logits. Dynamic (slices that grow with the
+        cache), static (fixed shapes, position in a tensor) or static replayed from a CUDA graph, which
+        removes the per-kernel launch cost that dominates small-batch decoding on a GPU."""
+        model = self.model
+        if not self._use_static(device):
+
+            def dynamic(ids: list[int]) -> torch.Tensor:
+                return model(torch.tensor(ids, device=device).view(B, 1), cache)[:, -1]
+
+            return dynamic
+        model.fuse_for_decode()  # type: ignore[operator]  # current weights into the fused buffers
+        cache.make_static()
+        assert cache.pos_t is not None
+        pos_t = cache.pos_t
+        idx = torch.zeros(B, 1, dtype=torch.long, device=device)
+        if device.type != "cuda":
+
+            def eager(ids: list[int]) -> torch.Tensor:
+                idx.copy_(torch.tensor(ids).view(B, 1))
+                pos_t.fill_(cache.pos)
+                out = model(idx, cache)[:, -1]
+                cache.advance(1)
+                return out
+
+            return eager
+        key = next(k for k, v in self._graphs.items() if v[0] is cache)
+        captured = self._graphs[key][1]
+        if captured is None:
+            fn = self._step_fn()
+            # warm up on a side stream (the writes land in the slot the first real step overwrites), then capture
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn(idx, cache)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(idx, cache)
+            captured = (graph, idx, out)
+            self._graphs[key] = (cache, captured)
+        graph, idx, out = captured
+
+        def replay(ids: list[int]) -> torch.Tensor:
+            idx.copy_(torch.tensor(ids).view(B, 1))
+            pos_t.fill_(cache.pos)
+            graph.replay()
+            cache.advance(1)
+            return out
+
+        return replay
+
+    def _step_fn(self) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
+        model = self.model
+
+        def step(idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            return model(idx, cache)[:, -1]
+
+        if not self.compile:
+            return step
+        if self._compiled is None:
+            self._compiled = torch.compile(step, dynamic=False)
+        return self._compiled
 
     def _open_call(self, row: _Row) -> None:
         """A prompt that ends inside a tool call (``tool_choice`` forcing one) continues that call."""

@@ -74,6 +74,45 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool; None: every key is valid
+        self.pos_t: torch.Tensor | None = None  # static mode: the position as a device tensor
+        self._static = False
+
+    @property
+    def static(self) -> bool:
+        return self._static
+
+    def reset(self) -> None:
+        """Empty the cache for reuse (same buffers: a captured CUDA graph keeps pointing at them)."""
+        self.pos, self._static = 0, False
+        if self.key_valid is not None:
+            self.key_valid.fill_(True)
+
+    def make_static(self) -> None:
+        """Switch to fixed-shape one-token steps (for CUDA graphs): the position lives in a device tensor,
+        keys are written with ``index_copy_`` and attention always spans the whole cache under a mask.
+        The caller sets ``pos_t`` before each step and calls ``advance`` after it."""
+        device = self.k[0].device
+        B = self.k[0].shape[0]
+        if self.key_valid is None:
+            self.key_valid = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
+        if self.pos_t is None:
+            self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+            self._slots = torch.arange(self.max_len, device=device)
+        self.pos_t.fill_(self.pos)
+        self._static = True
+
+    def static_mask(self) -> torch.Tensor:
+        """(B, 1, 1, max_len): valid keys up to and including the current position."""
+        assert self.pos_t is not None and self.key_valid is not None
+        return (self.key_valid & (self._slots <= self.pos_t))[:, None, None, :]
+
+    def update_static(
+        self, layer: int, k_BH1D: torch.Tensor, v_BH1D: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.pos_t is not None
+        self.k[layer].index_copy_(2, self.pos_t, k_BH1D)
+        self.v[layer].index_copy_(2, self.pos_t, v_BH1D)
+        return self.k[layer], self.v[layer]
 
     def attention_mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
         """(B, 1, T, S) bool: causal, minus padded keys; a padded query still sees itself (stays finite)."""
@@ -108,10 +147,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.qkv: torch.Tensor | None = None  # fused q/k/v weight for static decode steps (``GPT.fuse_for_decode``)
 
     def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        if cache is not None and cache.static:
+            return self._static_step(x_BTC, cos, sin, cache)
         # RoPE in the projections' own (B, T, H, D) layout, then one transpose to (B, H, T, D); all three
         # in the same dtype for SDPA (under autocast the rotation would otherwise promote q, k to fp32)
         v_BTHD = self.v_proj(x_BTC).view(B, T, KV, D)
@@ -142,6 +184,22 @@ class Attention(nn.Module):
         y_BTC = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y_BTC)
 
+    def _static_step(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row with fixed shapes and no host-side position (graph-capturable); one fused
+        q/k/v matmul when ``qkv`` is set, attention over the whole cache under its mask."""
+        B, T, _ = x_BTC.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv is not None:
+            q, k, v = F.linear(x_BTC, self.qkv).split((H * D, KV * D, KV * D), dim=-1)
+        else:
+            q, k, v = self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
+        cos_T1D, sin_T1D = cos[:, None].to(v.dtype), sin[:, None].to(v.dtype)
+        q_BHTD = apply_rope(q.view(B, T, H, D), cos_T1D, sin_T1D).transpose(1, 2)
+        k_BHTD = apply_rope(k.view(B, T, KV, D), cos_T1D, sin_T1D).transpose(1, 2)
+        k_all, v_all = cache.update_static(self.layer_idx, k_BHTD, v.view(B, T, KV, D).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q_BHTD, k_all, v_all, attn_mask=cache.static_mask(), enable_gqa=KV != H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -149,8 +207,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.gate_up: torch.Tensor | None = None  # fused gate/up weight for static decode steps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused and self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -164,7 +226,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), fused=cache is not None and cache.static)
 
 
 class Backbone(nn.Module):
@@ -180,6 +242,8 @@ class Backbone(nn.Module):
 
 
 class GPT(nn.Module):
+    supports_static_cache = True  # KVCache.make_static: fixed-shape decode steps (CUDA graphs)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -212,18 +276,41 @@ class GPT(nn.Module):
     def forward(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab). With ``cache``, positions continue from it."""
         B, T = idx_BT.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.max_seq_len}")
-        cos = self.rope_cos[start : start + T]
-        sin = self.rope_sin[start : start + T]
+        if cache is not None and cache.static:  # one token per row at cache.pos_t; the caller advances
+            assert cache.pos_t is not None and T == 1
+            cos, sin = self.rope_cos.index_select(0, cache.pos_t), self.rope_sin.index_select(0, cache.pos_t)
+        else:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds the model's context of {self.config.max_seq_len}"
+                )
+            cos = self.rope_cos[start : start + T]
+            sin = self.rope_sin[start : start + T]
         x = self.model.embed_tokens(idx_BT)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)
-        if cache is not None:
+        if cache is not None and not cache.static:
             cache.advance(T)
         x = self.model.norm(x)
         return self.lm_head(x)
+
+    @torch.no_grad()
+    def fuse_for_decode(self) -> None:
+        """(Re)build the fused q/k/v and gate/up weights static decode steps use: one matmul instead of
+        three, and of two. Copies the current weights into the same buffers each time (a captured CUDA
+        graph keeps pointing at them), so call it again after the weights change (the engine does at
+        every generation). Costs the memory of those weights once more."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            if a.qkv is None or a.qkv.dtype != qkv[0].dtype or a.qkv.device != qkv[0].device:
+                a.qkv = torch.cat(qkv)
+                m.gate_up = torch.cat((m.gate_proj.weight, m.up_proj.weight))
+            else:
+                assert m.gate_up is not None
+                torch.cat(qkv, out=a.qkv)
+                torch.cat((m.gate_proj.weight, m.up_proj.weight), out=m.gate_up)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
