@@ -555,7 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from llmstack.assistants import default_root
 
         assistants = default_root()
-    registry = build_registry(specs, assistants)
+    registry = build_registry(specs, assistants, device=args.device)
     key = args.api_key or os.environ.get("LLMSTACK_API_KEY") or None
     config = ServeConfig(api_key=key, max_tokens_cap=args.max_tokens_cap, max_rows=args.max_batch)
     app = create_app(registry, config)
@@ -938,6 +938,7 @@ Examples:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMSTACK_API_KEY)")
     sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
     sv.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
+    sv.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, decode steps are replayed as CUDA graphs)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
     sy = sub.add_parser(

@@ -170,3 +170,25 @@ def test_cuda_graph_decode_equals_dynamic_decode():
     other = [[7, 7, 1], [2, 9, 4, 4, 4, 1, 1, 3], [5]]
     assert graphs.generate(other, cfg) == dynamic.generate(other, cfg)
     assert len(graphs._graphs) == 1
+
+
+def test_engine_with_fused_projections_equals_a_plain_forward_loop():
+    """The engine decodes with fused q/k/v and gate/up weights and a KV cache; a loop of full forwards
+    with the separate weights and no cache must pick the same tokens, and the fused copies follow
+    the weights when they change."""
+    torch.manual_seed(7)
+    model = GPT(tiny_model_config(100, max_seq_len=64)).eval()
+    engine = Engine(model)
+
+    def plain(prompt: list[int], n: int) -> list[int]:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        return ids[len(prompt) :]
+
+    assert engine.generate([[3, 1, 4, 1, 5]], GREEDY)[0] == plain([3, 1, 4, 1, 5], 12)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert engine.generate([[3, 1, 4, 1, 5]], GREEDY)[0] == plain([3, 1, 4, 1, 5], 12)

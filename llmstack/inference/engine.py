@@ -193,6 +193,9 @@ class Engine:
                 assert cache.key_valid is not None
                 cache.key_valid[i, : pads[i]] = False
         self.model.eval()
+        if getattr(self.model, "supports_static_cache", False):
+            self.model.fuse_for_decode()  # type: ignore[operator]  # current weights into the fused buffers
+            cache.fused = True
         logits = self.model(idx.to(device), cache)[:, -1]  # (B, V)
         step = None  # built at the first decode step (a CUDA graph is captured then)
         want_lp = any(r.logprobs is not None for r in reqs)
@@ -268,7 +271,6 @@ class Engine:
                 return model(torch.tensor(ids, device=device).view(B, 1), cache)[:, -1]
 
             return dynamic
-        model.fuse_for_decode()  # type: ignore[operator]  # current weights into the fused buffers
         cache.make_static()
         assert cache.pos_t is not None
         pos_t = cache.pos_t

@@ -75,6 +75,7 @@ class KVCache:
         self.pos = 0
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool; None: every key is valid
         self.pos_t: torch.Tensor | None = None  # static mode: the position as a device tensor
+        self.fused = False  # the model's fused projections are current (``GPT.fuse_for_decode``): use them
         self._static = False
 
     @property
@@ -156,10 +157,11 @@ class Attention(nn.Module):
             return self._static_step(x_BTC, cos, sin, cache)
         # RoPE in the projections' own (B, T, H, D) layout, then one transpose to (B, H, T, D); all three
         # in the same dtype for SDPA (under autocast the rotation would otherwise promote q, k to fp32)
-        v_BTHD = self.v_proj(x_BTC).view(B, T, KV, D)
+        q, k, v = self._qkv(x_BTC, cache)
+        v_BTHD = v.view(B, T, KV, D)
         cos_T1D, sin_T1D = cos[:, None].to(v_BTHD.dtype), sin[:, None].to(v_BTHD.dtype)
-        q_BHTD = apply_rope(self.q_proj(x_BTC).view(B, T, H, D), cos_T1D, sin_T1D).transpose(1, 2)
-        k_BHTD = apply_rope(self.k_proj(x_BTC).view(B, T, KV, D), cos_T1D, sin_T1D).transpose(1, 2)
+        q_BHTD = apply_rope(q.view(B, T, H, D), cos_T1D, sin_T1D).transpose(1, 2)
+        k_BHTD = apply_rope(k.view(B, T, KV, D), cos_T1D, sin_T1D).transpose(1, 2)
         v_BHTD = v_BTHD.transpose(1, 2)
 
         past = 0
@@ -184,15 +186,19 @@ class Attention(nn.Module):
         y_BTC = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y_BTC)
 
+    def _qkv(self, x_BTC: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, ...]:
+        """q, k, v projections: one fused matmul when the engine prepared it for this cache."""
+        if cache is not None and cache.fused and self.qkv is not None:
+            H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+            return F.linear(x_BTC, self.qkv).split((H * D, KV * D, KV * D), dim=-1)
+        return self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
+
     def _static_step(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row with fixed shapes and no host-side position (graph-capturable); one fused
         q/k/v matmul when ``qkv`` is set, attention over the whole cache under its mask."""
         B, T, _ = x_BTC.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        if self.qkv is not None:
-            q, k, v = F.linear(x_BTC, self.qkv).split((H * D, KV * D, KV * D), dim=-1)
-        else:
-            q, k, v = self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
+        q, k, v = self._qkv(x_BTC, cache)
         cos_T1D, sin_T1D = cos[:, None].to(v.dtype), sin[:, None].to(v.dtype)
         q_BHTD = apply_rope(q.view(B, T, H, D), cos_T1D, sin_T1D).transpose(1, 2)
         k_BHTD = apply_rope(k.view(B, T, KV, D), cos_T1D, sin_T1D).transpose(1, 2)
@@ -226,7 +232,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), fused=cache is not None and cache.static)
+        return x + self.mlp(self.post_attention_layernorm(x), fused=cache is not None and cache.fused)
 
 
 class Backbone(nn.Module):

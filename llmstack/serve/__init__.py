@@ -21,9 +21,9 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return name, spec
 
 
-def build_registry(model_specs: list[str], assistants_root: Path | None = None) -> ModelRegistry:
-    """Load every model named (and every assistant found under ``assistants_root``)."""
-    registry = ModelRegistry()
+def build_registry(model_specs: list[str], assistants_root: Path | None = None, device: str = "cpu") -> ModelRegistry:
+    """Load every model named (and every assistant found under ``assistants_root``) onto ``device``."""
+    registry = ModelRegistry(device)
     now = int(time.time())
     for spec in model_specs:
         name, path = parse_model_spec(spec)

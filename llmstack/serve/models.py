@@ -139,14 +139,17 @@ def arguments_json(argument: str) -> str:
 class ModelRegistry:
     """Named models, loaded once; assistants share their base model's weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.models: dict[str, ServedModel] = {}
         self._bundles: dict[str, Bundle] = {}
+        self.device = device
 
     def bundle(self, spec: str | Path) -> Bundle:
         key = str(resolve_model(spec).resolve())
         if key not in self._bundles:
-            self._bundles[key] = load_bundle(spec)
+            bundle = load_bundle(spec)
+            bundle.model.to(self.device)
+            self._bundles[key] = bundle
         return self._bundles[key]
 
     def preload(self, spec: str | Path, bundle: Bundle) -> None:
