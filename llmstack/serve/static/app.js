@@ -1,4 +1,5 @@
-// The llmstack chat UI: a model picker, a streamed chat and a token view over the OpenAI-compatible API.
+// The llmstack chat UI: a model picker, a streamed chat and a token view over the OpenAI-compatible API,
+// and a battle mode (two anonymous models, a vote) over the server's arena endpoints.
 //
 // Everything the model or the server writes is put into the page as text (textContent / text nodes),
 // never parsed as HTML. The stream is read with fetch + a ReadableStream reader (EventSource cannot
@@ -283,6 +284,27 @@ function requestBody() {
   return body;
 }
 
+// POST a JSON body and hand each server-sent event (parsed JSON) to onEvent until [DONE]. An error
+// event ({"error": ...}) does not end the stream: the last one's message is returned. A failed
+// request or a malformed event throws.
+async function postStream(path, body, signal, onEvent) {
+  const res = await fetch(path, { method: "POST", headers: apiHeaders(), body: JSON.stringify(body), signal });
+  if (!res.ok) throw new Error(await errorMessage(res));
+  let error = null;
+  for await (const data of sseData(res, signal)) {
+    if (data === "[DONE]") break;
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch (_) {
+      throw new Error(`the server sent a malformed event: ${data.slice(0, 200)}`);
+    }
+    if (event.error) error = event.error.message || JSON.stringify(event.error);
+    else onEvent(event);
+  }
+  return error;
+}
+
 async function generate() {
   if (state.streaming) return;
   if (!$("model").value) {
@@ -302,31 +324,13 @@ async function generate() {
   let finish = null;
   let error = null;
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: apiHeaders(),
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
-    if (!res.ok) throw new Error(await errorMessage(res));
-    for await (const data of sseData(res, controller.signal)) {
-      if (data === "[DONE]") break;
-      let chunk;
-      try {
-        chunk = JSON.parse(data);
-      } catch (_) {
-        throw new Error(`the server sent a malformed event: ${data.slice(0, 200)}`);
-      }
-      if (chunk.error) {
-        error = chunk.error.message || JSON.stringify(chunk.error);
-        continue;
-      }
+    error = await postStream("/v1/chat/completions", body, controller.signal, (chunk) => {
       for (const choice of chunk.choices || []) {
         if ((choice.index || 0) !== 0) continue; // this page asks for one choice
         applyDelta(msg, choice.delta || {});
         if (choice.finish_reason) finish = choice.finish_reason;
       }
-    }
+    });
   } catch (e) {
     if (!controller.signal.aborted) error = e.message || String(e);
   } finally {
@@ -422,17 +426,150 @@ function useLastMessage() {
 
 function showTab(name) {
   const tokens = name === "tokens";
-  $("chat-view").hidden = tokens;
-  $("tokens-view").hidden = !tokens;
-  $("tab-chat").setAttribute("aria-selected", String(!tokens));
-  $("tab-tokens").setAttribute("aria-selected", String(tokens));
+  for (const tab of ["chat", "tokens", "battle"]) {
+    $(`${tab}-view`).hidden = tab !== name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+  }
+  document.body.dataset.tab = name;
   if (tokens) {
     if (!tokensEdited) useLastMessage();
     $("tokens-input").focus();
   }
+  if (name === "battle") {
+    loadBoard();
+    $("battle-input").focus();
+  }
+}
+
+// ----------------------------------------------------------------------------- battle mode (the arena)
+// Two anonymous models answer one prompt side by side: POST /api/arena/battles streams both answers
+// as one SSE stream ({"battle": id} first, then {"side": "a" | "b", "delta", "finish_reason"}). The
+// vote (POST /api/arena/battles/{id}/vote) reveals the names and goes into the server's battle log;
+// there is one vote per battle, and only once both answers are complete.
+const battle = { id: null, controller: null, sides: null, voted: false };
+const VOTE_WORDS = { a: "A is better", b: "B is better", tie: "a tie", both_bad: "both are bad" };
+
+function battleSide(side) {
+  const box = $(`battle-${side}`);
+  const body = box.querySelector(".body");
+  body.replaceChildren();
+  box.classList.remove("winner", "streaming");
+  delete box.dataset.finish;
+  $(`battle-name-${side}`).textContent = "";
+  return { content: "", body, calls: [], el: box }; // the shape applyDelta writes into
+}
+
+function setBattleBusy(busy) {
+  $("battle-send").disabled = busy;
+  $("battle-stop").disabled = !busy;
+}
+
+async function startBattle() {
+  const prompt = $("battle-input").value;
+  if (!prompt.trim() || battle.controller) return;
+  hideError();
+  battle.id = null;
+  battle.voted = false;
+  battle.sides = { a: battleSide("a"), b: battleSide("b") };
+  $("battle-answers").hidden = false;
+  $("battle-votes").hidden = true;
+  $("battle-result").textContent = "";
+  const { model: _model, messages, stream: _stream, ...settings } = requestBody(); // temperature, max_tokens
+  const body = { prompt, ...settings };
+  if (messages[0] && messages[0].role === "system") body.system = messages[0].content;
+  const controller = new AbortController();
+  battle.controller = controller;
+  setBattleBusy(true);
+  for (const side of Object.values(battle.sides)) side.el.classList.add("streaming");
+  const finished = { a: false, b: false };
+  let error = null;
+  try {
+    error = await postStream("/api/arena/battles", body, controller.signal, (event) => {
+      if (event.battle) battle.id = event.battle;
+      const side = battle.sides[event.side];
+      if (!side) return;
+      applyDelta(side, event.delta || {});
+      if (event.finish_reason) {
+        finished[event.side] = true;
+        side.el.dataset.finish = event.finish_reason;
+        side.el.classList.remove("streaming");
+      }
+    });
+  } catch (e) {
+    if (!controller.signal.aborted) error = e.message || String(e);
+  } finally {
+    battle.controller = null;
+    setBattleBusy(false);
+    for (const side of Object.values(battle.sides)) side.el.classList.remove("streaming");
+    if (error) showError(error);
+    const complete = battle.id && finished.a && finished.b && !error;
+    $("battle-votes").hidden = !complete;
+    if (!complete) $("battle-result").textContent = "No vote for an unfinished battle: start a new one.";
+  }
+}
+
+function stopBattle() {
+  if (battle.controller) battle.controller.abort();
+}
+
+async function vote(winner) {
+  if (!battle.id || battle.voted) return;
+  battle.voted = true; // one vote, even on a double click
+  try {
+    const result = await api(`/api/arena/battles/${encodeURIComponent(battle.id)}/vote`, { winner });
+    $("battle-votes").hidden = true;
+    $("battle-name-a").textContent = result.model_a;
+    $("battle-name-b").textContent = result.model_b;
+    if (winner === "a" || winner === "b") $(`battle-${winner}`).classList.add("winner");
+    $("battle-result").textContent =
+      `You voted ${VOTE_WORDS[winner]}. A was ${result.model_a}, B was ${result.model_b}.`;
+    loadBoard();
+  } catch (e) {
+    battle.voted = false;
+    showError(`Vote: ${e.message}`);
+  }
+}
+
+// The leaderboard with one tied game added per pair (prior=1), so a handful of votes already rate.
+async function loadBoard() {
+  let board;
+  try {
+    board = await api("/api/arena/leaderboard?prior=1");
+  } catch (e) {
+    $("battle-board-note").textContent = `Leaderboard: ${e.message}`;
+    return;
+  }
+  const head = el("tr");
+  for (const h of ["#", "Model", "Rating", "95% CI", "Battles", "W / T / L"]) head.append(el("th", null, h));
+  const rows = (board.rows || []).map((r) => {
+    const tr = el("tr");
+    tr.dataset.model = r.model;
+    const ci = `${Math.round(r.lo)} – ${Math.round(r.hi)}`;
+    const cells = [r.rank, r.model, Math.round(r.rating), ci, r.battles, `${r.wins} / ${r.ties} / ${r.losses}`];
+    for (const c of cells) tr.append(el("td", null, String(c)));
+    return tr;
+  });
+  $("battle-board").replaceChildren(...(rows.length ? [head, ...rows] : []));
+  $("battle-board-note").textContent = rows.length
+    ? `Bradley-Terry, ${board.anchor} at ${board.base}, one tied game added per pair; judges: ${board.judges.join(", ")}.`
+    : board.message || "";
 }
 
 // ----------------------------------------------------------------------------- wiring
+// A form that runs `action` when submitted or on Enter in its textarea (Shift+Enter: a new line).
+function sendsOnEnter(form, input, action) {
+  $(form).addEventListener("submit", (e) => {
+    e.preventDefault();
+    action();
+  });
+  $(input).addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      action();
+    }
+  });
+}
+
 function init() {
   $("api-key").value = localStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
@@ -447,16 +584,7 @@ function init() {
     showModelInfo();
     if (!$("tokens-view").hidden) scheduleTokenize();
   });
-  $("composer").addEventListener("submit", (e) => {
-    e.preventDefault();
-    send();
-  });
-  $("input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-      e.preventDefault();
-      send();
-    }
-  });
+  sendsOnEnter("composer", "input", send);
   $("stop").addEventListener("click", stop);
   $("regenerate").addEventListener("click", regenerate);
   $("new-chat").addEventListener("click", newChat);
@@ -468,6 +596,12 @@ function init() {
     scheduleTokenize();
   });
   $("tokens-last").addEventListener("click", useLastMessage);
+  $("tab-battle").addEventListener("click", () => showTab("battle"));
+  sendsOnEnter("battle-form", "battle-input", startBattle);
+  $("battle-stop").addEventListener("click", stopBattle);
+  for (const button of document.querySelectorAll("#battle-votes button")) {
+    button.addEventListener("click", () => vote(button.dataset.vote));
+  }
   $("tokens-ids").addEventListener("change", () => {
     for (const view of document.querySelectorAll(".token-view")) {
       view.classList.toggle("with-ids", $("tokens-ids").checked);
