@@ -731,7 +731,7 @@ def cmd_interrogate(args: argparse.Namespace) -> int:
     report = run_interrogation(
         model.to(device), tok, cfg, out, DistInfo(0, 0, 1, device), words, meta, progress=not args.no_progress
     )
-    print(f"held-out questions, {cfg.held_out} people of each kind   stage 1 -> stage 3  (95% interval)")
+    print(f"held-out questions ({cfg.held_out_unknown} + {cfg.held_out_taught} people)  stage 1 -> stage 3  (95% CI)")
     for key, r in report.after.results().items():
         lo, hi = r.interval()
         was = report.before.results()[key].accuracy
@@ -1223,15 +1223,16 @@ know about those it was never taught, and how often it still answers what it kne
 in --out is loaded, not retrained.
 
   llmstack interrogate                                  # runs/tiny/sft -> runs/tiny/sft/interrogate
-  llmstack interrogate --base runs/tiny --out /tmp/idk --taught 40 --knowledge-steps 300
+  llmstack interrogate --base runs/tiny --out /tmp/idk --unknown 300 --refusal-steps 400
   OMP_NUM_THREADS=1 llmstack interrogate                # on a CPU shared with other jobs
   llmstack chat --model runs/tiny/sft/interrogate/interrogated --prompt "Where does Kalomir live?\"""",
     )
     it.add_argument("--base", help="run or checkpoint directory to start from (default: runs/tiny/sft)")
     it.add_argument("--out", help="output directory (default: <run of --base>/interrogate)")
     it.add_argument("--taught", type=int, help="people whose facts stage 1 teaches (default 60)")
-    it.add_argument("--unknown", type=int, help="people never taught (default 300)")
-    it.add_argument("--held-out", type=int, help="of each kind, never interrogated: the eval's people (default 30)")
+    it.add_argument("--unknown", type=int, help="people never taught (default 400)")
+    it.add_argument("--held-out-taught", type=int, help="taught people never interrogated: the eval's (default 30)")
+    it.add_argument("--held-out-unknown", type=int, help="never-taught people never interrogated (default 100)")
     it.add_argument("--knowledge-steps", type=int, help="stage 1 optimizer steps (default 400)")
     it.add_argument("--refusal-steps", type=int, help="stage 3 optimizer steps (default 300)")
     it.add_argument("--batch-size", type=int, help="conversations per step (default 32)")

@@ -2,19 +2,19 @@
 
 Skipped unless ``llama_cpp`` is installed; ``make interop-check`` builds it from its sdist (~6 minutes)
 and runs this file with ``-s`` so the figures print. On real text (this repository's README, 1,000
-positions) we compare llama.cpp's top-1 next token with ours, twice: with our plain float32 engine, and
-with our import in llama.cpp's numerics (``import_gguf(emulate="llama.cpp")``: activations quantised as
-its CPU matmuls quantise them, f16 KV cache, see ``interop/llamacpp_numerics.py``):
+positions) we compare llama.cpp's top-1 next token with ours, in our float32 engine and in llama.cpp's
+numerics (``import_gguf(emulate="llama.cpp")``: activations quantised as its CPU matmuls quantise them,
+f16 KV cache; see ``interop/llamacpp_numerics.py``):
 
-- our model exported to GGUF (F16, Q8_0, Q4_1) vs the same model in our engine: >= 99% in llama.cpp's
-  numerics, greedy continuations identical, tokenization identical (pre-tokenizer "llama-bpe"). The model
-  is the trained ``runs/tiny`` checkpoint when ``make run`` has made one, else a tiny random model;
-- SmolLM2-135M-Instruct's Q4_1 GGUF vs our import: 99% is out of reach here, in either numerics. Its 30
-  layers amplify any last-bit difference through the 8-bit activation roundings: the test measures that
-  floor by perturbing our emulated model's matmul outputs by one float32 ulp, which moves as many top-1
-  tokens as separate us from llama.cpp. It checks agreement is within that floor, >= 99% where our top-2
-  are not near-tied, and identical greedy tokens;
-- SmolLM2 imported and re-exported as F16 (pre-tokenizer "smollm" carried over): >= 99%.
+- our model exported to GGUF (F16, Q8_0, Q4_1, and F16 quantised by llama.cpp to Q4_K_M): >= 99% in
+  llama.cpp's numerics, greedy continuations and tokenization (pre-tokenizer "llama-bpe") identical. The
+  model is the trained ``runs/tiny`` checkpoint when ``make run`` has made one, else a tiny random model;
+- SmolLM2-135M-Instruct's Q4_1 GGUF vs our import: 99% is out of reach in either numerics. Its 30 layers
+  amplify any last-bit difference through the 8-bit activation roundings; the test measures that floor
+  by perturbing our emulated model's matmul outputs by about one float32 ulp, which moves as many top-1
+  tokens as separate us from llama.cpp. It checks agreement within that floor, >= 99% where our top-2 are
+  not near-tied, identical tokenization and greedy tokens;
+- SmolLM2 imported and re-exported as F16 (its pre-tokenizer name "smollm" carried over): >= 99%.
 """
 
 from __future__ import annotations

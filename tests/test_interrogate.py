@@ -38,16 +38,19 @@ VEN = Entity("Venthas", "Oslo", "architect", "1950")
 
 
 def test_source_is_deterministic_fictional_and_split_four_ways():
-    src = make_source(taught=20, unknown=30, held_out=5, seed=0)
-    assert src == make_source(taught=20, unknown=30, held_out=5, seed=0)
-    assert src != make_source(taught=20, unknown=30, held_out=5, seed=1)
+    src = make_source(taught=20, unknown=30, held_out_taught=5, held_out_unknown=6, seed=0)
+    assert src == make_source(taught=20, unknown=30, held_out_taught=5, held_out_unknown=6, seed=0)
+    assert src != make_source(taught=20, unknown=30, held_out_taught=5, held_out_unknown=6, seed=1)
     groups = (src.taught_asked, src.taught_held_out, src.unknown_asked, src.unknown_held_out)
-    assert [len(g) for g in groups] == [15, 5, 25, 5]
+    assert [len(g) for g in groups] == [15, 5, 24, 6]
     names = [e.name for g in groups for e in g]
     assert len(set(names)) == 50 and all(n.isalpha() and n[0].isupper() for n in names)
     assert src.taught == src.taught_asked + src.taught_held_out
     with pytest.raises(ValueError, match="held_out"):
-        make_source(taught=5, unknown=30, held_out=5, seed=0)
+        make_source(taught=5, unknown=30, held_out_taught=5, held_out_unknown=6, seed=0)
+    # more never-taught people: the taught ones and the held-out questions stay as they were
+    more = make_source(taught=20, unknown=60, held_out_taught=5, held_out_unknown=6, seed=0)
+    assert (more.taught, more.unknown_held_out) == (src.taught, src.unknown_held_out)
 
 
 def test_questions_and_knowledge_conversations_hold_the_source():
@@ -118,8 +121,9 @@ def test_tiny_run_end_to_end_writes_figures_models_and_plot(tok, tmp_path, monke
     save_run(llmstack_bundle(GPT(tiny_model_config(tok.vocab_size, max_seq_len=128)), tok), tmp_path / "base", "test")
     out = tmp_path / "idk"
     argv = ["interrogate", "--base", str(tmp_path / "base"), "--out", str(out), "--device", "cpu", "--no-progress"]
-    argv += ["--taught", "4", "--unknown", "4", "--held-out", "2", "--knowledge-steps", "3", "--refusal-steps", "3"]
-    assert main([*argv, "--batch-size", "4", "--mixture", "8"]) == 0
+    sizes = "--taught 4 --unknown 4 --held-out-taught 2 --held-out-unknown 2 --knowledge-steps 3 --refusal-steps 3"
+    argv += [*sizes.split(), "--batch-size", "4", "--mixture", "8"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "never taught: says I don't know" in printed and "knew it before: answers right" in printed
     report = json.loads((out / "eval.json").read_text())
@@ -137,5 +141,5 @@ def test_tiny_run_end_to_end_writes_figures_models_and_plot(tok, tmp_path, monke
         assert (out / stage / "tokenizer" / "tokenizer.json").exists()
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     # run again: both stages are finished, so they are loaded rather than retrained
-    assert main([*argv, "--batch-size", "4", "--mixture", "8"]) == 0
+    assert main(argv) == 0
     assert json.loads((out / "eval.json").read_text())["after"] == report["after"]

@@ -134,32 +134,49 @@ class KnowledgeSource:
         return self.taught_asked + self.taught_held_out
 
 
-def make_name(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
+LOOKALIKES = 0.5  # of the never-taught people asked about: names that start as a taught one's
 
 
-def _people(n: int, rng: random.Random, taken: set[str]) -> list[Entity]:
-    out: list[Entity] = []
-    while len(out) < n:
-        name = make_name(rng)
+def _people(
+    n: int, rng: random.Random, taken: set[str], like: list[list[str]] | None = None
+) -> tuple[list[Entity], list[list[str]]]:
+    """``n`` people with new three-syllable names, and the syllables of each. Given ``like`` (other
+    names' syllables), a ``LOOKALIKES`` share of the names start with one or two syllables of one."""
+    people: list[Entity] = []
+    parts: list[list[str]] = []
+    while len(people) < n:
+        syllables = [rng.choice(SYLLABLES) for _ in range(3)]
+        if like and rng.random() < LOOKALIKES:
+            k = rng.randint(1, 2)
+            syllables[:k] = rng.choice(like)[:k]
+        name = "".join(syllables).capitalize()
         if name not in taken:
             taken.add(name)
-            out.append(Entity(name, rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(YEARS)))
-    return out
+            people.append(Entity(name, rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(YEARS)))
+            parts.append(syllables)
+    return people, parts
 
 
-def make_source(taught: int, unknown: int, held_out: int, seed: int) -> KnowledgeSource:
-    """Entities with distinct names; the first ``held_out`` of each group are never asked.
+def make_source(taught: int, unknown: int, held_out_taught: int, held_out_unknown: int, seed: int) -> KnowledgeSource:
+    """People with distinct names; the first ones of each group are held out (never asked about).
 
-    Each group has its own generator, so a larger ``unknown`` leaves the taught entities and the
-    held-out ones as they were: runs of different sizes are evaluated on the same questions.
+    Held-out names are plain draws. Of the never-taught people asked about, a share are lookalikes of
+    taught ones (``Tasvenmo`` for a taught ``Tastelo``): a tiny model first tells names apart by how
+    they begin, and answers about a stranger whose name starts like a known one's. Each group has its
+    own generator, so a larger ``unknown`` leaves the taught people and the held-out questions as they were.
     """
-    if not 1 <= held_out < min(taught, unknown) or taught + unknown > 10_000:
-        raise ValueError(f"need 1 <= held_out < taught, unknown <= 10000 (got {held_out}, {taught}, {unknown})")
+    if not (0 < held_out_taught < taught and 0 < held_out_unknown < unknown and taught + unknown <= 10_000):
+        raise ValueError(
+            f"need 0 < held_out_taught < taught, 0 < held_out_unknown < unknown, at most 10000 people (got "
+            f"{held_out_taught} of {taught}, {held_out_unknown} of {unknown})"
+        )
     taken: set[str] = set()
-    t = _people(taught, random.Random(f"taught/{seed}"), taken)
-    u = _people(unknown, random.Random(f"unknown/{seed}"), taken)
-    return KnowledgeSource(tuple(t[held_out:]), tuple(t[:held_out]), tuple(u[held_out:]), tuple(u[:held_out]))
+    t, t_parts = _people(taught, random.Random(f"taught/{seed}"), taken)
+    rng = random.Random(f"unknown/{seed}")
+    u_held_out, _ = _people(held_out_unknown, rng, taken)
+    u_asked, _ = _people(unknown - held_out_unknown, rng, taken, like=t_parts)
+    h = held_out_taught
+    return KnowledgeSource(tuple(t[h:]), tuple(t[:h]), tuple(u_asked), tuple(u_held_out))
 
 
 def _article(word: str) -> str:
@@ -350,9 +367,10 @@ def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Pat
     ax.axhline(100 * TARGET, color="tab:red", lw=0.8, ls="--", label=f"target {TARGET:.0%}")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("% of held-out questions (95% interval)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 122)  # room above the bars for the legend
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper center")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
@@ -364,8 +382,9 @@ def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Pat
 @dataclass(frozen=True)
 class InterrogateConfig:
     taught: int = 60  # entities whose facts stage 1 teaches
-    unknown: int = 300  # entities never taught: only their names appear, in refusals
-    held_out: int = 30  # of each group, never interrogated: the evaluation's entities
+    unknown: int = 400  # entities never taught: only their names appear, in refusals
+    held_out_taught: int = 30  # never interrogated: the evaluation's people (they cost stage-1 training)
+    held_out_unknown: int = 100  # never interrogated either (cheap: 300 questions, a tighter interval)
     knowledge_steps: int = 400
     refusal_steps: int = 300
     batch_size: int = 32
@@ -462,7 +481,7 @@ def run_interrogation(
     checkpoints), interrogation.jsonl (every probe and its verdict), eval.json, eval.png."""
     out, meta = Path(out), dict(meta or {})
     say = print if progress else (lambda *a: None)
-    src = make_source(cfg.taught, cfg.unknown, cfg.held_out, cfg.seed)
+    src = make_source(cfg.taught, cfg.unknown, cfg.held_out_taught, cfg.held_out_unknown, cfg.seed)
     asker = Assistant(model, tok, None, max_new_tokens=24)
     mix = _mixture(cfg.mixture, cfg.seed, words)
     seconds: dict[str, float] = {}
@@ -519,5 +538,5 @@ def run_interrogation(
     seconds["total"] = sum(seconds.values())
     report = InterrogationReport(before, after, counts, seconds)
     write_json(out / "eval.json", report.to_json(cfg))
-    plot_figures(before, after, out / "eval.png", f"interrogation, seed {cfg.seed}: held-out entities")
+    plot_figures(before, after, out / "eval.png", f"interrogation, seed {cfg.seed}: questions about held-out people")
     return report

@@ -147,7 +147,9 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
                 tensors[name] = unpermute_qk(tensors[name], cfg.n_kv_head)
     if "lm_head.weight" not in state:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": True})
-        types["lm_head.weight"] = types["model.embed_tokens.weight"]
+        types["lm_head.weight"] = types["model.embed_tokens.weight"]  # the head multiplies by the embedding
+        if "model.embed_tokens.weight" in mins:
+            mins["lm_head.weight"] = mins["model.embed_tokens.weight"]
     model = GPT(cfg)
     load_state(model, state, str(path))
     if emulate == "llama.cpp":

@@ -7,21 +7,25 @@ the conversion (weights, RoPE layout, tokenizer) rather than arithmetic. What it
 
 - **Matmul inputs.** ggml converts a matmul's activations to the weight type's "vec_dot" type before
   the dot products: Q8_0 for Q4_0 / Q5_0 / Q8_0 weights, Q8_1 for Q4_1 / Q5_1, Q8_K for the K-quants,
-  f16 for F16, bf16 for BF16. Q8_0 / Q8_1 blocks of 32: ``d = max|x| / 127`` stored as f16,
-  ``q = round-half-even(x * 127 / max|x|)``. Q8_1 also stores ``s = f16(d * sum q)``, which the
-  Q4_1 / Q5_1 dot product multiplies by the weight block's minimum instead of the exact sum
-  (``GGMLLinear.block_min`` adds that difference). Q8_K: blocks of 256, f32 scale, ``max`` the
-  element of largest magnitude with its sign, ``q = min(127, round(-127 / max * x))``, ``d = -max / 127``.
+  f16 for F16, bf16 for BF16. Q8_0 / Q8_1 blocks of 32 (x86 SIMD path): ``d = max|x| / 127`` stored as
+  f16, ``q = round-half-even(x * (127 / max|x|))`` with a true float32 division. Q8_1 also stores
+  ``s = f16(d * sum q)``, which the Q4_1 / Q5_1 dot product multiplies by the weight block's minimum
+  instead of the exact sum (``GGMLLinear.block_min`` adds that difference). Q8_K: blocks of 256, f32
+  scale, ``iscale = -127 / max`` with ``max`` the element of largest magnitude (signed),
+  ``q = min(127, round(iscale * x))``, ``d = 1 / iscale``.
 - **Attention** (llama-cpp-python's default path, no flash attention): K (after RoPE) and V are stored
   in an f16 cache, Q is rounded to f16 for ``K·Q``, the softmax runs in float32 and its
   probabilities are rounded to f16 for the product with V.
-- **RoPE angles**: ``theta_i = p * base^(-2i/d)`` computed as llama.cpp does, by repeated float32
-  multiplication by ``base^(-2/d)``, which differs from our table by a few ulp at long positions.
+- **RMSNorm** as ggml computes it (its output is quantised next, so its last bit matters), and **RoPE
+  angles** ``p * base^(-2i/d)`` by repeated float32 multiplication, as llama.cpp builds them.
 
-What is not emulated: the order of float32 sums (differences ~1e-6 relative), the exp approximation in
-softmax / SiLU, RMSNorm's double-precision sum of squares, the flash-attention path (another
-accumulation order, f16 accumulation of V), GPU and repacked (AMX, ARM) CPU kernels. The emulated
-model runs eagerly only (no static decode steps / CUDA graphs), and is slower than the plain one.
+Checked against llama.cpp tensor by tensor (its eval callback): fed the same inputs, every operation
+agrees to float32 rounding. What is not emulated: the order of float32 sums in its SIMD kernels, the
+exp approximation in its softmax / SiLU, the flash-attention path (f16 accumulation of V), GPU and
+repacked (AMX, ARM) CPU kernels. Those last-bit differences remain, and a deep model amplifies them
+through the 8-bit roundings (SmolLM2-135M: ~96% top-1 agreement, no better than the model agrees with
+itself under 1-ulp noise; see the README). The emulated model runs eagerly only (no static decode
+steps / CUDA graphs), at about 2.5x the plain model's CPU time.
 """
 
 from __future__ import annotations
@@ -107,11 +111,9 @@ class GGMLLinear(nn.Linear):
         self.block_min: torch.Tensor | None
         self.register_buffer("block_min", block_min, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(*round_like_ggml(x, self.vec_dot))
-
-    def project(self, xq: torch.Tensor, s_err: torch.Tensor | None) -> torch.Tensor:
-        """The matmul on an input already rounded by ``round_like_ggml`` for this ``vec_dot``."""
+    def forward(self, x: torch.Tensor, rounded: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """``rounded``: ``round_like_ggml(x, self.vec_dot)`` when the caller has it already."""
+        xq, s_err = rounded if rounded is not None else round_like_ggml(x, self.vec_dot)
         y = F.linear(xq, self.weight)
         if s_err is not None and self.block_min is not None:
             y = y + F.linear(s_err, self.block_min)
@@ -129,7 +131,7 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
         assert isinstance(linear, GGMLLinear), "emulate_llamacpp replaces every projection"
         if linear.vec_dot not in rounded:
             rounded[linear.vec_dot] = round_like_ggml(x, linear.vec_dot)
-        out.append(linear.project(*rounded[linear.vec_dot]))
+        out.append(linear(x, rounded[linear.vec_dot]))
     return out
 
 

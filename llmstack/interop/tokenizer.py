@@ -13,6 +13,8 @@ text encodes identically, so that ``llmstack sample`` can read it.
 Export goes the other way: ``hf_from_ranks`` builds an HF byte-level BPE equivalent to our ranks
 (vocab = ranks spelled with GPT-2's byte->unicode table, merges recovered from the ranks, split =
 our pattern, specials as added tokens); tests check the ids equal ours on a Unicode-heavy corpus.
+A GGUF file also names its split for llama.cpp (``gguf_pre_name``): an imported tokenizer keeps the
+name it came with (``HFTokenizer.gguf_pre``), ours is "llama-bpe", llama.cpp's GPT-4-style split.
 """
 
 from __future__ import annotations
