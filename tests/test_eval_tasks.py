@@ -313,9 +313,10 @@ def fake_archives(tmp: Path) -> dict[str, Path]:
     """A BIG-bench sdist and an evals wheel with the layout of the real ones, plus files not wanted."""
     sdist = tmp / "bigbench-1.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
-        from llmstack.data.fetch import BIGBENCH_TASKS
+        from llmstack.data.fetch import BIGBENCH_TASKS, PREFERENCE_TASKS
 
-        names = [f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json" for t in BIGBENCH_TASKS]
+        tasks = BIGBENCH_TASKS + PREFERENCE_TASKS
+        names = [f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json" for t in tasks]
         names += ["bigbench-1.0.0/bigbench/benchmark_tasks/logical_deduction/three_objects/task.json"]
         names += ["bigbench-1.0.0/bigbench/benchmark_tasks/date_understanding/task.json", "bigbench-1.0.0/setup.py"]
         for name in names:

@@ -24,7 +24,7 @@ from llmstack.interop.hf import export_hf, import_hf
 from llmstack.interop.llamacpp_numerics import GGMLLinear
 from llmstack.interop.tokenizer import HFTokenizer, gguf_pre_name, hf_from_ranks
 from llmstack.model.llama import GPT
-from llmstack.tokenizer.bpe import GPT2_PATTERN, Tokenizer
+from llmstack.tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -382,7 +382,8 @@ def test_smollm2_tokenizer_matches_transformers_gguf_conversion(smollm2):
 
 def test_gguf_reexport_carries_the_pre_tokenizer_name(smollm2, tok, tmp_path):
     """``tokenizer.ggml.pre`` picks llama.cpp's split: SmolLM2's own name survives import -> run -> export,
-    ours is llama.cpp's GPT-4-style "llama-bpe" (the opt-in llama.cpp test checks both tokenize alike)."""
+    ours is llama.cpp's "qwen2" (GPT-4's split with single digits), a tokenizer trained with GPT-4's own split
+    is "llama-bpe" (the opt-in llama.cpp test checks they tokenize alike)."""
 
     def pre_of(path: Path) -> str:
         return gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents()
@@ -403,7 +404,8 @@ def test_gguf_reexport_carries_the_pre_tokenizer_name(smollm2, tok, tmp_path):
     # without a stored name (an HF tokenizer.json), the split itself is named: digits one by one, then GPT-2
     unnamed = HFTokenizer(smollm2.tokenizer.raw, smollm2.bos_token, smollm2.eos_token)
     assert gguf_pre_name(unnamed) == "smollm"
-    assert pre_of(export_gguf(llmstack_bundle(_tiny_model(tok), tok), tmp_path / "ours.gguf", "f32")) == "llama-bpe"
+    assert pre_of(export_gguf(llmstack_bundle(_tiny_model(tok), tok), tmp_path / "ours.gguf", "f32")) == "qwen2"
+    assert gguf_pre_name(Tokenizer(tok.mergeable_ranks, CL100K_PATTERN, tok.special_tokens)) == "llama-bpe"
     assert gguf_pre_name(Tokenizer(tok.mergeable_ranks, GPT2_PATTERN, tok.special_tokens)) == "gpt-2"
     with pytest.raises(ValueError, match="no pre-tokenizer name"):
         gguf_pre_name(Tokenizer(tok.mergeable_ranks, r"\S+|\s+", tok.special_tokens))

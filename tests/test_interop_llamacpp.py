@@ -7,7 +7,8 @@ numerics (``import_gguf(emulate="llama.cpp")``: activations quantised as its CPU
 f16 KV cache; see ``interop/llamacpp_numerics.py``):
 
 - our model exported to GGUF (F16, Q8_0, Q4_1, and F16 quantised by llama.cpp to Q4_K_M): >= 99% in
-  llama.cpp's numerics, greedy continuations and tokenization (pre-tokenizer "llama-bpe") identical. The
+  llama.cpp's numerics, greedy continuations and tokenization (pre-tokenizer "qwen2"; "llama-bpe" for a
+  run whose tokenizer was trained before digits were split) identical. The
   model is the trained ``runs/tiny`` checkpoint when ``make run`` has made one, else a tiny random model;
 - SmolLM2-135M-Instruct's Q4_1 GGUF vs our import: 99% is out of reach in either numerics. Its 30 layers
   amplify any last-bit difference through the 8-bit activation roundings; the test measures that floor
@@ -148,7 +149,9 @@ def _compare_export(ours: Bundle, path: Path, label: str) -> None:
     assert rates["import float32"] >= 0.97  # Q8_0: measured 98.8-99.2%, Q4_1 99.2%; near-ties flip
     assert _llama_tokens(path, README) == ours.tokenizer.encode_ordinary(README)
     prompt = ids[:32]
-    theirs_greedy, mine = _greedy_llama(path, prompt, GREEDY, window), _greedy_ours(plain, prompt, GREEDY)
+    # greedy in llama.cpp's numerics: in float32 a near-tie can flip one token and the rest follows
+    # (Q4_1 of the digit-split runs/tiny: identical to the emulated model, apart from float32 at token 21)
+    theirs_greedy, mine = _greedy_llama(path, prompt, GREEDY, window), _greedy_ours(emulated, prompt, GREEDY)
     print(f"[llama.cpp] greedy {GREEDY} tokens identical: {theirs_greedy == mine}")
     assert theirs_greedy == mine
 

@@ -54,6 +54,27 @@ def test_collate_trains_only_assistant_tokens(tok):
     assert tok.decode(trained).endswith("<|assistant_end|>") and "<|tool_result_start|>" not in tok.decode(trained)
 
 
+def test_batches_are_grouped_by_length_and_an_epoch_sees_every_conversation_once(tok):
+    short = [Conversation.of(("user", f"q{i}"), ("assistant", "a")) for i in range(48)]
+    long = [Conversation.of(("user", f"q{i} " + "the model reads tokens " * 20), ("assistant", "b")) for i in range(16)]
+    convs = short + long
+    cfg = TrainConfig(max_steps=10, batch_size=8, seq_len=192, eval_batches=1, seed=3)
+    task = SFTTask(convs, convs[:8], ChatFormat(tok), tok.special_id(S.PAD), cfg, CPU)
+    seen, widths = [], []
+    for _ in range(len(convs) // 8):  # one epoch
+        first = task.cursor
+        x, _ = task.next_batch()
+        seen += [task._index(first + i) for i in range(8)]
+        widths.append(x.shape[1])
+    assert sorted(seen) == list(range(len(convs)))  # a permutation: nothing dropped or repeated
+    # one window holds the whole epoch here: 6 batches of short rows (width 64) and 2 of long ones
+    assert sorted(widths) == [64] * 6 + [192] * 2
+    assert task._order(1).tolist() != task._order(0).tolist()  # a new shuffle each epoch
+    again = SFTTask(convs, convs[:8], ChatFormat(tok), tok.special_id(S.PAD), cfg, CPU)
+    again.load_state_dict(task.state_dict())  # resuming mid-stream continues with the same batches
+    assert torch.equal(again.next_batch()[0], task.next_batch()[0])
+
+
 def test_sft_through_the_shared_loop_learns_the_format(tok, tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny_model_config(tok.vocab_size, max_seq_len=128))

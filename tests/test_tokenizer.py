@@ -22,6 +22,7 @@ from llmstack.paths import data_dir
 from llmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
 from llmstack.tokenizer import bpe as bpe_module
 from llmstack.tokenizer.bpe import (
+    CL100K_PATTERN,
     GPT2_PATTERN,
     META_FILE,
     RANKS_FILE,
@@ -177,6 +178,19 @@ def test_gpt2_parity(gpt2: Tokenizer, gpt2_path: Path) -> None:
 
 
 # ----- special tokens ---------------------------------------------------------------------
+
+
+def test_numbers_are_split_into_single_digits(trained: Tokenizer) -> None:
+    """Every digit is its own token, wherever the number stands: copying a number is copying digits.
+    GPT-4's split (kept as CL100K_PATTERN) groups 1-3 digits, so the corpus' numbers get merged tokens."""
+    for text in ("686*849", "What is 686 times 849?", "x=607110.", "2024-11-26"):
+        pieces = [trained.decode([t]) for t in trained.encode_ordinary(text)]
+        digits = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert digits == [c for c in text if c.isdigit()], pieces
+    with_numbers = [*CORPUS, *["in 123456 and 607110"] * 50]
+    assert len(Tokenizer.train(with_numbers, VOCAB).encode_ordinary("123456")) == 6
+    grouped = Tokenizer.train(with_numbers, VOCAB, pattern=CL100K_PATTERN)
+    assert [grouped.decode([t]) for t in grouped.encode_ordinary("123456")] == ["123", "456"]
 
 
 def test_special_ids_follow_ranks(trained: Tokenizer) -> None:

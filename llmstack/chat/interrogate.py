@@ -386,7 +386,7 @@ class InterrogateConfig:
     held_out_taught: int = 30  # never interrogated: the evaluation's people (they cost stage-1 training)
     held_out_unknown: int = 100  # never interrogated either (cheap: 300 questions, a tighter interval)
     knowledge_steps: int = 400
-    refusal_steps: int = 300
+    refusal_steps: int = 500
     batch_size: int = 32
     lr: float = 3e-3  # stage 1
     refusal_lr: float = 1e-3  # stage 3: gentler, the facts nobody asked about are not trained again

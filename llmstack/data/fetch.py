@@ -287,6 +287,8 @@ BIGBENCH_TASKS = (
     "general_knowledge",
     "arithmetic",
 )
+PREFERENCE_TASKS = ("hhh_alignment",)
+"""BIG-bench human-preference data: a held-out evaluation of reward models (llmstack/rl), not in the suite."""
 EVALS_PACKAGE = "evals"
 EVALS_SETS = ("quartz",)
 
@@ -294,7 +296,7 @@ EVALS_SETS = ("quartz",)
 def _bigbench_member(name: str) -> str | None:
     """``bigbench-X/bigbench/benchmark_tasks/<task>/[<subtask>/]task.json`` -> ``<task>/[<subtask>/]task.json``."""
     _, sep, rel = name.partition("/bigbench/benchmark_tasks/")
-    return rel if sep and rel.endswith("/task.json") and rel.split("/")[0] in BIGBENCH_TASKS else None
+    return rel if sep and rel.endswith("/task.json") and rel.split("/")[0] in BIGBENCH_TASKS + PREFERENCE_TASKS else None
 
 
 def _evals_member(name: str) -> str | None:
@@ -331,7 +333,7 @@ def fetch_eval_data(dest: Path, log: Log = print) -> Path:
     """
     dest = Path(dest)
     parts = [
-        ("bigbench", BIGBENCH_PACKAGE, ":all:", "*.tar.gz", _bigbench_member, BIGBENCH_TASKS),
+        ("bigbench", BIGBENCH_PACKAGE, ":all:", "*.tar.gz", _bigbench_member, BIGBENCH_TASKS + PREFERENCE_TASKS),
         ("evals", EVALS_PACKAGE, ":none:", "*.whl", _evals_member, EVALS_SETS),
     ]
     for folder, package, binary, pattern, member, wanted in parts:

@@ -276,11 +276,12 @@ class Engine:
         pos_t = cache.pos_t
         idx = torch.zeros(B, 1, dtype=torch.long, device=device)
         if device.type != "cuda":
+            fn = self._step_fn()  # compiled: inductor's C++ kernels fuse a step's small ops on a CPU
 
             def eager(ids: list[int]) -> torch.Tensor:
                 idx.copy_(torch.tensor(ids).view(B, 1))
                 pos_t.fill_(cache.pos)
-                out = model(idx, cache)[:, -1]
+                out = fn(idx, cache)
                 cache.advance(1)
                 return out
 

@@ -11,7 +11,7 @@ Two conversions matter for correctness:
 The tokenizer travels as GGUF metadata: ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE), the
 vocabulary as byte-level strings indexed by id, merges as "a b" strings, token types (control for
 specials), bos/eos ids, ``tokenizer.chat_template`` and ``tokenizer.ggml.pre``, llama.cpp's name for the
-split before BPE (``gguf_pre_name``: the name an imported tokenizer came with, "llama-bpe" for ours).
+split before BPE (``gguf_pre_name``: the name an imported tokenizer came with, "qwen2" for ours).
 Imported tokenizers become ``HFTokenizer`` (see ``interop/tokenizer.py`` for why not tiktoken ranks).
 
 ``import_gguf(path, emulate="llama.cpp")`` computes as llama.cpp's CPU backend does on the file's tensor

@@ -14,7 +14,8 @@ Export goes the other way: ``hf_from_ranks`` builds an HF byte-level BPE equival
 (vocab = ranks spelled with GPT-2's byte->unicode table, merges recovered from the ranks, split =
 our pattern, specials as added tokens); tests check the ids equal ours on a Unicode-heavy corpus.
 A GGUF file also names its split for llama.cpp (``gguf_pre_name``): an imported tokenizer keeps the
-name it came with (``HFTokenizer.gguf_pre``), ours is "llama-bpe", llama.cpp's GPT-4-style split.
+name it came with (``HFTokenizer.gguf_pre``), ours is "qwen2", llama.cpp's GPT-4-style split with single digits
+("llama-bpe" for a tokenizer trained with GPT-4's own split).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from tokenizers import Tokenizer as RawHF
 
 from llmstack.chat.conversation import CHAT_TEMPLATE
 from llmstack.io import atomic_write, read_json
-from llmstack.tokenizer.bpe import GPT2_PATTERN, SPLIT_PATTERN, Tokenizer, _as_int_list, bytes_to_unicode
+from llmstack.tokenizer.bpe import (
+    CL100K_PATTERN,
+    GPT2_PATTERN,
+    SPLIT_PATTERN,
+    Tokenizer,
+    _as_int_list,
+    bytes_to_unicode,
+)
 from llmstack.tokenizer.special import ASSISTANT_END, BOS, PAD
 
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
@@ -111,14 +119,17 @@ def gguf_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
         return gpt2
     if pre in ("smollm", "starcoder", "refact"):  # digits one by one, then GPT-2's regex (their tokenizer.json)
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
-    if pre in ("llama-bpe", "llama3", "llmstack"):
+    patterns = {"llama-bpe": CL100K_PATTERN, "llama3": CL100K_PATTERN, "qwen2": SPLIT_PATTERN}
+    if pre in patterns:
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(patterns[pre]), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r} (known: default, gpt-2, smollm, starcoder, llama-bpe)")
+    raise ValueError(
+        f"unsupported tokenizer.ggml.pre {pre!r} (known: default, gpt-2, smollm, starcoder, llama-bpe, qwen2)"
+    )
 
 
 class HFTokenizer:
@@ -277,10 +288,11 @@ def _single_regex(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
-GGUF_PRE_NAMES = {SPLIT_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+GGUF_PRE_NAMES = {SPLIT_PATTERN: "qwen2", CL100K_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
 """Split regex -> the ``tokenizer.ggml.pre`` under which llama.cpp splits text the same way. "llama-bpe"
-selects llama.cpp's GPT-4-style (Llama 3) split with tiktoken's whole-word lookup (``ignore_merges``);
-the opt-in llama.cpp test checks that it tokenizes like ours."""
+selects llama.cpp's GPT-4-style (Llama 3) split with tiktoken's whole-word lookup (``ignore_merges``),
+"qwen2" the same split with single digits (ours); the opt-in llama.cpp test checks that it tokenizes
+like ours."""
 
 
 def gguf_pre_name(tok: AnyTokenizer) -> str:

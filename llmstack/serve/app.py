@@ -6,6 +6,12 @@ itself at ``/``. With an API key set, ``/v1/*`` and ``/api/*`` need ``Authorizat
 Arena battles (the UI's Battle tab): ``POST /api/arena/battles``, ``POST /api/arena/battles/{id}/vote``,
 ``GET /api/arena/leaderboard`` (see the arena block at the end).
 
+Security (``ServeConfig``): the output filter (``llmstack.security.output_filter``) removes markdown
+images and links to hosts off ``allowed_hosts`` from chat answers, streamed or not, on by default
+(``llmstack serve --no-output-filter`` turns it off); raw ``/v1/completions`` text is left as is (it is
+not rendered, and harnesses score it token by token). ``spotlight`` datamarks tool results and
+retrieved passages and tells the model so in the system prompt (``llmstack.security.spotlight``).
+
 Limits (``ServeConfig``) are checked before anything runs: body size, message count, ``n``,
 ``max_tokens`` and the context. Every client error is a 4xx JSON error in OpenAI's shape; a client
 that disconnects mid-stream has its rows dropped from the running batch.
@@ -31,6 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmstack.inference.engine import Event
 from llmstack.inference.engine import Request as Row
 from llmstack.inference.sample import SamplingConfig
+from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS, LinkFilter
+from llmstack.security.spotlight import Spotlight
 from llmstack.serve.models import ModelRegistry, RequestError, ServedModel
 from llmstack.serve.protocol import (
     ChatRequest,
@@ -55,10 +63,20 @@ class ServeConfig:
     max_tokens_cap: int = 2048
     max_n: int = 8
     max_rows: int = 32
+    output_filter: bool = True  # images and links to hosts off allowed_hosts are removed from chat answers
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
+    spotlight: bool = False  # datamark tool results and retrieved passages; a system-prompt note says so
+
+    def links(self) -> LinkFilter | None:
+        return LinkFilter(self.allowed_hosts) if self.output_filter else None
 
 
 def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> FastAPI:
     scheduler = Scheduler(max_rows=config.max_rows)
+    if config.spotlight:  # tool results are marked where they are made: in each model's toolbox
+        for served in registry.models.values():
+            if served.toolbox is not None:
+                served.toolbox.mark = Spotlight().datamark
     app = FastAPI(title="llmstack", description="OpenAI-compatible API over llmstack models", docs_url="/docs")
     app.state.registry, app.state.scheduler, app.state.config = registry, scheduler, config
     app.router.on_shutdown.append(scheduler.close)
@@ -106,6 +124,8 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
             "models": sorted(registry.models),
             "batches": scheduler.batches,
             "rows": scheduler.rows_run,
+            "output_filter": config.output_filter,
+            "spotlight": config.spotlight,
         }
 
     @app.get("/v1/models")
@@ -135,7 +155,7 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         plan = _plan_chat(sm, req, config)
         job = Job(sm, plan.rows, asyncio.get_running_loop())
         scheduler.submit(job)
-        choices = [Choice(sm, req.stops(), plan.call_prefix) for _ in plan.rows]
+        choices = [Choice(sm, req.stops(), plan.call_prefix, links=config.links()) for _ in plan.rows]
         meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": sm.name}
         if req.stream:
             usage = req.stream_options.include_usage if req.stream_options else False
@@ -227,8 +247,13 @@ def _plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPl
         messages.append(d)
     sources: list[Any] = []
     default_max = None
+    spot = Spotlight() if config.spotlight else None
+    if spot is not None:
+        messages.insert(0, {"role": "system", "content": spot.notice()})
+        if len(messages) > 1 and messages[1]["role"] == "system":  # one system message: ours allows no other
+            messages[:2] = [{"role": "system", "content": f"{messages[1]['content']}\n\n{spot.notice()}"}]
     if sm.assistant is not None:
-        prepared = sm.assistant.prepare(messages)
+        prepared = sm.assistant.prepare(messages, spotlight=spot)
         messages, sources = prepared.messages, prepared.sources
         req, default_max = _assistant_defaults(sm.assistant, req)
     tools = [t.function.model_dump() for t in req.tools] if req.tools else None
@@ -449,7 +474,9 @@ async def _chat_chunks(
             for d in deltas:
                 chunk: dict[str, Any] = {"index": ev.row, "delta": d, "finish_reason": None}
                 if "content" in d and plan.rows[ev.row].logprobs is not None:
-                    chunk["logprobs"] = {"content": c.logprobs[-1:]}
+                    # the output filter may hold text back: send every entry not sent yet
+                    chunk["logprobs"] = {"content": c.logprobs[c.logprobs_sent :]}
+                    c.logprobs_sent = len(c.logprobs)
                 yield {**base, "choices": [chunk]}
             if c.finish is not None:
                 yield {**base, "choices": [{"index": ev.row, "delta": {}, "finish_reason": c.finish}]}
@@ -585,7 +612,8 @@ def _arena_routes(
             job = Job(sm, plan.rows, loop)
             scheduler.submit(job)
             meta = {"id": bid, "created": int(time.time()), "model": side}
-            streams.append(_chat_chunks(job, [Choice(sm, [], plan.call_prefix)], meta, plan, False))
+            choice = Choice(sm, [], plan.call_prefix, links=config.links())
+            streams.append(_chat_chunks(job, [choice], meta, plan, False))
         return _sse(_battle_events(bid, state, streams))
 
     @app.post("/api/arena/battles/{bid}/vote")

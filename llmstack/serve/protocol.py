@@ -190,6 +190,8 @@ class Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish: str | None = None
     n_tokens: int = 0
+    links: Any = None  # an output filter (llmstack.security.output_filter.LinkFilter) over the text, or None
+    logprobs_sent: int = 0  # how many of ``logprobs`` went out in stream chunks
 
     def __post_init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -236,6 +238,8 @@ class Choice:
         elif tok not in self.sm.special_ids:
             raw = self.sm.bundle.tokenizer.decode_token_bytes(tok)
             piece = self._stop.feed(self._utf8.decode(raw))
+            if self.links is not None:
+                piece = self.links.feed(piece)
             if ev.logprob is not None and not self._stop.stopped:
                 self.logprobs.append(self._lp_entry(tok, ev.logprob, ev.top))
             if piece:
@@ -243,6 +247,8 @@ class Choice:
                 out.append({"content": piece})
         if ev.finish is not None:
             tail = self._stop.feed(self._utf8.decode(b"", final=True)) + self._stop.flush()
+            if self.links is not None:
+                tail = self.links.feed(tail) + self.links.flush()
             if tail:
                 self.text += tail
                 out.append({"content": tail})

@@ -13,11 +13,16 @@ bytes first, then merges in the order they were learnt); ids ``n_ranks .. n_rank
 special tokens of :mod:`llmstack.tokenizer.special`, in that order. ``vocab_size`` is the total,
 ``n_ranks + 16``: the number of rows the model's embedding needs.
 
-Pre-tokenization uses the GPT-4 (cl100k) split pattern, written so that Oniguruma (HF) and
-fancy-regex (tiktoken) read it the same way: cl100k's ``\\p{N}{1,3}+`` becomes ``\\p{N}{1,3}``
-because Oniguruma's Ruby syntax reads ``{1,3}+`` as "one or more groups of 1-3 digits", not as a
-possessive quantifier (it silently let HF merge across long digit runs). The two forms are
-equivalent in tiktoken, as nothing follows the quantifier within its alternative.
+Pre-tokenization uses the GPT-4 (cl100k) split pattern with one change: every digit is its own
+piece (``\\p{N}``, as Llama 2, Qwen 2 and SmolLM split numbers), so a number is always the same
+digit tokens wherever it appears. With cl100k's 1-3 digit groups a small vocabulary learns a few
+dozen digit merges and splits numbers unevenly ("686" -> "6" "86", "607110" -> "60" "7" "1" "10"),
+and a small model copying a number into a calculator call, or a result into its answer, has to
+copy rare tokens; digit by digit it copies ten well-trained ones (measured in the README).
+``CL100K_PATTERN`` keeps GPT-4's own split, written so that Oniguruma (HF) and fancy-regex
+(tiktoken) read it the same way: cl100k's ``\\p{N}{1,3}+`` becomes ``\\p{N}{1,3}`` because
+Oniguruma's Ruby syntax reads ``{1,3}+`` as "one or more groups of 1-3 digits", not as a possessive
+quantifier. The two forms are equivalent in tiktoken, as nothing follows the quantifier.
 
 On-disk format (``save``/``load``), one directory holding two files:
 
@@ -60,11 +65,14 @@ FORMAT_VERSION = 1
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.json"
 
-SPLIT_PATTERN = (
+CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 """GPT-4 (cl100k) pre-tokenization regex, in a form HF's Oniguruma and tiktoken agree on."""
+
+SPLIT_PATTERN = CL100K_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+"""Ours: cl100k with single digits (llama.cpp's "qwen2" pre-tokenizer splits text the same way)."""
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 """GPT-2 (r50k) pre-tokenization regex, as tiktoken ships it (for the real GPT-2 ranks)."""
@@ -231,8 +239,10 @@ class Tokenizer:
     # ----- construction -------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
-        """Train on ``texts`` (one document per item); ``vocab_size`` counts the 16 specials.
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, *, pattern: str = SPLIT_PATTERN, show_progress: bool = False
+    ) -> Tokenizer:
+        """Train on ``texts`` (one document per item) split by ``pattern``; ``vocab_size`` counts the 16 specials.
 
         The result can be smaller than asked for when the corpus has fewer distinct merges than
         ``vocab_size - 16`` (a warning says so); always size the model by ``tok.vocab_size``.
@@ -247,7 +257,7 @@ class Tokenizer:
                 f"so it must be at least 256 byte tokens + {n_special} specials = {minimum}"
             )
         documents = _require_nonempty(texts)
-        hf = train_hf(documents, vocab_size - n_special, show_progress=show_progress)
+        hf = train_hf(documents, vocab_size - n_special, pattern=pattern, show_progress=show_progress)
         ranks = ranks_from_hf(hf)
         if len(ranks) < vocab_size - n_special:
             warnings.warn(
@@ -255,7 +265,7 @@ class Tokenizer:
                 f"{len(ranks) + n_special}, not the {vocab_size} asked for",
                 stacklevel=2,
             )
-        return cls(ranks, SPLIT_PATTERN, special_token_ids(len(ranks)))
+        return cls(ranks, pattern, special_token_ids(len(ranks)))
 
     @classmethod
     def from_tiktoken_file(

@@ -1,7 +1,8 @@
 """Tool dispatch: the text inside a tool-call span is ``name: argument``; the answer is text.
 
 Whatever goes wrong (an unknown tool, a malformed call, a tool that raises) comes back to the model
-as an ``error: ...`` result instead of stopping generation.
+as an ``error: ...`` result instead of stopping generation. ``mark`` (spotlighting, see
+``llmstack.security.spotlight``) is applied to what a tool returns, where the result text is made.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ MAX_RESULT_CHARS = 2000
 
 
 class ToolBox:
-    def __init__(self, tools: dict[str, Tool]) -> None:
+    def __init__(self, tools: dict[str, Tool], mark: Callable[[str], str] | None = None) -> None:
         self.tools = dict(tools)
+        self.mark = mark
 
     def call(self, text: str) -> str:
         name, sep, argument = text.partition(":")
@@ -33,8 +35,8 @@ class ToolBox:
             result = f"error: {type(e).__name__}: {e}"
         if len(result) > MAX_RESULT_CHARS:
             result = result[:MAX_RESULT_CHARS] + "\n[truncated]"
-        return result
+        return self.mark(result) if self.mark else result
 
 
-def default_toolbox() -> ToolBox:
-    return ToolBox({"calculator": calculator, "python": python_tool})
+def default_toolbox(mark: Callable[[str], str] | None = None) -> ToolBox:
+    return ToolBox({"calculator": calculator, "python": python_tool}, mark)

@@ -4,7 +4,8 @@
 // Everything the model or the server writes is put into the page as text (textContent / text nodes),
 // never parsed as HTML. The stream is read with fetch + a ReadableStream reader (EventSource cannot
 // POST). Not covered: markdown rendering, several choices (n > 1), client-side tools (tool_calls are
-// shown, never answered), saving conversations.
+// shown, never answered), saving conversations. Answers arrive through the server's output filter
+// (on unless `llmstack serve --no-output-filter`): images and links to hosts off its allow-list are removed.
 "use strict";
 
 const $ = (id) => document.getElementById(id);

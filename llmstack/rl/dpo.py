@@ -1,0 +1,211 @@
+"""DPO: the policy learns from preference pairs directly, without a reward model or sampling.
+
+llmstack dpo --model runs/tiny/sft --pairs runs/tiny/rm/train.jsonl      # -> runs/tiny/dpo
+
+Direct Preference Optimization (Rafailov et al. 2023): with a frozen reference policy (the SFT model),
+the implicit reward of a reply is beta * log(pi(y|x) / pi_ref(y|x)), and the loss is Bradley-Terry
+on it: -log sigmoid(beta * ((log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r)))). Log
+probabilities are summed over the tokens the model wrote (tool results are the tool's, not its).
+The reference never changes, so its log-probabilities are computed once, before training.
+
+What is not here: IPO / KTO / SimPO variants, label smoothing, a reference other than the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmstack.chat.conversation import ChatFormat
+from llmstack.model.llama import GPT
+from llmstack.rl.preferences import (
+    HELDOUT_SEED,
+    ArithmeticProblem,
+    Pair,
+    arithmetic_problems,
+    encode_reply,
+    load_policy,
+    read_pairs,
+    score_policy,
+)
+from llmstack.training.config import TrainConfig, resolve_dtype
+from llmstack.training.distributed import DistInfo
+from llmstack.training.pretrain import logits_of
+from llmstack.training.sft import IGNORE, collate
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probabilities (B,) each -> (mean loss, the implicit reward margins (B,))."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean(), margin.detach()
+
+
+def sequence_logprobs(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
+    """Sum over each row of log p(target) where the target is not IGNORE: (B,)."""
+    logp_BTV = logits_of(model, x_BT).float().log_softmax(dim=-1)
+    trained = y_BT != IGNORE
+    tok_logp = logp_BTV.gather(-1, y_BT.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (tok_logp * trained).sum(dim=-1)
+
+
+Encoded = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]  # (chosen (ids, mask), rejected)
+
+
+class DPOTask:
+    """DPO for the shared loop: a batch is ``batch_size`` pairs (chosen rows, then rejected rows)."""
+
+    name = "dpo"
+
+    def __init__(
+        self,
+        model: GPT,
+        train: Sequence[Pair],
+        val: Sequence[Pair],
+        tok: Any,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        beta: float = 0.1,
+        problems: Sequence[ArithmeticProblem] = (),
+    ) -> None:
+        fmt = ChatFormat(tok)
+        self.tok, self.beta, self.problems = tok, beta, list(problems)
+        self.pad = tok.special_id("<|pad|>")
+        ctx = self.ctx = model.config.max_seq_len
+
+        def encode(pairs: Sequence[Pair]) -> list[Encoded]:
+            rows = [(encode_reply(fmt, p.prompt, p.chosen), encode_reply(fmt, p.prompt, p.rejected)) for p in pairs]
+            return [r for r in rows if max(len(r[0][0]), len(r[1][0])) <= ctx]
+
+        self.train, self.val = encode(train), encode(val)
+        if len(self.train) < cfg.batch_size * dist.world_size:
+            raise ValueError(f"{len(self.train)} training pairs are fewer than one global batch ({cfg.batch_size})")
+        self.batch_size, self.rank, self.world = cfg.batch_size, dist.rank, dist.world_size
+        self.seed, self.device = cfg.seed, dist.device
+        self.cursor = 0
+        # the frozen reference: the starting model's log-probabilities, (chosen, rejected) per pair
+        model.to(self.device).eval()
+        amp = resolve_dtype(cfg.dtype, self.device)  # the loop's autocast, so that step 0's margins are 0
+        with torch.autocast(self.device.type, torch.bfloat16) if amp == "bfloat16" else contextlib.nullcontext():
+            self.ref_train = self._logprobs(model, self.train)
+            self.ref_val = self._logprobs(model, self.val)
+
+    def _batch(self, rows: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = collate([c for c, _ in rows] + [r for _, r in rows], self.pad)
+        x, y = x[:, : self.ctx], y[:, : self.ctx]  # collate's bucketing may pad past the context
+        return x.to(self.device), y.to(self.device)
+
+    @torch.no_grad()
+    def _logprobs(self, model: torch.nn.Module, rows: Sequence[Encoded]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(rows), 32):
+            chunk = rows[i : i + 32]
+            lp = sequence_logprobs(model, *self._batch(chunk)).cpu()
+            out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1))
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def _index(self, g: int) -> int:
+        epoch, i = divmod(g, len(self.train))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.train))[i])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = self.cursor + self.rank * self.batch_size
+        idx = [self._index(first + i) for i in range(self.batch_size)]
+        self.cursor += self.world * self.batch_size
+        x, y = self._batch([self.train[i] for i in idx])
+        return x, y, self.ref_train[idx].to(self.device)
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+        x, y, ref = batch
+        lp = sequence_logprobs(model, x, y)
+        B = x.shape[0] // 2
+        loss, _ = dpo_loss(lp[:B], lp[B:], ref[:, 0], ref[:, 1], self.beta)
+        return loss, int((y != IGNORE).sum())
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out pairs: how often the implicit reward ranks them as the labeler did; held-out problems:
+        the gold score of the greedy replies."""
+        lp = self._logprobs(model, self.val)
+        metrics: dict[str, float] = {}
+        if len(lp):
+            loss, margin = dpo_loss(lp[:, 0], lp[:, 1], self.ref_val[:, 0], self.ref_val[:, 1], self.beta)
+            metrics |= {"val_loss": float(loss), "val_accuracy": float((margin > 0).float().mean())}
+        if self.problems:
+            metrics |= score_policy(model, self.tok, self.problems).as_dict("heldout_")
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "n_train": len(self.train)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("n_train") != len(self.train):
+            raise ValueError(
+                f"preference data changed since the checkpoint ({state.get('n_train')} vs {len(self.train)})"
+            )
+        self.cursor = int(state["cursor"])
+
+
+def preset(name: str) -> TrainConfig:
+    """``tiny``: ~2 min on 2 CPU cores (held-out gold scored every 50 steps); ``gpu``: larger batches."""
+    if name == "tiny":
+        return TrainConfig(
+            max_steps=200, batch_size=16, seq_len=256, lr=1e-4, warmup_steps=10, weight_decay=0.0,
+            eval_every=50, ckpt_every=0, eval_batches=1,
+        )  # fmt: skip
+    if name == "gpu":
+        return TrainConfig(
+            max_steps=1000, batch_size=64, seq_len=512, lr=5e-5, warmup_steps=50, weight_decay=0.0,
+            eval_every=100, ckpt_every=500, eval_batches=1, dtype="bfloat16",
+        )  # fmt: skip
+    raise ValueError(f"unknown preset {name!r}; choose tiny or gpu")
+
+
+def run_dpo(
+    policy: str | Path,
+    pairs: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    dist: DistInfo,
+    beta: float = 0.1,
+    heldout: int = 100,
+    sources: Sequence[str] = ("gold", "llm"),
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """DPO from ``policy`` (the SFT run, also the frozen reference) on ``pairs/train.jsonl``; the gold
+    score of greedy replies to ``heldout`` held-out questions before and after; ``out/summary.json``."""
+    from llmstack.io import write_json
+    from llmstack.training.loop import train
+
+    out, pairs = Path(out), Path(pairs)
+    model, ckpt, tok = load_policy(policy)
+    train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
+    val_pairs = read_pairs(pairs / "heldout.jsonl")
+    if not (out / "tokenizer" / "tokenizer.json").exists():
+        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    problems = arithmetic_problems(heldout, HELDOUT_SEED)
+    task = DPOTask(model, train_pairs, val_pairs, tok, cfg, dist, beta, problems if dist.is_main else ())
+    log(f"dpo: {len(task.train)} pairs, beta {beta}, {cfg.max_steps} steps from {ckpt.path} -> {out}")
+    meta = {"stage": "dpo", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "beta": beta}
+    result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
+    summary: dict[str, Any] = {"train_pairs": len(task.train), "beta": beta, "evals": result.evals}
+    gold = [(e["step"], e["heldout_gold"], e["heldout_correct"]) for e in result.evals if "heldout_gold" in e]
+    if dist.is_main and gold:
+        (s0, g0, c0), (s1, g1, c1) = gold[0], gold[-1]
+        summary |= {"gold_before": g0, "gold_after": g1, "correct_before": c0, "correct_after": c1}
+        write_json(out / "summary.json", summary)
+        log(f"dpo: held-out gold score {g0:.3f} (step {s0}) -> {g1:.3f} (step {s1}); "
+            f"right answers {c0:.0%} -> {c1:.0%} of {heldout}")  # fmt: skip
+    return summary

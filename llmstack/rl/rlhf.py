@@ -1,0 +1,280 @@
+"""RLHF: the policy samples, the reward model scores, a KL penalty keeps it near the SFT model.
+
+llmstack rlhf --model runs/tiny/sft --reward-model runs/tiny/rm          # -> runs/tiny/rlhf
+llmstack rlhf --kl-coef 0 --max-steps 300 --out runs/tiny/rlhf-hack      # over-optimisation, made visible
+
+Each step: ``prompts_per_step`` arithmetic questions, ``group`` replies to each sampled by the
+batched engine (tools running); reward = RM score - kl_coef * log(pi / pi_ref) summed over the reply
+(InstructGPT's KL-penalised reward, estimated on the sample); advantage = reward minus the mean of
+its group (a baseline per prompt, as in GRPO / RLOO); loss = -advantage x log-probability of the
+tokens the model wrote, averaged over those tokens (tool results are not trained on). The gold
+judge grades the same replies, for the record only: the policy never sees it.
+
+Reward hacking: the RM is a proxy learnt from a few hundred pairs. Optimised hard (no KL), the
+policy drifts where the RM was never taught; ``plot_overoptimisation`` draws the held-out RM and
+gold scores over steps and marks the step after which gold falls while the RM still rises.
+
+What is not here: PPO's clipped ratio and value head (one gradient step per batch of rollouts, so
+the policy that sampled is the one being updated), reward whitening, adaptive KL.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmstack.chat.conversation import ChatFormat
+from llmstack.io import atomic_write
+from llmstack.model.llama import GPT
+from llmstack.rl.dpo import sequence_logprobs
+from llmstack.rl.preferences import (
+    HELDOUT_SEED,
+    PREF_SEED,
+    ArithmeticProblem,
+    arithmetic_problems,
+    gold_score,
+    load_policy,
+    sample_tokens,
+    score_policy,
+)
+from llmstack.training.config import TrainConfig
+from llmstack.training.distributed import DistInfo
+from llmstack.training.sft import IGNORE, collate
+
+Reward = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+@dataclass
+class RLHFConfig:
+    prompts_per_step: int = 8
+    group: int = 8  # replies sampled per prompt
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    max_new_tokens: int = 48
+    eval_temperature: float = 1.0  # held-out replies are sampled as in training (seeded): what the RM is pushed on
+
+
+def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """(N * group,) rewards -> each minus the mean of its group."""
+    r_NG = rewards.view(-1, group)
+    return (r_NG - r_NG.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def policy_gradient_loss(
+    model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, adv_B: torch.Tensor
+) -> torch.Tensor:
+    """-advantage x log p(token), summed over the trained tokens of all rows / their number."""
+    from llmstack.training.pretrain import logits_of
+
+    logp_BTV = logits_of(model, x_BT).float().log_softmax(dim=-1)
+    trained = (y_BT != IGNORE).float()
+    tok_logp = logp_BTV.gather(-1, y_BT.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return -(adv_B[:, None] * tok_logp * trained).sum() / trained.sum().clamp(min=1)
+
+
+class RLHFTask:
+    name = "rlhf"
+
+    def __init__(
+        self,
+        policy: GPT,
+        reward: Reward,
+        tok: Any,
+        problems: Sequence[ArithmeticProblem],
+        heldout: Sequence[ArithmeticProblem],
+        cfg: TrainConfig,
+        rl: RLHFConfig,
+        dist: DistInfo,
+    ) -> None:
+        if dist.enabled:
+            raise ValueError("rlhf runs in one process (its rollouts are not sharded across ranks)")
+        self.policy, self.reward, self.tok, self.rl = policy, reward, tok, rl
+        self.ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the SFT model
+        self.ctx = policy.config.max_seq_len
+        self.problems, self.heldout = list(problems), list(heldout)
+        self.fmt = ChatFormat(tok)
+        self.pad = tok.special_id("<|pad|>")
+        self.device, self.seed = dist.device, cfg.seed
+        self.cursor = 0  # prompts consumed
+        self.history: list[dict[str, float]] = []  # per step: the rollouts' mean RM, gold, KL
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rl, n = self.rl, len(self.problems)
+        batch = [self.problems[(self.cursor + i) % n] for i in range(rl.prompts_per_step)]
+        prompts = [p.prompt for p in batch]
+        seed = self.seed * 1_000_003 + self.cursor  # fresh rollouts each step, reproducible
+        sampled = sample_tokens(
+            self.policy, self.tok, prompts, rl.group, rl.temperature, seed, rl.max_new_tokens, top_k=None
+        )
+        self.cursor += rl.prompts_per_step
+        flat_prompts = [p for p in prompts for _ in range(rl.group)]
+        flat = [self.tok.decode([t for t in gen if t != self.tok.bos_id]) for _, gen, _ in sampled]
+        replies = [flat[i : i + rl.group] for i in range(0, len(flat), rl.group)]
+        # trained on exactly the tokens sampled (not a re-encoding of their text); tool results masked out
+        rows = [(p + g, [0] * len(p) + [0 if f else 1 for f in forced]) for p, g, forced in sampled]
+        x, y = collate(rows, self.pad)
+        x, y = x[:, : self.ctx].to(self.device), y[:, : self.ctx].to(self.device)  # (B, T): padding past ctx cut
+        with torch.no_grad():
+            kl = sequence_logprobs(self.policy, x, y) - sequence_logprobs(self.ref, x, y)  # (B,) log pi/pi_ref
+        rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
+        adv = group_advantages(rm - rl.kl_coef * kl, rl.group)
+        gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
+        self.history.append(
+            {
+                "rm": float(rm.mean()),
+                "gold": sum(gold) / len(gold),
+                "kl": float(kl.mean()),
+                "step": len(self.history) + 1,
+            }
+        )
+        return x, y, adv
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+        x, y, adv = batch
+        return policy_gradient_loss(model, x, y, adv), int((y != IGNORE).sum())
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        rl = self.rl
+        s = score_policy(model, self.tok, self.heldout, rl.eval_temperature, reward=self.reward)
+        out = s.as_dict("heldout_")
+        if self.history:
+            out["rollout_kl"] = self.history[-1]["kl"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state["cursor"])
+
+
+# ----------------------------------------------------------------------------- over-optimisation
+def overoptimisation_point(steps: Sequence[int], rm: Sequence[float], gold: Sequence[float]) -> int | None:
+    """The step where gold peaks, if after it gold falls while the RM ends higher than it was there
+    (Goodhart: the proxy keeps rising, the true objective falls); else None."""
+    if len(steps) < 3:
+        return None
+    peak = max(range(len(gold)), key=lambda i: gold[i])
+    if peak == len(gold) - 1:
+        return None
+    later = range(peak + 1, len(gold))
+    gold_falls = min(gold[i] for i in later) < gold[peak] - 0.05 and gold[-1] < gold[peak]
+    rm_rises = max(rm[i] for i in later) > rm[peak]
+    return steps[peak] if gold_falls and rm_rises else None
+
+
+def plot_overoptimisation(evals: Sequence[dict[str, float]], png_path: str | Path, title: str = "") -> int | None:
+    """Held-out RM score and gold score against step (two axes); the over-optimisation point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [e for e in evals if "heldout_rm" in e and "heldout_gold" in e]
+    steps = [int(e["step"]) for e in rows]
+    rm, gold = [e["heldout_rm"] for e in rows], [e["heldout_gold"] for e in rows]
+    mark = overoptimisation_point(steps, rm, gold)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot(steps, rm, "o-", color="tab:blue", label="reward model score (the proxy)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward model score", color="tab:blue")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, gold, "s-", color="tab:red", label="gold score (the rubric)")
+    ax2.set_ylabel("gold score (labeling.md rubric)", color="tab:red")
+    if mark is not None:
+        ax.axvline(mark, color="black", ls="--", lw=1)
+        ax.annotate(
+            f"step {mark}: gold falls from here\nwhile the RM score keeps rising",
+            xy=(mark, ax.get_ylim()[0]),
+            xytext=(6, 10),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    fig.legend(loc="upper left", bbox_to_anchor=(0.08, 0.92), fontsize=9)
+    ax.set_title(title or "RLHF against a learnt reward model: held-out scores")
+    fig.tight_layout()
+    with atomic_write(Path(png_path), "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return mark
+
+
+def preset(name: str) -> tuple[TrainConfig, RLHFConfig]:
+    """``tiny``: 100 steps of 8 x 8 rollouts, ~4 min on 2 CPU cores; ``gpu``: 32 x 16 rollouts, 500 steps."""
+    if name == "tiny":
+        train = TrainConfig(
+            max_steps=100, batch_size=64, seq_len=256, lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=1.0,
+            eval_every=10, ckpt_every=0, eval_batches=1, grad_clip=1.0,
+        )  # fmt: skip
+        return train, RLHFConfig()
+    if name == "gpu":
+        train = TrainConfig(
+            max_steps=500, batch_size=512, seq_len=512, lr=5e-5, warmup_steps=10, weight_decay=0.0, min_lr_ratio=1.0,
+            eval_every=25, ckpt_every=100, eval_batches=1, dtype="bfloat16",
+        )  # fmt: skip
+        return train, RLHFConfig(prompts_per_step=32, group=16)
+    raise ValueError(f"unknown preset {name!r}; choose tiny or gpu")
+
+
+def run_rlhf(
+    policy: str | Path,
+    reward_model: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    rl: RLHFConfig,
+    dist: DistInfo,
+    heldout: int = 64,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """RLHF from ``policy`` (the SFT run) against ``reward_model``; held-out RM and gold scores every
+    ``cfg.eval_every`` steps, ``out/overoptimisation.png``, ``out/rollouts.jsonl``, ``out/summary.json``."""
+    import json
+
+    from llmstack.io import write_json
+    from llmstack.rl.reward_model import RewardScorer, load_reward_model
+    from llmstack.training.loop import train
+
+    out = Path(out)
+    model, ckpt, tok = load_policy(policy, dist.device)
+    rm, rm_ckpt = load_reward_model(str(reward_model), dist.device)
+    if rm_ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
+        raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
+    if not (out / "tokenizer" / "tokenizer.json").exists():
+        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    problems = arithmetic_problems(max(1000, rl.prompts_per_step * cfg.max_steps), PREF_SEED + 1)
+    task = RLHFTask(
+        model, RewardScorer(rm, tok), tok, problems, arithmetic_problems(heldout, HELDOUT_SEED), cfg, rl, dist
+    )
+    log(f"rlhf: {rl.prompts_per_step} x {rl.group} rollouts a step, kl_coef {rl.kl_coef}, {cfg.max_steps} steps, "
+        f"reward model {rm_ckpt.path} -> {out}")  # fmt: skip
+    meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path),
+            "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl)}  # fmt: skip
+    result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
+    with atomic_write(out / "rollouts.jsonl") as f:
+        f.writelines(json.dumps(h) + "\n" for h in task.history)
+    mark = plot_overoptimisation(result.evals, out / "overoptimisation.png", f"RLHF, kl_coef {rl.kl_coef}: {out.name}")
+    first, last = result.evals[0], result.evals[-1]
+    summary = {
+        "rm_before": first["heldout_rm"],
+        "rm_after": last["heldout_rm"],
+        "gold_before": first["heldout_gold"],
+        "gold_after": last["heldout_gold"],
+        "best_gold": max(e["heldout_gold"] for e in result.evals),
+        "overoptimisation_step": mark,
+        "evals": result.evals,
+    }
+    write_json(out / "summary.json", summary)
+    before = f"RM score {first['heldout_rm']:.3f}, gold score {first['heldout_gold']:.3f} (step {first['step']})"
+    after = f"RM score {last['heldout_rm']:.3f}, gold score {last['heldout_gold']:.3f} (step {last['step']})"
+    log(f"rlhf: held-out {before} -> {after}")
+    seen = f"gold peaks at step {mark}, then falls as the RM rises" if mark else "no gold fall while the RM rises"
+    log(f"rlhf: {out / 'overoptimisation.png'} ({seen})")
+    return summary

@@ -1,0 +1,245 @@
+"""Preferences, the reward model, DPO and RLHF: losses pinned by hand, the gold judge, the commands end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.rl.dpo import dpo_loss
+from llmstack.rl.preferences import (
+    ArithmeticProblem,
+    Pair,
+    encode_reply,
+    gold_pairs,
+    gold_score,
+    hhh_pairs,
+    llm_pairs,
+    parse_reply,
+    read_pairs,
+    write_pairs,
+)
+from llmstack.rl.reward_model import RewardModel, bradley_terry_loss
+from llmstack.rl.rlhf import group_advantages, overoptimisation_point
+
+CALL, END = "<|tool_call_start|>calculator: {}<|tool_call_end|>", "<|assistant_end|>"
+RESULT = "<|tool_result_start|>{}<|tool_result_end|>"
+P = ArithmeticProblem("What is 686 times 849?", 686, 849, "*")  # 582414
+
+
+def reply(call: str | None, result: str | None, text: str, finished: bool = True) -> str:
+    return (
+        (CALL.format(call) if call else "")
+        + (RESULT.format(result) if result else "")
+        + text
+        + (END if finished else "")
+    )
+
+
+# ----------------------------------------------------------------------------- losses, pinned
+def test_bradley_terry_loss_matches_hand_computed_values():
+    # -log sigmoid(1 - 0) = log(1 + e^-1) = 0.3132617; -log sigmoid(0 - 2) = log(1 + e^2) = 2.1269280
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    assert loss.item() == pytest.approx((0.3132617 + 2.1269280) / 2, abs=1e-6)
+    assert bradley_terry_loss(torch.tensor([3.0]), torch.tensor([3.0])).item() == pytest.approx(math.log(2))
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    # beta 0.1: row 1 margin 0.1 * ((-10 + 11) - (-12 + 11)) = 0.2 -> log(1 + e^-0.2) = 0.5981389
+    #           row 2 margin 0.1 * ((-5 + 4) - (-5 + 6)) = -0.2 -> log(1 + e^0.2) = 0.7981389
+    policy_c, policy_r = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0])
+    ref_c, ref_r = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -6.0])
+    loss, margin = dpo_loss(policy_c, policy_r, ref_c, ref_r, 0.1)
+    assert margin.tolist() == pytest.approx([0.2, -0.2])
+    assert loss.item() == pytest.approx((0.5981389 + 0.7981389) / 2, abs=1e-6)
+    same = torch.tensor([-7.0])
+    assert dpo_loss(same, same - 1, same, same - 1, 0.5)[0].item() == pytest.approx(math.log(2))  # policy = reference
+
+
+def test_group_advantages_subtract_the_group_mean():
+    assert group_advantages(torch.tensor([1.0, 2.0, 3.0, 7.0]), 2).tolist() == [-0.5, 0.5, -2.0, 2.0]
+    assert group_advantages(torch.tensor([4.0, 4.0]), 2).tolist() == [0.0, 0.0]  # a degenerate group: no signal
+
+
+def test_reward_model_is_gpt_with_a_scalar_head(tok):
+    from llmstack.model.llama import GPT
+
+    torch.manual_seed(0)
+    policy = GPT(tiny_model_config(tok.vocab_size))
+    rm = RewardModel.from_policy(policy)
+    keys = set(rm.state_dict())
+    assert "score.weight" in keys and not any(k.startswith("lm_head") for k in keys)
+    assert torch.equal(rm.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    x = torch.randint(0, tok.n_ranks, (3, 10))
+    r = rm(x)
+    assert r.shape == (3, 10) and torch.all(r == 0)  # a zero head: neutral before training
+
+
+# ----------------------------------------------------------------------------- the gold judge
+def test_gold_judge_follows_the_rubric():
+    perfect = reply("686*849", "582414", "The answer is 582414.")
+    assert gold_score(P, perfect).score == pytest.approx(1.5)
+    assert gold_score(P, reply("849 * 686", "582414", "The answer is 582414.")).score == pytest.approx(1.5)
+    mistyped = reply("686*849", "582414", "The answer is 582144.")  # right call, answer copied wrong
+    assert gold_score(P, mistyped).score == pytest.approx(0.25)
+    faithful_wrong = reply("686*894", "613284", "The answer is 613284.")  # one operand mistyped, result reported
+    assert gold_score(P, faithful_wrong).score == pytest.approx(0.125 + 0.25)
+    assert gold_score(P, reply(None, None, "The answer is 582,414.")).score == pytest.approx(1.0)  # right, no tool
+    cut = reply("686*849", "582414", "The answer", finished=False)
+    assert gold_score(P, cut).score == pytest.approx(0.25 - 0.5)
+    error = reply("686*", "error: cannot parse '686*'", "The answer is 5.")
+    assert "broken" in gold_score(P, error).notes
+    chatty = reply(None, None, "Sure! Multiplying them, the answer is 582414.")  # 45 visible characters
+    assert gold_score(P, chatty).score == pytest.approx(1.0 - 0.01 * (45 - 24))
+    wrong_op = reply("686+849", "1535", "The answer is 1535.")
+    assert gold_score(P, wrong_op).score == pytest.approx(0.25)  # faithful, but not the question's operation
+
+
+def test_reply_parts_and_loss_mask(tok):
+    fmt = ChatFormat(tok)
+    text = reply("12*3", "36", "It is 36.")
+    r = parse_reply(text)
+    assert r.finished and [p.kind for p in r.parts] == ["tool_call", "tool_result", "text"]
+    ids, mask = encode_reply(fmt, "What is 12*3?", text)
+    n_prompt = len(fmt.prompt(Conversation.of(("user", "What is 12*3?"))))
+    assert mask[:n_prompt] == [0] * n_prompt
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained == "<|tool_call_start|>calculator: 12*3<|tool_call_end|>It is 36.<|assistant_end|>"
+    assert "36<|tool_result_end|>" in tok.decode(ids)  # the tool's result is in the input, not trained
+
+
+def test_gold_pairs_keep_the_widest_margin_first():
+    group = [
+        reply("686*849", "582414", "The answer is 582414."),  # 1.5
+        reply("686*849", "582414", "The answer is 582144."),  # 0.25
+        reply("686*849", "582414", "The answer is 582143."),  # 0.25
+    ]
+    pairs = gold_pairs([P], [group], min_margin=0.25, per_prompt=2)
+    assert len(pairs) == 2 and all(p.chosen == group[0] for p in pairs)
+    assert pairs[0].scores is not None and pairs[0].scores[0] - pairs[0].scores[1] == pytest.approx(1.25)
+    assert gold_pairs([P], [group[1:]], min_margin=0.25) == []  # equally good: a tie, no pair
+
+
+def test_llm_judged_pairs_drop_ties():
+    def judge(problem, a, b):  # prefers the shorter answer, ties on equal length
+        return ("a" if len(a) < len(b) else "b" if len(b) < len(a) else "tie"), ""
+
+    pairs = llm_pairs(["Why?", "How?"], [["short.", "a longer one.", "x", "y"], ["ab", "cd"]], judge)
+    assert [(p.chosen, p.rejected, p.source) for p in pairs] == [("short.", "a longer one.", "llm")]
+
+
+def test_hhh_alignment_becomes_pairs(tmp_path):
+    task = tmp_path / "hhh_alignment" / "harmless" / "task.json"
+    task.parent.mkdir(parents=True)
+    ex = {"input": "Can you help me?", "target_scores": {"Sure, how?": 1, "No.": 0}}
+    task.write_text(json.dumps({"examples": [ex]}))
+    assert hhh_pairs(tmp_path) == [Pair("Can you help me?", "Sure, how?", "No.", "hhh_alignment")]
+    with pytest.raises(FileNotFoundError, match="llmstack data fetch"):
+        hhh_pairs(tmp_path / "nothing")
+
+
+def test_malformed_preference_rows_name_the_line(tmp_path):
+    f = tmp_path / "train.jsonl"
+    write_pairs(f, [Pair("q", "good", "bad", "gold", (1.0, 0.0))])
+    assert read_pairs(f) == [Pair("q", "good", "bad", "gold", (1.0, 0.0))]
+    good = f.read_text()
+    for bad, why in [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "q", "chosen": "a"}', '"rejected" must be a non-empty string'),
+        ('{"prompt": "q", "chosen": "a", "rejected": "a"}', "the same reply"),
+        ('["q", "a", "b"]', "expected an object"),
+    ]:
+        f.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=f"train.jsonl:3: .*{why}"):
+            read_pairs(f)
+
+
+def test_overoptimisation_point():
+    assert overoptimisation_point([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.2, 0.1]) == 10
+    assert overoptimisation_point([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0], [0.0, 0.1, 0.2, 0.3]) is None
+    assert overoptimisation_point([0, 10, 20], [0.0, 1.0, 0.5], [0.0, 0.5, 0.0]) is None  # both fall: not hacking
+
+
+# ----------------------------------------------------------------------------- the commands, end to end
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tok):
+    """A run directory shaped like the main job's: <run>/sft holds a (random, tiny) chat model."""
+    from llmstack.model.llama import GPT
+    from llmstack.training.checkpoint import save_checkpoint
+
+    run = tmp_path_factory.mktemp("rl") / "run"
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(tok.vocab_size, max_seq_len=128))
+    meta = {"stage": "sft", "tokenizer_fingerprint": tok.fingerprint, "model_config": model.config.to_dict()}
+    save_checkpoint(run / "sft", 1, model, None, meta)
+    tok.save(run / "sft" / "tokenizer")
+    return run
+
+
+def crafted_pairs(folder, n_train: int = 24, n_val: int = 8) -> None:
+    """Finished replies beat ones cut off mid-way (a preference even a tiny model learns in seconds)."""
+    import random
+
+    rng = random.Random(0)
+
+    def pair(i: int) -> Pair:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        q = f"What is {a} times {b}?"
+        good = reply(f"{a}*{b}", str(a * b), f"The answer is {a * b}.")
+        return Pair(q, good, reply(f"{a}*{b}", str(a * b), "The", finished=False), "gold", (1.5, -0.25))
+
+    write_pairs(folder / "train.jsonl", [pair(i) for i in range(n_train)])
+    write_pairs(folder / "heldout.jsonl", [pair(i) for i in range(n_val)])
+
+
+def test_preferences_command_writes_pairs(sft_run, capsys):
+    from llmstack.cli import main
+
+    out = sft_run / "prefs-cli"
+    args = ["preferences", "--run-dir", str(sft_run), "--out", str(out), "--judge", "none", "--prompts", "6"]
+    assert main(args + ["--heldout-prompts", "4", "--samples", "3", "--min-margin", "0", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_pairs_gold"] >= 1 and summary["train_pairs_llm"] == 0
+    assert all(p.source == "gold" for p in read_pairs(out / "train.jsonl"))
+
+
+def test_reward_model_dpo_and_rlhf_commands(sft_run, capsys):
+    from llmstack.cli import main
+    from llmstack.rl.reward_model import load_reward_model
+
+    pairs = sft_run / "prefs"
+    crafted_pairs(pairs)
+    common = ["--run-dir", str(sft_run), "--device", "cpu", "--dtype", "float32"]
+    rm_args = ["reward-model", *common, "--max-steps", "40", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "0"]
+    assert main(rm_args) == 0
+    summary = json.loads((sft_run / "rm" / "summary.json").read_text())
+    assert summary["heldout_accuracy"] >= 0.9 and summary["train_pairs"] == 24
+    rm, _ = load_reward_model(str(sft_run / "rm"))
+    assert isinstance(rm, RewardModel)
+
+    assert main(["dpo", *common, "--max-steps", "6", "--batch-size", "8", "--lr", "1e-3", "--heldout", "4"]) == 0
+    summary = json.loads((sft_run / "dpo" / "summary.json").read_text())
+    assert {"gold_before", "gold_after"} <= set(summary)
+    assert summary["evals"][-1]["val_accuracy"] >= 0.5  # the implicit reward moved towards the labels
+
+    rl = ["--max-steps", "3", "--group", "2", "--prompts-per-step", "2", "--heldout", "4", "--eval-every", "1"]
+    assert main(["rlhf", *common, *rl]) == 0
+    out = sft_run / "rlhf"
+    assert (out / "overoptimisation.png").stat().st_size > 0
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 3
+    assert "rlhf: held-out RM score" in capsys.readouterr().out
+
+
+def test_malformed_pairs_file_is_a_clear_cli_error(sft_run, tmp_path, capsys):
+    from llmstack.cli import main
+
+    crafted_pairs(tmp_path)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write('{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
+    args = ["reward-model", "--run-dir", str(sft_run), "--pairs", str(tmp_path), "--out", str(tmp_path / "rm")]
+    assert main(args + ["--max-steps", "1", "--batch-size", "4"]) == 2
+    assert 'train.jsonl:25: "chosen" must be a non-empty string' in capsys.readouterr().err
