@@ -1,5 +1,5 @@
 # The two commands (each sets itself up on a fresh machine: virtualenv, pip, data fetch):
-#   make run    the main job: data -> tokenizer -> shards -> pretraining -> samples (tiny preset, 2 CPU cores)
+#   make run    the main job: data -> tokenizer -> shards -> pretraining -> samples -> SFT -> eval -> RL (tiny preset)
 #   make test   lint, type check and the whole test suite (what .ci/run calls)
 
 PY ?= python3

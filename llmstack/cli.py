@@ -503,7 +503,13 @@ def cmd_ttc(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from llmstack.pipeline import run_pipeline
 
-    return run_pipeline(preset=args.preset, run_dir=_run_dir(args), max_steps=args.max_steps, sft_steps=args.sft_steps)
+    return run_pipeline(
+        preset=args.preset,
+        run_dir=_run_dir(args),
+        max_steps=args.max_steps,
+        sft_steps=args.sft_steps,
+        rl_steps=args.rl_steps,
+    )
 
 
 # ----------------------------------------------------------------------------- interop (HF, GGUF, chat)
@@ -1319,6 +1325,7 @@ and logprob (the model's mean log-probability of its own tokens). Writes <out>/t
     common(r)
     r.add_argument("--max-steps", type=int, help="override the preset's pretraining steps")
     r.add_argument("--sft-steps", type=int, help="override the SFT steps")
+    r.add_argument("--rl-steps", type=int, help="override the GRPO steps (default 30)")
     r.set_defaults(func=cmd_run)
 
     ex = sub.add_parser(

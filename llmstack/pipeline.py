@@ -1,4 +1,4 @@
-"""The main job: raw pages -> documents -> tokenizer -> token shards -> base model -> samples -> SFT -> eval.
+"""The main job: raw pages -> documents -> tokenizer -> token shards -> base model -> samples -> SFT -> eval -> RL.
 
 Each stage skips work whose output already exists (a finished tokenizer, complete shards, a
 checkpoint to resume from), so running it again after an interruption continues where it stopped.
@@ -20,7 +20,16 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_steps: int | None = None) -> int:
+RL_STEPS = 30  # GRPO steps in the main job (the `rl` tiny preset runs 60): it keeps the job under 15 minutes
+
+
+def run_pipeline(
+    preset: str,
+    run_dir: Path,
+    max_steps: int | None = None,
+    sft_steps: int | None = None,
+    rl_steps: int | None = None,
+) -> int:
 
     from llmstack.cli import main as cli
 
@@ -28,7 +37,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    t = _stage("1/7 pretraining data")
+    t = _stage("1/8 pretraining data")
     from llmstack.data.corpus import build_default_corpus, read_jsonl
 
     corpus = build_default_corpus()
@@ -36,7 +45,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
     print(f"{n_docs} documents in {corpus}")
     timings["data"] = time.perf_counter() - t
 
-    t = _stage("2/7 tokenizer")
+    t = _stage("2/8 tokenizer")
     from llmstack.tokenizer import Tokenizer
     from llmstack.training.presets import get_preset
 
@@ -64,7 +73,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
     print(f"tokenizer: {tok.vocab_size} tokens at {tok_dir}")
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = _stage("3/7 token shards")
+    t = _stage("3/8 token shards")
     from llmstack.data.shards import ShardIndex
 
     shard_dir = run_dir / "shards"
@@ -79,7 +88,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
     print(f"{idx.n_tokens('train'):,} train tokens, {idx.n_tokens('val'):,} val tokens in {shard_dir}")
     timings["tokenize"] = time.perf_counter() - t
 
-    t = _stage("4/7 pretraining")
+    t = _stage("4/8 pretraining")
     argv = ["pretrain", "--preset", preset, "--run-dir", str(run_dir), "--device", "cpu"]
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
@@ -88,7 +97,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         return rc
     timings["pretrain"] = time.perf_counter() - t
 
-    t = _stage("5/7 dreams (samples from the base model)")
+    t = _stage("5/8 dreams (samples from the base model)")
     from llmstack.inference.sample import SamplingConfig, generate
     from llmstack.training.checkpoint import load_model
     from llmstack.training.metrics import read_metrics
@@ -109,7 +118,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         print(f"--- {prompt!r}\n{text}\n")
     timings["sample"] = time.perf_counter() - t
 
-    t = _stage("6/7 supervised finetuning into an assistant")
+    t = _stage("6/8 supervised finetuning into an assistant")
     sft_dir = run_dir / "sft"
     argv = ["sft", "--run-dir", str(run_dir), "--device", "cpu"]
     if sft_steps:
@@ -119,12 +128,18 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         return rc
     timings["sft"] = time.perf_counter() - t
 
-    t = _stage("7/7 evaluation of the assistant (held-out problems)")
+    t = _stage("7/8 evaluation of the assistant (held-out problems)")
     rc = cli(["eval", "--model", str(sft_dir), "--n", "100"])
     if rc:
         return rc
     assistant_eval = json.loads((sft_dir / "eval.json").read_text())
     timings["eval"] = time.perf_counter() - t
+
+    t = _stage("8/8 reinforcement learning (GRPO on held-out-verifiable calculator products)")
+    from llmstack.rl.stage import run_rl
+
+    rl = run_rl(sft_dir, run_dir / "rl", "tiny", max_steps=rl_steps or RL_STEPS, device="cpu")
+    timings["rl"] = time.perf_counter() - t
 
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     trains = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
@@ -137,6 +152,8 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         "sft_checkpoint": str(sft_dir / "checkpoints"),
         "sft_loss_plot": str(sft_dir / "loss.png"),
         "assistant_eval": str(sft_dir / "eval.json"),
+        "rl_checkpoint": str(rl.checkpoint),
+        "rl_plot": rl.plot,
         "report": str(run_dir / "report" / "report.md"),
     }
     summary = {
@@ -152,6 +169,7 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "samples": samples,
         "assistant": {k: round(v["accuracy"], 3) for k, v in assistant_eval.items()},
+        "rl": {"steps": rl.steps, "sft": rl.sft, "rl": rl.rl, "rollout_tok_per_s": round(rl.rollout_tok_per_s)},
         "outputs": outputs,
     }
     write_json(run_dir / "summary.json", summary)
@@ -170,6 +188,8 @@ def run_pipeline(preset: str, run_dir: Path, max_steps: int | None = None, sft_s
     for k, v in assistant_eval.items():
         lo, hi = v["interval"]
         print(f"assistant, {k}: {v['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] of {v['total']}")
+    for line in rl.lines():
+        print(f"rl: {line}")
     print(json.dumps(summary["seconds"]), f"total {total:.0f}s")
     for k, v in outputs.items():
         print(f"{k:>11}: {v}")

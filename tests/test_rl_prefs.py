@@ -24,7 +24,7 @@ from llmstack.rl.preferences import (
     write_pairs,
 )
 from llmstack.rl.reward_model import RewardModel, bradley_terry_loss
-from llmstack.rl.rlhf import group_advantages, overoptimisation_point
+from llmstack.rl.rlhf import overoptimisation_point, policy_gradient_loss
 
 CALL, END = "<|tool_call_start|>calculator: {}<|tool_call_end|>", "<|assistant_end|>"
 RESULT = "<|tool_result_start|>{}<|tool_result_end|>"
@@ -60,9 +60,30 @@ def test_dpo_loss_matches_hand_computed_values():
     assert dpo_loss(same, same - 1, same, same - 1, 0.5)[0].item() == pytest.approx(math.log(2))  # policy = reference
 
 
-def test_group_advantages_subtract_the_group_mean():
-    assert group_advantages(torch.tensor([1.0, 2.0, 3.0, 7.0]), 2).tolist() == [-0.5, 0.5, -2.0, 2.0]
-    assert group_advantages(torch.tensor([4.0, 4.0]), 2).tolist() == [0.0, 0.0]  # a degenerate group: no signal
+def test_rlhf_policy_gradient_is_minus_advantage_times_token_logprob():
+    """By hand on a one-layer-free model: logits fixed per position, so log p of each target is known."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]])))
+
+        def forward(self, x, cache=None):  # (B, T) -> (B, T, V)
+            return self.w.unsqueeze(0).expand(x.size(0), -1, -1)
+
+    x = torch.zeros(2, 2, dtype=torch.long)
+    y = torch.tensor([[0, 1], [2, -1]])  # targets; -1 is not trained
+    adv = torch.tensor([1.0, -2.0])
+    model = Fixed()
+    loss = policy_gradient_loss(model, x, y, adv)
+    assert abs(float(loss) - -(1.0 + 1.0 - 2.0) / 3) < 1e-6  # ratio 1 on fresh rollouts: -mean advantage
+    (grad,) = torch.autograd.grad(loss, model.w)
+    # the gradient of -(1 * log p0(0) + 1 * log p1(1) - 2 * log p0(2)) / 3, written out
+    w = model.w.detach().clone().requires_grad_(True)
+    logp = w.log_softmax(-1)
+    by_hand = -(1.0 * logp[0, 0] + 1.0 * logp[1, 1] - 2.0 * logp[0, 2]) / 3
+    (expected,) = torch.autograd.grad(by_hand, w)
+    assert torch.allclose(grad, expected, atol=1e-6)
 
 
 def test_reward_model_is_gpt_with_a_scalar_head(tok):

@@ -33,6 +33,7 @@ from llmstack.chat.conversation import ChatFormat
 from llmstack.io import atomic_write
 from llmstack.model.llama import GPT
 from llmstack.rl.dpo import sequence_logprobs
+from llmstack.rl.grpo import group_advantages, policy_loss, token_logprobs
 from llmstack.rl.preferences import (
     HELDOUT_SEED,
     PREF_SEED,
@@ -60,22 +61,14 @@ class RLHFConfig:
     eval_temperature: float = 1.0  # held-out replies are sampled as in training (seeded): what the RM is pushed on
 
 
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """(N * group,) rewards -> each minus the mean of its group."""
-    r_NG = rewards.view(-1, group)
-    return (r_NG - r_NG.mean(dim=1, keepdim=True)).reshape(-1)
-
-
 def policy_gradient_loss(
     model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, adv_B: torch.Tensor
 ) -> torch.Tensor:
-    """-advantage x log p(token), summed over the trained tokens of all rows / their number."""
-    from llmstack.training.pretrain import logits_of
-
-    logp_BTV = logits_of(model, x_BT).float().log_softmax(dim=-1)
-    trained = (y_BT != IGNORE).float()
-    tok_logp = logp_BTV.gather(-1, y_BT.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return -(adv_B[:, None] * tok_logp * trained).sum() / trained.sum().clamp(min=1)
+    """-advantage x log p(token) over the trained tokens of all rows / their number: GRPO's token-level
+    ("dapo") loss on fresh rollouts (one update per rollout, so the ratio is 1 and no clip applies)."""
+    logp, _ = token_logprobs(model, x_BT, y_BT)
+    loss, _ = policy_loss(logp, logp.detach(), adv_B, y_BT != IGNORE, "dapo")
+    return loss
 
 
 class RLHFTask:
@@ -123,7 +116,7 @@ class RLHFTask:
         with torch.no_grad():
             kl = sequence_logprobs(self.policy, x, y) - sequence_logprobs(self.ref, x, y)  # (B,) log pi/pi_ref
         rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
-        adv = group_advantages(rm - rl.kl_coef * kl, rl.group)
+        adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=False).reshape(-1)
         gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
         self.history.append(
             {
