@@ -311,7 +311,11 @@ def _loss_panel(ax: Any, stage: str, train: list[dict[str, Any]], evals: list[di
 def loss_curves(run: Path, out: Path) -> list[str]:
     from llmstack.training.metrics import read_metrics
 
-    paths = sorted(run.glob("**/metrics.jsonl"), key=lambda p: (len(p.parts), p))
+    # base first, then the stages in pipeline order (sft before rl), anything else after them
+    pipeline = {"sft": 0, "rl": 1}
+    paths = sorted(
+        run.glob("**/metrics.jsonl"), key=lambda p: (len(p.parts), pipeline.get(p.parent.name, len(pipeline)), p)
+    )
     paths = [p for p in paths if out not in p.parents]
     if not paths:
         raise Unavailable(f"no metrics.jsonl under {run} (training writes one per stage)")
