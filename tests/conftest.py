@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -184,23 +186,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(scripted_run, tmp_path_factory):
-    """A real ``llmstack serve`` process on localhost serving the scripted model as ``tiny``; yields its URL."""
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path):
+    """A real ``llmstack serve`` process on a free localhost port with ``args``; yields its URL once
+    ``/health`` answers, and stops it afterwards."""
     import subprocess
     import sys
     import time
     import urllib.request
 
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmstack", "serve", "--model", f"tiny={scripted_run}", "--port", str(port)]
-            + ["--no-assistants", "--max-tokens-cap", "64"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+        cmd = [sys.executable, "-m", "llmstack", "serve", "--port", str(port), *args]
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -220,3 +218,11 @@ def server(scripted_run, tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(scripted_run, tmp_path_factory):
+    """A real ``llmstack serve`` process on localhost serving the scripted model as ``tiny``; yields its URL."""
+    args = ["--model", f"tiny={scripted_run}", "--no-assistants", "--max-tokens-cap", "64"]
+    with serve_process(args, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url

@@ -201,32 +201,11 @@ def image_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_server(image_run, tmp_path_factory):
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from conftest import serve_process
 
-    from conftest import free_port
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("image-server") / "server.log"
-    with open(log, "wb") as f:
-        cmd = [sys.executable, "-m", "llmstack", "serve", "--model", f"img={image_run}", "--port", str(port)]
-        proc = subprocess.Popen([*cmd, "--no-assistants"], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
+    args = ["--model", f"img={image_run}", "--no-assistants"]
+    with serve_process(args, tmp_path_factory.mktemp("image-server") / "server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_server_filters_images_by_default(image_server):
