@@ -76,7 +76,7 @@ def test_rlhf_policy_gradient_is_minus_advantage_times_token_logprob():
     adv = torch.tensor([1.0, -2.0])
     model = Fixed()
     loss = policy_gradient_loss(model, x, y, adv)
-    assert abs(float(loss) - -(1.0 + 1.0 - 2.0) / 3) < 1e-6  # ratio 1 on fresh rollouts: -mean advantage
+    assert abs(loss.detach().item() - -(1.0 + 1.0 - 2.0) / 3) < 1e-6  # ratio 1 on fresh rollouts: -mean advantage
     (grad,) = torch.autograd.grad(loss, model.w)
     # the gradient of -(1 * log p0(0) + 1 * log p1(1) - 2 * log p0(2)) / 3, written out
     w = model.w.detach().clone().requires_grad_(True)
