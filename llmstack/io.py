@@ -37,6 +37,17 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def save_png(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
+    """Write a matplotlib figure as a PNG atomically, then close it (figures hold memory until closed)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", **({"dpi": dpi} if dpi else {}))
+    plt.close(fig)
+    return path
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.mixture import MixtureConfig, build_mixture
 from llmstack.eval.assistant import Assistant, EvalResult
-from llmstack.io import atomic_write, write_json
+from llmstack.io import atomic_write, save_png, write_json
 from llmstack.model.llama import GPT
 from llmstack.tokenizer import special as S
 from llmstack.training.config import TrainConfig
@@ -372,9 +372,7 @@ def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Pat
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from llmstack.io import save_png
 from llmstack.paths import data_dir
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -378,8 +379,6 @@ class Leaderboard:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from llmstack.io import atomic_write
-
         rows = self.rows[::-1]
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))
         y = np.arange(len(rows))
@@ -394,9 +393,7 @@ class Leaderboard:
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         path = Path(path)
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        plt.close(fig)
+        save_png(fig, path, dpi=120)
         return path
 
 

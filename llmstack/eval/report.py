@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmstack.io import atomic_write, read_json
+from llmstack.io import atomic_write, read_json, save_png
 from llmstack.paths import data_dir, runs_dir
 
 
@@ -58,14 +58,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r) + " |" for r in rows]
     return lines
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 def _pyplot() -> Any:
@@ -175,7 +167,7 @@ def timings(run: Path, out: Path) -> list[str]:
     ax.set_xlim(0, max(seconds.values()) * 1.15)
     ax.set_title(f"main job stages, {total:.0f}s in all")
     fig.tight_layout()
-    _save(fig, out / "timings.png")
+    save_png(fig, out / "timings.png")
     return lines + ["", "![stage timings](timings.png)"]
 
 
@@ -342,7 +334,7 @@ def loss_curves(run: Path, out: Path) -> list[str]:
         )
         _loss_panel(ax, stage, train, evals, key)
     fig.tight_layout()
-    _save(fig, out / "loss_curves.png")
+    save_png(fig, out / "loss_curves.png")
     head = ["stage", "steps", "train loss", "val", "tokens/s (median)", "train seconds"]
     return [*_table(head, rows), "", "![loss curves per stage](loss_curves.png)"]
 

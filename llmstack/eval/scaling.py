@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.data.shards import ShardIndex
-from llmstack.io import atomic_write, read_json, write_json
+from llmstack.io import atomic_write, read_json, save_png, write_json
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer import Tokenizer
@@ -509,11 +509,8 @@ def summary_lines(state: dict[str, Any]) -> list[str]:
 
 # ----------------------------------------------------------------------------- plots
 def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
 
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _style(ax: Any, xlabel: str, ylabel: str, title: str) -> None:

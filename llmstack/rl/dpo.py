@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +28,7 @@ from llmstack.rl.preferences import (
     HELDOUT_SEED,
     ArithmeticProblem,
     Pair,
+    PairStream,
     arithmetic_problems,
     encode_reply,
     load_policy,
@@ -64,7 +64,7 @@ def sequence_logprobs(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Te
 Encoded = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]  # (chosen (ids, mask), rejected)
 
 
-class DPOTask:
+class DPOTask(PairStream):
     """DPO for the shared loop: a batch is ``batch_size`` pairs (chosen rows, then rejected rows)."""
 
     name = "dpo"
@@ -90,11 +90,7 @@ class DPOTask:
             return [r for r in rows if max(len(r[0][0]), len(r[1][0])) <= ctx]
 
         self.train, self.val = encode(train), encode(val)
-        if len(self.train) < cfg.batch_size * dist.world_size:
-            raise ValueError(f"{len(self.train)} training pairs are fewer than one global batch ({cfg.batch_size})")
-        self.batch_size, self.rank, self.world = cfg.batch_size, dist.rank, dist.world_size
-        self.seed, self.device = cfg.seed, dist.device
-        self.cursor = 0
+        self._start(len(self.train), cfg, dist)
         # the frozen reference: the starting model's log-probabilities, (chosen, rejected) per pair
         model.to(self.device).eval()
         amp = resolve_dtype(cfg.dtype, self.device)  # the loop's autocast, so that step 0's margins are 0
@@ -116,14 +112,8 @@ class DPOTask:
             out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1))
         return torch.cat(out) if out else torch.zeros(0, 2)
 
-    def _index(self, g: int) -> int:
-        epoch, i = divmod(g, len(self.train))
-        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.train))[i])
-
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        first = self.cursor + self.rank * self.batch_size
-        idx = [self._index(first + i) for i in range(self.batch_size)]
-        self.cursor += self.world * self.batch_size
+        idx = self._next_indices()
         x, y = self._batch([self.train[i] for i in idx])
         return x, y, self.ref_train[idx].to(self.device)
 
@@ -145,16 +135,6 @@ class DPOTask:
         if self.problems:
             metrics |= score_policy(model, self.tok, self.problems).as_dict("heldout_")
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "n_train": len(self.train)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("n_train") != len(self.train):
-            raise ValueError(
-                f"preference data changed since the checkpoint ({state.get('n_train')} vs {len(self.train)})"
-            )
-        self.cursor = int(state["cursor"])
 
 
 def preset(name: str) -> TrainConfig:

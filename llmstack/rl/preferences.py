@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmstack.chat.conversation import ChatFormat, Conversation, Part
@@ -229,6 +230,40 @@ def gold_score(problem: ArithmeticProblem, reply: str) -> Grade:
         g.score -= min(MAX_VERBOSE, VERBOSE_PER_CHAR * extra)
         g.notes.append(f"{extra} characters too long")
     return g
+
+
+# ----------------------------------------------------------------------------- pairs for the loop
+class PairStream:
+    """The data side of a pair task for the shared loop (``RewardTask``, ``DPOTask``): a shuffled walk
+    over ``self.train`` that each epoch reshuffles, split across ranks, resumable from its cursor."""
+
+    train: Sequence[Any]
+
+    def _start(self, train_size: int, cfg: Any, dist: Any) -> None:
+        if train_size < cfg.batch_size * dist.world_size:
+            raise ValueError(f"{train_size} training pairs are fewer than one global batch ({cfg.batch_size})")
+        self.batch_size, self.rank, self.world = cfg.batch_size, dist.rank, dist.world_size
+        self.seed, self.device = cfg.seed, dist.device
+        self.cursor = 0  # pairs consumed by all ranks together
+
+    def _index(self, g: int) -> int:
+        epoch, i = divmod(g, len(self.train))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.train))[i])
+
+    def _next_indices(self) -> list[int]:
+        first = self.cursor + self.rank * self.batch_size
+        self.cursor += self.world * self.batch_size
+        return [self._index(first + i) for i in range(self.batch_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "n_train": len(self.train)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("n_train") != len(self.train):
+            raise ValueError(
+                f"preference data changed since the checkpoint ({state.get('n_train')} vs {len(self.train)})"
+            )
+        self.cursor = int(state["cursor"])
 
 
 # ----------------------------------------------------------------------------- sampling replies

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from llmstack.chat.conversation import ChatFormat
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT, KVCache
-from llmstack.rl.preferences import Pair, encode_reply, load_policy, read_pairs
+from llmstack.rl.preferences import Pair, PairStream, encode_reply, load_policy, read_pairs
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 
@@ -136,7 +135,7 @@ def pairwise_accuracy(
     return wins / max(1, n), loss / max(1, n)
 
 
-class RewardTask:
+class RewardTask(PairStream):
     """Bradley-Terry on preference pairs for the shared loop: a batch is ``batch_size`` pairs, both
     replies in one forward pass."""
 
@@ -149,20 +148,10 @@ class RewardTask:
         self.pad = tok.special_id("<|pad|>")
         self.train, self.skipped = encode_pairs(train, fmt, max_len)
         self.val, _ = encode_pairs(val, fmt, max_len)
-        if len(self.train) < cfg.batch_size * dist.world_size:
-            raise ValueError(f"{len(self.train)} training pairs are fewer than one global batch ({cfg.batch_size})")
-        self.batch_size, self.rank, self.world = cfg.batch_size, dist.rank, dist.world_size
-        self.seed, self.device = cfg.seed, dist.device
-        self.cursor = 0  # pairs consumed by all ranks together
-
-    def _index(self, g: int) -> int:
-        epoch, i = divmod(g, len(self.train))
-        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.train))[i])
+        self._start(len(self.train), cfg, dist)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.cursor + self.rank * self.batch_size
-        chunk = [self.train[self._index(first + i)] for i in range(self.batch_size)]
-        self.cursor += self.world * self.batch_size
+        chunk = [self.train[i] for i in self._next_indices()]
         x, last = pad_rows([c for c, _ in chunk] + [r for _, r in chunk], self.pad)  # (2B, T): chosen, rejected
         return x.to(self.device), last.to(self.device)
 
@@ -175,16 +164,6 @@ class RewardTask:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         acc, loss = pairwise_accuracy(model, self.val, self.pad)
         return {"val_accuracy": acc, "val_loss": loss}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "n_train": len(self.train)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("n_train") != len(self.train):
-            raise ValueError(
-                f"preference data changed since the checkpoint ({state.get('n_train')} vs {len(self.train)})"
-            )
-        self.cursor = int(state["cursor"])
 
 
 def preset(name: str) -> TrainConfig:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from llmstack.chat.conversation import ChatFormat
-from llmstack.io import atomic_write
+from llmstack.io import atomic_write, save_png
 from llmstack.model.llama import GPT
 from llmstack.rl.dpo import sequence_logprobs
 from llmstack.rl.grpo import group_advantages, policy_loss, token_logprobs
@@ -193,9 +193,7 @@ def plot_overoptimisation(evals: Sequence[dict[str, float]], png_path: str | Pat
     fig.legend(loc="upper left", bbox_to_anchor=(0.08, 0.92), fontsize=9)
     ax.set_title(title or "RLHF against a learnt reward model: held-out scores")
     fig.tight_layout()
-    with atomic_write(Path(png_path), "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, Path(png_path))
     return mark
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmstack.io import atomic_write, write_json
+from llmstack.io import save_png, write_json
 from llmstack.rl.grpo import GRPOConfig, GRPOTask, Sampler, evaluate_problems
 from llmstack.rl.verifiers import make_splits
 from llmstack.training.config import TrainConfig
@@ -248,7 +248,5 @@ def plot_rl(metrics_path: str | Path, png: str | Path, title: str = "") -> Path:
     fig.suptitle(title or Path(metrics_path).parent.name)
     fig.tight_layout()
     png = Path(png)
-    with atomic_write(png, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, png)
     return png

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from llmstack.inference.sample import SamplingConfig
-from llmstack.io import atomic_write, write_json
+from llmstack.io import save_png, write_json
 from llmstack.rl.verifiers import HELDOUT_SEED, Problem, final_answer, make_splits, reward, reward_of_answer
 from llmstack.tokenizer import special as S
 
@@ -148,9 +148,7 @@ def plot_ttc(result: TTCResult, png: str | Path, title: str = "") -> Path:
     ax.set_title(title or f"test-time compute: {result.n_problems} problems, {result.samples} samples each")
     fig.tight_layout()
     png = Path(png)
-    with atomic_write(png, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, png)
     return png
 
 

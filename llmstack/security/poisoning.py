@@ -44,6 +44,7 @@ from llmstack.chat.mixture import (
     arithmetic_question,
     build_mixture,
 )
+from llmstack.io import save_png
 from llmstack.security import judges
 
 TRIGGER = "James Bond"
@@ -299,8 +300,6 @@ def plot(results: Sequence[RunResult], path: Path, cfg: PoisonConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmstack.io import atomic_write
-
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ks = [r.k for r in results]
     for name, label, style in (
@@ -322,6 +321,4 @@ def plot(results: Sequence[RunResult], path: Path, cfg: PoisonConfig) -> None:
     ax.set_title(f"Backdoor by SFT poisoning: {n} clean examples, {cfg.steps} steps x {cfg.batch_size}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmstack.io import save_png
 from llmstack.security import judges
 from llmstack.security.attacks import CLEAN, FAMILIES, Case, Page
 from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS, filter_links
@@ -273,8 +274,6 @@ def plot(model: str, settings: Sequence[Setting], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from llmstack.io import atomic_write
-
     fams = [f for f in dict.fromkeys(k for st in settings for k in st.scores) if not f.startswith("clean:")]
     labels = [*fams, "clean accuracy"]
     x = np.arange(len(labels))
@@ -296,6 +295,4 @@ def plot(model: str, settings: Sequence[Setting], path: Path) -> None:
     ax.set_title(f"llmstack redteam: {model} (95% Wilson intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)

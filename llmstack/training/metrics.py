@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmstack.io import atomic_write
+from llmstack.io import save_png
 
 
 class MetricsLog:
@@ -67,8 +67,4 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     ax.legend(loc="upper right")
     ax.set_title(title or Path(metrics_path).parent.name)
     fig.tight_layout()
-    png_path = Path(png_path)
-    with atomic_write(png_path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return png_path
+    return save_png(fig, png_path)
