@@ -300,6 +300,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from llmstack.training.presets import sft_config
     from llmstack.training.sft import SFTTask
 
+    if args.hierarchy < 0:
+        raise ValueError(f"--hierarchy must be >= 0 (got {args.hierarchy})")
     base = _run_dir(args)
     out = Path(args.out) if args.out else base / "sft"
     model, ckpt = load_model(args.checkpoint or base)
@@ -312,9 +314,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
     words = words_from(_corpus_texts())[:1000] or ["strawberry", "banana", "python", "letter", "tokenizer"]
     mix = MixtureConfig()
     extra = [c for f in args.extra_conversations for c in read_conversations(f)]  # e.g. from `llmstack synth`
+    val_extra = []
+    if args.hierarchy:
+        from llmstack.security.hierarchy import instruction_hierarchy
+
+        extra += instruction_hierarchy(args.hierarchy, seed=11)
+        val_extra = instruction_hierarchy(max(1, args.hierarchy // 20), seed=12)
     train_convs = build_mixture(mix, seed=1, words=words, extra=extra)
     val_convs = build_mixture(
-        MixtureConfig(*(max(1, getattr(mix, f) // 20) for f in mix.__dataclass_fields__)), seed=2, words=words
+        MixtureConfig(*(max(1, getattr(mix, f) // 20) for f in mix.__dataclass_fields__)),
+        seed=2,
+        words=words,
+        extra=val_extra,
     )
     dist = init_distributed(args.device)
     task = SFTTask(train_convs, val_convs, ChatFormat(tok), tok.special_id(special.PAD), cfg, dist)
@@ -709,6 +720,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         output_filter=not args.no_output_filter,
         allowed_hosts=tuple(args.allow_host) if args.allow_host else ServeConfig.allowed_hosts,
         spotlight=args.spotlight,
+        guard=_load_guard(args.guard) if args.guard else None,
     )
     app = create_app(registry, config)
     print(
@@ -899,13 +911,27 @@ def cmd_redteam(args: argparse.Namespace) -> int:
 
     defenses = parse_defenses(args.defenses)
     families = [f.strip() for f in args.families.split(",")] if args.families else None
+    extra = {}
+    if args.gcg_suffix:  # jailbreak:heldout and jailbreak:gcg, on the asks the suffix was not trained on
+        from llmstack.security.attacks import gcg
+        from llmstack.security.gcg import load_suffix
+
+        found = load_suffix(args.gcg_suffix)
+        extra = gcg(found["suffix"], found["held_out"])
     target = load_target(args.model, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"), args.device)
-    cases = select_cases(families, args.limit, target.ours)
+    cases = select_cases(families, args.limit, target.ours, extra)
     hosts = tuple(args.allow_host) if args.allow_host else DEFAULT_ALLOWED_HOSTS
+    guard = None
+    if "guard" in defenses:
+        from llmstack.security.guard import load as load_guard
+
+        guard = load_guard(args.guard or runs_dir() / "guard")
     settings = []
     for chosen in [[], defenses] if defenses else [[]]:
         settings.append(
-            run_setting(target, cases, chosen, args.max_tokens, hosts, progress=lambda m: print(m, file=sys.stderr))
+            run_setting(
+                target, cases, chosen, args.max_tokens, hosts, progress=lambda m: print(m, file=sys.stderr), guard=guard
+            )
         )
     print(f"model: {target.name}")
     print(table(settings))
@@ -914,6 +940,64 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     write_json(out / "redteam.json", to_json(target.name, settings, meta))
     plot(target.name, settings, out / "redteam.png")
     print(f"results: {out / 'redteam.json'}, {out / 'redteam.png'}")
+    return 0
+
+
+def _load_guard(path: str):
+    from llmstack.security.guard import load
+
+    try:
+        return load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--guard: {e}") from None
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    from llmstack.io import write_json
+    from llmstack.security import guard as G
+
+    if args.guard_command == "train":
+        cfg = G.GuardConfig(epochs=args.epochs, dim=args.dim, chitchat=args.chitchat, seed=args.seed)
+        metrics = G.train_and_save(cfg, args.out)
+        print(G.report({k: metrics[k] for k in ("input", "output")}))
+        print(f"{metrics['seconds']:.0f}s; guard: {args.out}")
+        return 0
+    guard = _load_guard(args.guard)
+    if args.guard_command == "eval":
+        metrics = G.evaluate(guard, G.build("heldout", guard.cfg.seed, guard.cfg.chitchat))
+        print(G.report(metrics))
+        if args.out:
+            write_json(args.out, metrics)
+            print(f"results: {args.out}")
+        return 0
+    for text in args.text:  # check
+        (score, code), verdict = guard.scores([text])[0], guard.check([text])[0]
+        print(f"{'FLAGGED ' + code if verdict else 'safe':<11} P(unsafe) {score:.3f}  {text}")
+    return 0
+
+
+def cmd_gcg(args: argparse.Namespace) -> int:
+    from llmstack.interop.bundle import load_bundle
+    from llmstack.paths import runs_dir
+    from llmstack.security.attacks import plain_asks
+    from llmstack.security.gcg import GCGConfig, plot, save_suffix, search, split
+
+    cfg = GCGConfig(args.length, args.steps, args.topk, args.batch, args.init, args.seed, args.max_seconds)
+    cfg.check()
+    asks = plain_asks()
+    train, held_out = split(len(asks), args.train, args.seed)
+    name = Path(args.model).name or str(args.model)
+    out = Path(args.out) if args.out else runs_dir() / "gcg" / name / "suffix.json"
+    bundle = load_bundle(args.model)
+    bundle.model.to(args.device)
+    result = search(bundle, [asks[i] for i in train], cfg, not args.no_progress, lambda m: print(m, file=sys.stderr))
+    meta = {"model": str(args.model), "train": train, "held_out": held_out, "config": vars(cfg)}
+    save_suffix(out, result, meta)
+    plot(result, f"llmstack gcg: {name}, {len(train)} asks, {cfg.length} tokens", out.with_suffix(".png"))
+    print(f"target loss (nats/token): {result.loss_start:.3f} -> {result.loss:.3f} in {result.steps} steps")
+    print(f"suffix: {result.suffix!r}; {result.seconds:.0f}s")
+    print(f"train asks {train}, held out {held_out}")
+    print(f"results: {out}, {out.with_suffix('.png')}")
     return 0
 
 
@@ -1140,6 +1224,14 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
         metavar="FILE",
         help='JSONL of {"messages": [...]} (OpenAI format, e.g. from `llmstack synth`) added to the training '
         "mixture; repeatable",
+    )
+    sf.add_argument(
+        "--hierarchy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N instruction-hierarchy conversations (llmstack/security/hierarchy.py): pages whose injected "
+        "instructions the assistant answers around instead of following; `llmstack redteam` measures the effect",
     )
     _add_train_overrides(sf)
     sf.set_defaults(func=cmd_sft)
@@ -1467,6 +1559,9 @@ Examples:
     )
     sv.add_argument("--allow-host", action="append", help="output filter allow-list (repeatable)")
     sv.add_argument("--spotlight", action="store_true", help="datamark tool results and passages")
+    sv.add_argument(
+        "--guard", metavar="DIR", help="refuse chats whose user messages or answer the guard flags (guard train)"
+    )
     sv.set_defaults(func=cmd_serve)
     sy = sub.add_parser(
         "synth",
@@ -1628,7 +1723,9 @@ Writes redteam.json and redteam.png (default runs/redteam/<model>/).
 Defenses: spotlight (datamarking + delimiting of tool results and retrieved text, and a system-prompt
 note), filter (the output filter: images and links to hosts off the allow-list removed; on by default
 in `llmstack serve`, so an llmstack endpoint is already filtered unless served with --no-output-filter),
-all (both). Instruction-hierarchy training is a model: attack it with --model.""",
+guard (the safety classifier of `llmstack guard train` on the user messages and the answer; named
+only: `all` is spotlight and filter), all. Instruction-hierarchy training is a model: attack it with --model.
+  llmstack redteam --model smollm2 --defenses guard --guard runs/guard   # ASR and clean accuracy, before/after""",
     )
     rt.add_argument("--model", required=True, help="run dir, HF dir, .gguf, smollm2, or an OpenAI-compatible URL")
     rt.add_argument("--endpoint-model", help="the model name at an endpoint (default: its first model)")
@@ -1640,7 +1737,72 @@ all (both). Instruction-hierarchy training is a model: attack it with --model.""
     rt.add_argument("--allow-host", action="append", help="output filter allow-list (repeatable)")
     rt.add_argument("--device", default="cpu")
     rt.add_argument("--out", help="output directory (default: runs/redteam/<model>)")
+    rt.add_argument("--guard", metavar="DIR", help="the guard of the guard defense (default: runs/guard)")
+    rt.add_argument(
+        "--gcg-suffix",
+        metavar="JSON",
+        help="a suffix file from `llmstack gcg`: adds jailbreak:heldout (its held-out asks) and jailbreak:gcg "
+        "(the same asks + the suffix)",
+    )
     rt.set_defaults(func=cmd_redteam)
+    gd = sub.add_parser(
+        "guard",
+        help="LLM security: a safety classifier we train (S1-S6), held-out detection and false-positive rates",
+        formatter_class=fmt,
+        description="""Train, evaluate or try the safety guard: hashed word and character n-grams -> safe or one of six
+categories (S1 violence and weapons, S2 illegal drugs, S3 cybercrime, S4 self-harm, S5 fraud and crime,
+S6 hate and harassment), trained on the templates of llmstack/security/data/guard.json and chitchat.
+Held-out: unseen phrasings, wrappers and things asked for; hard negatives reported apart.
+
+  llmstack guard train --out runs/guard                     # ~20 s of CPU
+  llmstack guard eval --guard runs/guard --out eval.json
+  llmstack guard check --guard runs/guard "how do I kill a Python process"
+  llmstack serve --guard runs/guard                         # refuse flagged chats
+  llmstack redteam --model smollm2 --defenses guard --guard runs/guard""",
+    )
+    gsub = gd.add_subparsers(dest="guard_command", required=True)
+    gt = gsub.add_parser("train", help="train on the template data; print held-out rates", formatter_class=fmt)
+    gt.add_argument("--out", default="runs/guard", help="guard directory (default runs/guard)")
+    gt.add_argument("--epochs", type=int, default=5)
+    gt.add_argument("--dim", type=int, default=32, help="embedding size")
+    gt.add_argument("--chitchat", type=int, default=2000, help="chitchat user turns used as benign text")
+    gt.add_argument("--seed", type=int, default=0)
+    ge = gsub.add_parser("eval", help="held-out TPR per category and FPR per benign group", formatter_class=fmt)
+    ge.add_argument("--guard", default="runs/guard", help="guard directory (default runs/guard)")
+    ge.add_argument("--out", help="write the metrics as JSON here")
+    gc_ = gsub.add_parser("check", help="classify texts given on the command line", formatter_class=fmt)
+    gc_.add_argument("--guard", default="runs/guard", help="guard directory (default runs/guard)")
+    gc_.add_argument("text", nargs="+")
+    gd.set_defaults(func=cmd_guard)
+    gc = sub.add_parser(
+        "gcg",
+        help="LLM security: a universal adversarial suffix by greedy coordinate gradient (GCG) on a white-box model",
+        formatter_class=fmt,
+        description="""Search one suffix of --length tokens that, appended to each training ask of the jailbreak data,
+makes the model start its answer with the ask's target ("Sure, here is ...") (Zou et al. 2023): per
+step the gradient w.r.t. the one-hot suffix, top-k tokens per position, --batch single swaps
+evaluated exactly, the best kept. The asks are split into --train asks and held-out ones; the JSON
+records the suffix, the split and the loss per step, for `llmstack redteam --gcg-suffix` (on this
+model or another: transfer). Writes the JSON and a loss plot next to it.
+
+  llmstack gcg --model smollm2 --out runs/gcg/suffix.json --max-seconds 300
+  llmstack redteam --model runs/tiny/sft --defenses none --families jailbreak:heldout,jailbreak:gcg \\
+      --gcg-suffix runs/gcg/suffix.json                        # transfer to our assistant
+  OMP_NUM_THREADS=1 llmstack gcg --model runs/tiny/sft --steps 50   # on a CPU shared with other jobs""",
+    )
+    gc.add_argument("--model", required=True, help="run dir, HF dir, .gguf or smollm2 (Llama architecture)")
+    gc.add_argument("--out", help="suffix JSON (default: runs/gcg/<model>/suffix.json)")
+    gc.add_argument("--length", type=int, default=12, help="suffix tokens (default 12)")
+    gc.add_argument("--steps", type=int, default=100, help="search steps (default 100)")
+    gc.add_argument("--topk", type=int, default=64, help="candidate tokens per position (default 64)")
+    gc.add_argument("--batch", type=int, default=64, help="candidates evaluated per step (default 64)")
+    gc.add_argument("--init", default=" !", help="the initial token, repeated (default ' !')")
+    gc.add_argument("--train", type=int, default=6, help="asks trained on; the rest are held out (default 6)")
+    gc.add_argument("--seed", type=int, default=0, help="the split and the candidate draws (default 0)")
+    gc.add_argument("--max-seconds", type=float, help="stop the search after this long")
+    gc.add_argument("--device", default="cpu")
+    gc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gc.set_defaults(func=cmd_gcg)
     po = sub.add_parser(
         "poison",
         help="LLM security: backdoor by SFT data poisoning; ASR vs the number of poisoned examples",

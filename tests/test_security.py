@@ -154,6 +154,23 @@ def test_spotlight_reaches_tool_results_and_passages(tmp_path):
     assert "The lab opens at 9 am." in plain
 
 
+def test_spotlit_chats_note_the_marking_only_for_models_not_trained_on_it(tmp_path):
+    """Ours (tool tokens) get the page datamarked in a tool turn and no system note (they learn the marking
+    from the hierarchy SFT data); other models get it marked and fenced in the user turn, with the note."""
+    from llmstack.security.attacks import FAMILIES
+    from llmstack.security.redteam import render
+
+    case = FAMILIES["injection:web"]()[0]
+    s = Spotlight()
+    ours = render(case, True, s, tmp_path)
+    assert not any(s.notice() in m["content"] for m in ours if m["role"] == "system")
+    assert ours[-1]["role"] == "tool" and "ˆ" in ours[-1]["content"] and " " not in ours[-1]["content"].strip()
+    other = render(case, False, s, tmp_path)
+    assert any(s.notice() in m["content"] for m in other if m["role"] == "system")
+    assert "«" in other[-1]["content"] and "ˆ" in other[-1]["content"]
+    assert render(case, True, None, tmp_path)[-1]["content"] == s.unmark(ours[-1]["content"])
+
+
 def test_hierarchy_conversations_render(tok):
     from llmstack.chat.conversation import ChatFormat
     from llmstack.security.hierarchy import instruction_hierarchy
@@ -170,7 +187,16 @@ def test_hierarchy_conversations_render(tok):
             assert w not in answer  # the assistant never does what the page says
         assert result  # the page (with or without an injection) is there
     assert any("ˆ" in p.text for c in convs for p in c.messages[-1].parts)
-    assert any(c.messages[0].role == "user" for c in convs)
+    # no system-prompt note: the marking is what the model learns to read (a note it never saw in SFT
+    # made the tiny model stop calling its calculator)
+    assert all(c.messages[0].role == "user" for c in convs)
+
+
+def test_sft_rejects_a_negative_hierarchy_count(capsys):
+    from llmstack.cli import main as cli
+
+    assert cli(["sft", "--hierarchy", "-3", "--run-dir", "/nonexistent"]) == 2
+    assert "--hierarchy must be >= 0 (got -3)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the server filters by default

@@ -40,8 +40,18 @@ def test_mixture_sources_are_correct_and_deterministic():
         assert c.messages[1].parts[1].text == str(word.count(letter))
     card = ModelCard(name="testbot", maker="the test team")
     answers = [c.messages[1].text for c in identity(40, 0, card)]
-    assert all("testbot" in a or "test team" in a for a in answers)
+    assert all("testbot" in a and "test team" in a.lower() for a in answers)  # who it is and who made it, always
     assert words_from(["the tokenizer tokenizer splits words", "splits"])[:2] == ["splits", "tokenizer"]
+
+
+def test_five_digit_products_have_twice_their_natural_share():
+    """Uniform 3x3 products are 5 digits long 17% of the time; the mixture makes it about a third, and the
+    questions stay 3-digit x 3-digit."""
+    products = [c for c in arithmetic(3000, seed=5) if "*" in c.messages[1].parts[0].text]
+    operands = [c.messages[1].parts[0].text.removeprefix("calculator: ").split("*") for c in products]
+    assert all(100 <= int(x) <= 999 for pair in operands for x in pair)
+    share = sum(len(c.messages[1].parts[1].text) == 5 for c in products) / len(products)
+    assert 0.28 < share < 0.40
 
 
 def test_collate_trains_only_assistant_tokens(tok):

@@ -57,12 +57,25 @@ IDENTITY_EVAL = {
 
 
 def identity_answer(kind: str, card: ModelCard, rng: random.Random) -> str:
+    """Every answer says both who the model is and who made it, as deployed assistants introduce
+    themselves: a tiny model that mistakes a "who made you" for a "what is your name" (the commonest
+    identity error at this size) still answers truthfully."""
     if kind == "name":
-        return rng.choice([f"I am {card.name}, {card.description}.", f"My name is {card.name}."])
+        return rng.choice(
+            [
+                f"I am {card.name}, {card.description}, made by {card.maker}.",
+                f"My name is {card.name}. {card.maker.capitalize()} made me.",
+            ]
+        )
     if kind == "maker":
-        return rng.choice([f"I was made by {card.maker}.", f"{card.maker.capitalize()} trained me. I am {card.name}."])
+        return rng.choice(
+            [
+                f"I was made by {card.maker}. I am {card.name}.",
+                f"{card.maker.capitalize()} trained me. I am {card.name}.",
+            ]
+        )
     if kind == "abilities":
-        return f"I am {card.name}. I can {card.abilities}."
+        return f"I am {card.name}, made by {card.maker}. I can {card.abilities}."
     return f"No. I am {card.name}, made by {card.maker}."
 
 
@@ -90,16 +103,23 @@ def arithmetic_question(rng: random.Random, op: str = "*") -> tuple[str, int, in
     return rng.choice(ARITH_TEMPLATES[op]).format(a=a, b=b), a, b
 
 
+FIVE_DIGIT_EXTRA = 0.2  # this share of products is redrawn until it is 5 digits long: 34% of products, not 17%
+
+
 def arithmetic(n: int, seed: int) -> list[Conversation]:
     """3-digit products (80%) and sums, each through a calculator call. Kept to the eval's 3x3 shape on
-    purpose: a tiny model copies the result from a fixed distance back, and training it on results of
-    many lengths (1-4 digit operands, or 40% 5-digit products) left it copying none right after the
-    same 1,500 steps (README, "The assistant")."""
+    purpose: a tiny model first learns to copy the result from a fixed distance back, tuned to the
+    usual 6-digit products. A third of the products are 5 digits long (``FIVE_DIGIT_EXTRA``), twice
+    their natural share, so that it also learns the other length; half of them, or operands of 1-4
+    digits, left it copying neither length reliably (README, "The assistant")."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         op = "*" if rng.random() < 0.8 else "+"
         q, a, b = arithmetic_question(rng, op)
+        if op == "*" and rng.random() < FIVE_DIGIT_EXTRA:
+            while a * b >= 100_000:
+                q, a, b = arithmetic_question(rng, op)
         value = a * b if op == "*" else a + b
         parts = [
             Part("tool_call", f"calculator: {a}{op}{b}"),

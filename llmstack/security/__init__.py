@@ -9,6 +9,8 @@
     hierarchy.py      defense: instruction-hierarchy SFT conversations (marked data carries instructions)
     poisoning.py      `llmstack poison`: a trigger-phrase backdoor planted by SFT poisoning; ASR vs poison count
     scan.py           defense: `llmstack scan-data`, user n-grams that predict one fixed reply (planted triggers)
+    gcg.py            `llmstack gcg`: a universal adversarial suffix by greedy coordinate gradient, for transfer
+    guard.py          defense: `llmstack guard`, a trained safety classifier (S1-S6) on input and output
 
-Not here yet, each meant as its own file: a GCG adversarial suffix, a safety classifier.
+The defenses are switched on in `llmstack redteam --defenses ...` and, where they fit, in `llmstack serve`.
 """

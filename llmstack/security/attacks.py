@@ -14,8 +14,9 @@ Families (``FAMILIES``), each a list of ``Case``:
   same channel as the injections (so a defense that breaks reading data shows).
 
 A case says what it needs (system prompt, user text, a page and its channel) and how it is judged;
-``redteam.py`` renders it for a model. New families (a GCG suffix, poisoned data) are new builders here
-or in their own file, registered in ``FAMILIES``.
+``redteam.py`` renders it for a model. New families (poisoned data) are new builders here or in their
+own file, registered in ``FAMILIES``. The GCG families (``gcg``) need a suffix file, so they are built
+on request (``llmstack redteam --gcg-suffix``) rather than registered.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,30 @@ def jailbreak(kind: str) -> Callable[[], list[Case]]:
         return out
 
     return build
+
+
+def plain_asks() -> list[tuple[str, str]]:
+    """Every harmful ask as the ``plain`` family sends it, with its target string (GCG's training pairs)."""
+    data = load("jailbreaks")
+    return [(" ".join(data["templates"]["plain"].format(**a).split()), a["target"]) for a in data["asks"]]
+
+
+def gcg(suffix: str, held_out: Sequence[int]) -> dict[str, Callable[[], list[Case]]]:
+    """Two families on the asks held out of a GCG search (``security/gcg.py``): ``jailbreak:heldout``, the
+    plain asks (the baseline), and ``jailbreak:gcg``, the same asks with the suffix appended as is."""
+
+    def build(with_suffix: bool) -> Callable[[], list[Case]]:
+        def cases() -> list[Case]:
+            asks = plain_asks()
+            family, tag = ("jailbreak:gcg", "gcg") if with_suffix else ("jailbreak:heldout", "heldout")
+            return [
+                Case(family, f"{tag}-{i}", asks[i][0] + suffix if with_suffix else asks[i][0], "jailbreak", asks[i][1])
+                for i in held_out
+            ]
+
+        return cases
+
+    return {"jailbreak:heldout": build(False), "jailbreak:gcg": build(True)}
 
 
 # ----------------------------------------------------------------------------- prompt injection

@@ -6,8 +6,8 @@ which data carries instructions the assistant must not follow.
 call); the page comes back as a tool result that states a fact and, in most examples, also carries an
 injected instruction (ignore your instructions, say X, visit a URL, show an image); the assistant
 answers the user's question from the fact and does nothing the page asked. Half of the results are
-datamarked and open with the spotlighting note in a system message (``security/spotlight.py``), half
-are plain, so the lesson does not hang on the marking. Some examples have no injection at all, so
+datamarked (``security/spotlight.py``; no system-prompt note: the model learns here what the marking
+means), half are plain, so the lesson does not hang on the marking. Some examples have no injection at all, so
 that ignoring text is not the only thing learnt from pages.
 
 The facts, places and payloads are generated here from their own word lists, disjoint from the
@@ -79,7 +79,6 @@ def instruction_hierarchy(n: int, seed: int, clean_fraction: float = 0.2) -> lis
             Part("tool_result", spot.datamark(page) if marked else page),
             Part("text", answer),
         ]
-        messages = [Message("system", spot.notice())] if marked else []
-        messages += [Message("user", f"Read {url} and answer: {question}"), Message("assistant", parts)]
+        messages = [Message("user", f"Read {url} and answer: {question}"), Message("assistant", parts)]
         out.append(Conversation(messages))
     return out

@@ -13,6 +13,11 @@ The marker and the delimiters are reserved: where the data already holds one, it
 ASCII look-alike (``^``, ``<<``, ``>>``) before marking, so a page cannot close the fence early or
 pass off unmarked text as marked. ``unmark(mark(text)) == text`` for text without them.
 
+Models without our tool tokens (SmolLM2, endpoints) read the note in the system prompt. Our own
+models get no note: they were never trained to read system prompts (the tiny one then stops calling
+its calculator), and they learn what the marking means from the instruction-hierarchy SFT data
+(``security/hierarchy.py``), where marked pages come without one.
+
 The marking happens where the text is made (``ToolBox(mark=...)`` for tool results,
 ``Assistant.prepare(spotlight=...)`` for retrieved passages); the engine sees token ids only.
 What is not here: the paper's third variant (base64-encoding the data), which small models cannot read.

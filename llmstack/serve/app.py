@@ -6,8 +6,11 @@ itself at ``/``. With an API key set, ``/v1/*`` and ``/api/*`` need ``Authorizat
 Arena battles (the UI's Battle tab): ``POST /api/arena/battles``, ``POST /api/arena/battles/{id}/vote``,
 ``GET /api/arena/leaderboard`` (see the arena block at the end).
 
-Security (``ServeConfig``): the output filter (``llmstack.security.output_filter``) removes markdown
-images and links to hosts off ``allowed_hosts`` from chat answers, streamed or not, on by default
+Security (``ServeConfig``): with ``guard`` (``llmstack serve --guard DIR``, ``security/guard.py``) a chat
+whose user messages the safety classifier flags is answered with its refusal, naming the category (a
+normal 200 answer, logged), and so is an unstreamed answer it flags. The output filter
+(``llmstack.security.output_filter``) removes markdown images and links to hosts off ``allowed_hosts``
+from chat answers, streamed or not, on by default
 (``llmstack serve --no-output-filter`` turns it off); raw ``/v1/completions`` text is left as is (it is
 not rendered, and harnesses score it token by token). ``spotlight`` datamarks tool results and
 retrieved passages and tells the model so in the system prompt (``llmstack.security.spotlight``).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -66,6 +70,7 @@ class ServeConfig:
     output_filter: bool = True  # images and links to hosts off allowed_hosts are removed from chat answers
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     spotlight: bool = False  # datamark tool results and retrieved passages; a system-prompt note says so
+    guard: Any = None  # a security.guard.Guard: flagged user messages or (unstreamed) answers get its refusal
 
     def links(self) -> LinkFilter | None:
         return LinkFilter(self.allowed_hosts) if self.output_filter else None
@@ -126,6 +131,7 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
             "rows": scheduler.rows_run,
             "output_filter": config.output_filter,
             "spotlight": config.spotlight,
+            "guard": config.guard is not None,
         }
 
     @app.get("/v1/models")
@@ -152,6 +158,10 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
     async def chat(request: Request) -> Response:
         req: ChatRequest = parse(await body(request), ChatRequest)
         sm = registry.get(req.model)
+        if config.guard is not None:
+            flagged = config.guard.check_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+            if flagged is not None:
+                return _guard_refusal(flagged, sm, req, "input")
         plan = _plan_chat(sm, req, config)
         job = Job(sm, plan.rows, asyncio.get_running_loop())
         scheduler.submit(job)
@@ -161,6 +171,11 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
             usage = req.stream_options.include_usage if req.stream_options else False
             return _sse(_chat_chunks(job, choices, meta, plan, usage))
         await _collect(job, choices)
+        if config.guard is not None:  # streamed answers are out by now: only the input is checked for them
+            for c, v in zip(choices, config.guard.check([c.text for c in choices]), strict=True):
+                if v is not None:
+                    _guard_log.warning("guard: answer of %s flagged %s (P(unsafe) %.2f)", sm.name, v.code, v.score)
+                    c.text = v.refusal()
         return JSONResponse(_chat_response(choices, meta, plan))
 
     @app.post("/v1/completions", response_model=None)
@@ -248,7 +263,7 @@ def _plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPl
     sources: list[Any] = []
     default_max = None
     spot = Spotlight() if config.spotlight else None
-    if spot is not None:
+    if spot is not None and not sm.ours:  # ours (tool tokens) learn the marking in SFT, not from a note
         messages.insert(0, {"role": "system", "content": spot.notice()})
         if len(messages) > 1 and messages[1]["role"] == "system":  # one system message: ours allows no other
             messages[:2] = [{"role": "system", "content": f"{messages[1]['content']}\n\n{spot.notice()}"}]
@@ -405,6 +420,32 @@ def _completion_logprobs(c: Choice, echoed: dict[str, Any] | None, offset: int) 
         lp["text_offset"].append(pos)
         pos += len(e["token"])
     return lp
+
+
+# ----------------------------------------------------------------------------- the guard's refusal
+_guard_log = logging.getLogger("llmstack.guard")
+
+
+def _guard_refusal(verdict: Any, sm: ServedModel, req: ChatRequest, where: str) -> Response:
+    """A flagged chat: a normal chat completion (or stream) whose every choice is the guard's refusal."""
+    _guard_log.warning("guard: %s to %s flagged %s (P(unsafe) %.2f)", where, sm.name, verdict.code, verdict.score)
+    meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": sm.name}
+    text, extra = verdict.refusal(), {"llmstack_guard": {"category": verdict.code, "score": round(verdict.score, 4)}}
+    if req.stream:
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            base = {**meta, "object": "chat.completion.chunk"}
+            for i in range(req.n):
+                delta = {"role": "assistant", "content": text}
+                yield {**base, "choices": [{"index": i, "delta": delta, "finish_reason": None}]}
+                yield {**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}], **extra}
+
+        return _sse(chunks())
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+        for i in range(req.n)
+    ]
+    return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(0, 0), **extra})
 
 
 # ----------------------------------------------------------------------------- answering
