@@ -1228,10 +1228,11 @@ FineWeb filters -> exact + MinHash dedup -> PII scrubbing -> output shards, on e
     sf.add_argument(
         "--hierarchy",
         type=int,
-        default=0,
+        default=400,
         metavar="N",
-        help="add N instruction-hierarchy conversations (llmstack/security/hierarchy.py): pages whose injected "
-        "instructions the assistant answers around instead of following; `llmstack redteam` measures the effect",
+        help="instruction-hierarchy conversations added to the mixture (llmstack/security/hierarchy.py): pages, "
+        "often datamarked, whose injected instructions the assistant answers around instead of following "
+        "(default 400; 0 leaves them out); `llmstack redteam` measures the effect",
     )
     _add_train_overrides(sf)
     sf.set_defaults(func=cmd_sft)
