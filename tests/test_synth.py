@@ -164,14 +164,18 @@ def test_sft_cli_passes_extra_conversations_to_the_mixture(scripted_run, tmp_pat
         pass
 
     def spy(cfg, seed, words, extra=()):
-        seen.setdefault("extra", [m.text for c in extra for m in c.messages])
+        seen["extra"] = [m.text for c in extra for m in c.messages]
+        seen["n"] = len(extra)
         raise Stop
 
     monkeypatch.setenv("LLMSTACK_DATA", str(tmp_path / "no-data"))  # no corpus to read words from
     monkeypatch.setattr(mixture, "build_mixture", spy)
     with pytest.raises(Stop):
-        main(["sft", "--run-dir", str(scripted_run), "--out", str(tmp_path / "sft"), *files])
+        main(["sft", "--run-dir", str(scripted_run), "--out", str(tmp_path / "sft"), "--hierarchy", "0", *files])
     assert seen["extra"] == ["q0", "a0", "q1", "a1"]
+    with pytest.raises(Stop):  # by default 400 instruction-hierarchy conversations follow the files'
+        main(["sft", "--run-dir", str(scripted_run), "--out", str(tmp_path / "sft"), *files])
+    assert seen["extra"][:4] == ["q0", "a0", "q1", "a1"] and seen["n"] == 2 + 400
     assert main(["sft", "--run-dir", str(scripted_run), "--out", str(tmp_path / "sft"), files[0], "nope.jsonl"]) == 2
 
 
