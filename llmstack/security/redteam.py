@@ -8,8 +8,8 @@ same setting, so a defense that breaks the task shows.
 Defenses (``DEFENSES``):
 
 * ``spotlight``: untrusted data datamarked (and delimited where it sits in plain text) where it is
-  made (``ToolBox(mark=...)``, ``Assistant.prepare(spotlight=...)``), and the system prompt says what
-  marked data means (``security/spotlight.py``);
+  made (``ToolBox(mark=...)``, ``Assistant.prepare(spotlight=...)``), and, for models that are not ours,
+  the system prompt says what marked data means (``security/spotlight.py``; ours learn it in SFT);
 * ``filter``: the output filter on every answer (``security/output_filter.py``), as the server applies it;
 * ``guard``: the safety classifier (``security/guard.py``) on the user messages (a flagged chat is not
   sent to the model: its answer is the guard's refusal) and on the answer (a flagged one is replaced by

@@ -13,7 +13,8 @@ normal 200 answer, logged), and so is an unstreamed answer it flags. The output 
 from chat answers, streamed or not, on by default
 (``llmstack serve --no-output-filter`` turns it off); raw ``/v1/completions`` text is left as is (it is
 not rendered, and harnesses score it token by token). ``spotlight`` datamarks tool results and
-retrieved passages and tells the model so in the system prompt (``llmstack.security.spotlight``).
+retrieved passages and tells the model so in the system prompt (``llmstack.security.spotlight``);
+our own models get no note, they learn the marking in SFT (``security/hierarchy.py``).
 
 Limits (``ServeConfig``) are checked before anything runs: body size, message count, ``n``,
 ``max_tokens`` and the context. Every client error is a 4xx JSON error in OpenAI's shape; a client
@@ -69,7 +70,7 @@ class ServeConfig:
     max_rows: int = 32
     output_filter: bool = True  # images and links to hosts off allowed_hosts are removed from chat answers
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
-    spotlight: bool = False  # datamark tool results and retrieved passages; a system-prompt note says so
+    spotlight: bool = False  # datamark tool results and retrieved passages; a system note for models not ours
     guard: Any = None  # a security.guard.Guard: flagged user messages or (unstreamed) answers get its refusal
 
     def links(self) -> LinkFilter | None:
