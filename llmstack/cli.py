@@ -971,7 +971,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
             print(f"results: {args.out}")
         return 0
     for text in args.text:  # check
-        (score, code), verdict = guard.scores([text])[0], guard.check([text])[0]
+        score, code = guard.scores([text])[0]
+        verdict = guard.verdict(score, code)
         print(f"{'FLAGGED ' + code if verdict else 'safe':<11} P(unsafe) {score:.3f}  {text}")
     return 0
 

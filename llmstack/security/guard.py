@@ -262,11 +262,12 @@ class Guard:
             out.append((float(unsafe[j]), self.cfg.classes[1 + int(p[a + j, 1:].argmax())]))
         return out
 
+    def verdict(self, score: float, code: str) -> Verdict | None:
+        """The verdict on one ``scores`` entry: None unless P(unsafe) is above the threshold."""
+        return Verdict(code, self.names.get(code, code), score) if score > self.cfg.threshold else None
+
     def check(self, texts: Sequence[str]) -> list[Verdict | None]:
-        return [
-            Verdict(code, self.names.get(code, code), s) if s > self.cfg.threshold else None
-            for s, code in self.scores(texts)
-        ]
+        return [self.verdict(s, code) for s, code in self.scores(texts)]
 
     def check_chat(self, messages: Sequence[dict[str, Any]]) -> Verdict | None:
         """The first flagged user message of an OpenAI-style chat, or None."""
