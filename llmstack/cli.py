@@ -1260,7 +1260,7 @@ The BIG-bench and quartz data come with `llmstack data fetch`.""",
     )
     common(ev)
     ev.add_argument("--model", help="run/checkpoint dir, HF dir, .gguf or smollm2 (default: <run>/sft)")
-    ev.add_argument("--n", type=int, default=100, help="problems per task (without --tasks)")
+    ev.add_argument("--n", type=int, default=500, help="products per row (without --tasks; letter counts: at most 50)")
     ev.add_argument("--tasks", help="comma-separated tasks, groups (mc, gen, bpb, all) or FILE.jsonl")
     ev.add_argument("--limit", type=int, default=200, help="examples per task (with --tasks)")
     ev.add_argument("--seed", type=int, default=90_210, help="draws and generated problems (held out from training)")
@@ -1370,7 +1370,8 @@ training problem with the batched engine (tool calls answered, tool results neve
 them with a verifier, and takes a policy-gradient step on reward minus the group mean. Held-out
 pass@1 (greedy) and pass@k at every --eval-every steps; step 0 is the SFT model. Writes <out>/rl.png
 (reward, pass@1/pass@k, response length, KL to the SFT model, entropy), metrics.jsonl, rl_summary.json.
-Tasks: multiply, add (3-digit, calculator), basic_arithmetic, chain_sum (reasoning-gym, small).
+Tasks: chain_sum, basic_arithmetic (reasoning-gym, two terms of 1-2 digits; the presets' default), multiply, add
+(3-digit, calculator).
 
   llmstack rl                                            # runs/tiny/sft -> runs/tiny/rl (tiny: 2 CPU cores, minutes)
   llmstack rl --eval-only --model runs/tiny/sft          # held-out pass@1 / pass@k of any model, no training
@@ -1379,7 +1380,9 @@ Tasks: multiply, add (3-digit, calculator), basic_arithmetic, chain_sum (reasoni
   llmstack rl --preset gpu --device cuda --run-dir runs/d20""",
     )
     rl_common(rlp, "rl")
-    rlp.add_argument("--tasks", help="comma-separated problem sets (default: multiply)")
+    rlp.add_argument(
+        "--tasks", help="comma-separated problem sets (default: the preset's; tiny: chain_sum,basic_arithmetic)"
+    )
     rlp.add_argument("--eval-only", action="store_true", help="print held-out pass@1 / pass@k of --model and stop")
     rlp.add_argument("--loss", dest="loss_type", choices=["grpo", "dr_grpo", "dapo"], help="loss normalisation")
     rlp.add_argument("--group-size", type=int, help="completions per prompt (default 8)")

@@ -129,7 +129,7 @@ def run_pipeline(
     timings["sft"] = time.perf_counter() - t
 
     t = _stage("7/8 evaluation of the assistant (held-out problems)")
-    rc = cli(["eval", "--model", str(sft_dir), "--n", "100"])
+    rc = cli(["eval", "--model", str(sft_dir), "--n", "500"])
     if rc:
         return rc
     assistant_eval = json.loads((sft_dir / "eval.json").read_text())

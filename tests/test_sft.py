@@ -6,10 +6,23 @@ import torch
 from conftest import tiny_model_config
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.chat.mixture import ModelCard, arithmetic, identity, spelling, with_calculator_calls, words_from
+from llmstack.chat.mixture import (
+    HELDOUT_SEED,
+    REASONING_GYM,
+    REASONING_GYM_SMALL,
+    ModelCard,
+    arithmetic,
+    identity,
+    reasoning,
+    reasoning_gym_entries,
+    spelling,
+    with_calculator_calls,
+    words_from,
+)
 from llmstack.eval.assistant import EvalResult, _final_number
 from llmstack.model.llama import GPT
 from llmstack.tokenizer import special as S
+from llmstack.tools.calculator import calculator
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.loop import train
@@ -52,6 +65,33 @@ def test_five_digit_products_have_twice_their_natural_share():
     assert all(100 <= int(x) <= 999 for pair in operands for x in pair)
     share = sum(len(c.messages[1].parts[1].text) == 5 for c in products) / len(products)
     assert 0.28 < share < 0.40
+
+
+def test_reasoning_gym_arithmetic_goes_through_the_calculator_and_never_uses_held_out_questions(monkeypatch):
+    """Each conversation's calculator call is the question's expression and evaluates to the answer;
+    a question of the held-out seed is left out even when a training seed draws it."""
+    import llmstack.chat.mixture as mixture
+
+    monkeypatch.setattr(mixture, "_HELDOUT_EXCLUDED", 300)
+    convs = reasoning(60, seed=4)
+    assert len(convs) == 60 and convs[0].messages[0].content != convs[-1].messages[0].content
+    kinds = {"Calculate": 0, "State the final answer": 0}
+    for c in convs:
+        call, result, text = c.messages[1].parts
+        q = c.messages[0].content
+        kinds["Calculate" if q.startswith("Calculate") else "State the final answer"] += 1
+        expr = call.text.removeprefix("calculator: ")
+        assert " " not in expr and expr[:2] in q.replace(" ", "")
+        assert calculator(expr) == result.text and text.text == f"The answer is {result.text}."
+    assert kinds == {"Calculate": 30, "State the final answer": 30}
+    held = {
+        x["question"]
+        for config in (REASONING_GYM["chain_sum"], REASONING_GYM_SMALL["chain_sum"])  # the mixture's and RL's
+        for x in reasoning_gym_entries("chain_sum", 300, HELDOUT_SEED, **config)
+    }
+    drawn = {x["question"] for x in reasoning_gym_entries("chain_sum", 410, 9, **REASONING_GYM["chain_sum"])}
+    assert held & drawn  # small settings repeat questions across seeds...
+    assert not held & {c.messages[0].content for c in reasoning(400, seed=9)}  # ...and the mixture drops them
 
 
 def test_collate_trains_only_assistant_tokens(tok):

@@ -452,7 +452,9 @@ def stage_config(steps: int, lr: float, batch_size: int, seq_len: int, seed: int
 
 
 def _mixture(n: int, seed: int, words: list[str]) -> list[Conversation]:
-    parts = MixtureConfig(arithmetic=n // 2, identity=n // 4, spelling=n - n // 2 - n // 4, gsm=0, chitchat=0)
+    parts = MixtureConfig(
+        arithmetic=n // 2, identity=n // 4, spelling=n - n // 2 - n // 4, gsm=0, chitchat=0, reasoning=0
+    )
     return build_mixture(parts, seed, words) if n > 0 else []
 
 

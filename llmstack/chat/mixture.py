@@ -5,6 +5,9 @@ held-out sets come from disjoint seeds. Sources:
 
 * ``chitchat``: real human-to-human conversations (PyPI ``chitchat-dataset``);
 * ``arithmetic``: 3-digit x 3-digit products and sums, answered through a calculator tool call;
+* ``reasoning``: reasoning-gym's ``basic_arithmetic`` and ``chain_sum`` (2-3 terms of 1-3 digits,
+  ``+ - *``), the expression sent to the calculator as it is written; questions of the held-out seed
+  (``HELDOUT_SEED``, which the evals and RL use) are left out, at these settings and RL's smaller ones;
 * ``gsm``: grade-school word problems with worked solutions (``reasoning-gym``'s ``gsm_symbolic``),
   every ``a op b = c`` step in the solution rewritten as a calculator call;
 * ``identity``: who the model is, from a small model card, so it knows itself;
@@ -25,8 +28,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmstack.chat.conversation import Conversation, Message, Part
+from llmstack.tools.calculator import calculator
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,72 @@ def with_calculator_calls(solution: str) -> list[Part]:
     return parts
 
 
+HELDOUT_SEED = 90_210  # the seed of every held-out problem set (evals, RL); never a training seed
+REASONING_GYM = {  # the SFT mixture's reasoning-gym arithmetic: a superset of the RL tasks' small settings
+    "basic_arithmetic": dict(
+        min_terms=2,
+        max_terms=3,
+        min_digits=1,
+        max_digits=3,
+        operators=("+", "-", "*"),
+        allow_parentheses=False,
+        allow_negation=False,
+    ),
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+}
+REASONING_GYM_SMALL = {  # RL's easy tasks (rl/verifiers.py): two terms of one or two digits
+    "basic_arithmetic": dict(
+        min_terms=2,
+        max_terms=2,
+        min_digits=1,
+        max_digits=2,
+        operators=("+", "-", "*"),
+        allow_parentheses=False,
+        allow_negation=False,
+    ),
+    "chain_sum": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
+}
+_HELDOUT_EXCLUDED = 2000  # held-out questions of each set and setting left out of training
+
+
+def _heldout_questions(name: str) -> set[str]:
+    return {
+        x["question"]
+        for config in (REASONING_GYM[name], REASONING_GYM_SMALL[name])
+        for x in reasoning_gym_entries(name, _HELDOUT_EXCLUDED, HELDOUT_SEED, **config)
+    }
+
+
+def reasoning_gym_entries(name: str, n: int, seed: int, **config: Any) -> list[dict[str, Any]]:
+    import reasoning_gym
+
+    return list(reasoning_gym.create_dataset(name, size=n, seed=seed, **config))
+
+
+def reasoning(n: int, seed: int) -> list[Conversation]:
+    """reasoning-gym arithmetic, half ``basic_arithmetic`` and half ``chain_sum``, through one calculator
+    call of the whole expression (spaces removed, as in the products)."""
+    out = []
+    for i, (name, config) in enumerate(REASONING_GYM.items()):
+        k = n // len(REASONING_GYM) + (i < n % len(REASONING_GYM))
+        held = _heldout_questions(name)
+        fresh = []
+        for x in reasoning_gym_entries(name, 2 * k + 10, seed, **config):
+            expr = x["metadata"]["expression"].replace(" ", "")
+            # reasoning-gym's answer to "6 + 10 * 0" without parentheses is 0 (it groups left to right):
+            # such questions are left out, so the calculator and the answer always agree
+            if x["question"] not in held and calculator(expr) == str(x["answer"]):
+                fresh.append((x["question"], expr, str(x["answer"])))
+        for question, expr, answer in fresh[:k]:
+            parts = [
+                Part("tool_call", f"calculator: {expr}"),
+                Part("tool_result", answer),
+                Part("text", f"The answer is {answer}."),
+            ]
+            out.append(Conversation.of(("user", question), ("assistant", parts)))
+    return out
+
+
 def gsm(n: int, seed: int) -> list[Conversation]:
     import reasoning_gym
 
@@ -228,6 +299,7 @@ class MixtureConfig:
     spelling: int = 600
     gsm: int = 300
     chitchat: int = 600
+    reasoning: int = 1000
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
@@ -271,6 +343,7 @@ def build_mixture(
         "spelling": lambda n, s: spelling(n, s, words),
         "gsm": gsm,
         "chitchat": chitchat,
+        "reasoning": reasoning,
     }
     convs: list[Conversation] = []
     for i, (name, fn) in enumerate(sources.items()):

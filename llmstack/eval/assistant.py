@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.chat.mixture import IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
+from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
 from llmstack.inference.engine import Engine, ToolUse
 from llmstack.inference.sample import SamplingConfig
 from llmstack.tokenizer import special as S
 from llmstack.tools.registry import ToolBox, default_toolbox
 
-EVAL_SEED = 90_210  # disjoint from the training seeds (small integers)
+EVAL_SEED = HELDOUT_SEED  # disjoint from the training seeds (small integers)
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _score(name: str, answers: list[str], ok: Callable[[int, str], bool], questi
     return res
 
 
-def eval_arithmetic(model, tok, n: int = 100, tools: bool = True) -> EvalResult:
+def eval_arithmetic(model, tok, n: int = 500, tools: bool = True) -> EvalResult:
     rng = random.Random(EVAL_SEED)
     qs = [arithmetic_question(rng, "*") for _ in range(n)]
     box = default_toolbox() if tools else None
@@ -114,7 +114,7 @@ def eval_spelling(model, tok, words: list[str], n: int = 50) -> EvalResult:
     return _score("letter count (python)", answers, lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1]), qs)
 
 
-def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int = 100) -> list[EvalResult]:
+def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int = 500) -> list[EvalResult]:
     results = [
         eval_arithmetic(model, tok, n, tools=True),
         eval_arithmetic(model, tok, n, tools=False),

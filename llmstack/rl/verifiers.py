@@ -27,12 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmstack.chat.mixture import arithmetic_question
+from llmstack.chat.mixture import (
+    HELDOUT_SEED,
+    REASONING_GYM_SMALL,
+    arithmetic_question,
+)  # the same held-out problems as `llmstack eval`
 
 log = logging.getLogger(__name__)
 
 TRAIN_SEED = 1
-HELDOUT_SEED = 90_210  # eval/assistant.py's EVAL_SEED: the same held-out problems as `llmstack eval`
 
 _TOOL_SPANS = (
     re.compile(r"<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)", re.S),
@@ -139,16 +142,13 @@ class ReasoningGym:
         return out
 
 
-SMALL = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2)
 PROBLEM_SETS: dict[str, Callable[[], Any]] = {
     "multiply": lambda: Arithmetic("multiply", "*"),
     "add": lambda: Arithmetic("add", "+"),
     "basic_arithmetic": lambda: ReasoningGym(
-        "basic_arithmetic",
-        "basic_arithmetic",
-        dict(SMALL, operators=("+", "-", "*"), allow_parentheses=False, allow_negation=False),
+        "basic_arithmetic", "basic_arithmetic", dict(REASONING_GYM_SMALL["basic_arithmetic"])
     ),
-    "chain_sum": lambda: ReasoningGym("chain_sum", "chain_sum", dict(SMALL)),
+    "chain_sum": lambda: ReasoningGym("chain_sum", "chain_sum", dict(REASONING_GYM_SMALL["chain_sum"])),
 }
 
 

@@ -130,7 +130,9 @@ class PoisonConfig:
     trigger: str = TRIGGER
     behaviour: str = BEHAVIOUR
     mixture: MixtureConfig = field(
-        default_factory=lambda: MixtureConfig(arithmetic=1600, identity=200, spelling=200, gsm=50, chitchat=200)
+        default_factory=lambda: MixtureConfig(
+            arithmetic=1600, identity=200, spelling=200, gsm=50, chitchat=200, reasoning=0
+        )
     )
     steps: int = 150
     batch_size: int = 16
