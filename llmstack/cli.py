@@ -406,7 +406,7 @@ def cmd_preferences(args: argparse.Namespace) -> int:
 
     base = _rl_base(args)
     model, _, tok = load_policy(args.model or base / "sft", args.device)
-    keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts")
+    keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts", "perturbed")
     cfg = replace(preset(args.preset), **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     judge = load_llm_judge(args.judge) if args.judge != "none" and cfg.open_prompts else None
     run_preferences(model, tok, cfg, Path(args.out) if args.out else base / "prefs", judge, seed=args.seed)
@@ -470,7 +470,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     policy = Path(args.model) if args.model else base / "sft"
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
     if args.eval_only:
-        metrics = evaluate_model(policy, tasks or ("multiply",), args.preset, args.device, args.n_heldout)
+        metrics = evaluate_model(policy, tasks, args.preset, args.device, args.n_heldout)
         print(f"{policy}: " + ", ".join(f"{k} {v:.1%}" if k.startswith(("pass@", "sampled")) else f"{k} {v:.1f}"
                                         for k, v in metrics.items()))  # fmt: skip
         return 0
@@ -479,6 +479,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
     grpo = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.updates_per_rollout is not None:
         grpo["updates_per_rollout"] = args.updates_per_rollout
+    if getattr(args, "seed", None) is not None:  # the problems' order and the rollouts' sampling seeds too
+        grpo["seed"] = args.seed
     tkeys = ("max_steps", "grad_accum", "lr", "warmup_steps", "schedule", "dtype", "eval_every", "ckpt_every", "seed")
     train = {k: getattr(args, k) for k in tkeys if getattr(args, k, None) is not None}
     if args.compile:
@@ -1299,6 +1301,11 @@ questions), summary.json.
     pf.add_argument("--temperature", type=float)
     pf.add_argument("--min-margin", type=float, help="the least gold-score difference that makes a pair")
     pf.add_argument("--open-prompts", type=int, help="open questions for the LLM judge (0: none)")
+    pf.add_argument(
+        "--perturbed",
+        type=int,
+        help="extra training pairs: a right reply against itself with one wrong digit (default 2000)",
+    )
     pf.add_argument("--seed", type=int, default=0)
     pf.set_defaults(func=cmd_preferences)
 

@@ -20,6 +20,8 @@ from llmstack.rl.preferences import (
     hhh_pairs,
     llm_pairs,
     parse_reply,
+    perturb,
+    perturbed_pairs,
     read_pairs,
     write_pairs,
 )
@@ -145,6 +147,35 @@ def test_gold_pairs_keep_the_widest_margin_first():
     assert gold_pairs([P], [group[1:]], min_margin=0.25) == []  # equally good: a tie, no pair
 
 
+def test_perturbed_pairs_put_one_wrong_digit_into_a_right_reply():
+    """A copying error on the way in (an operand: the tool result and the answer follow it) or on the way
+    out (the answer): one digit differs, and the gold judge ranks the original higher."""
+    import random
+
+    good = reply("686*849", "582414", "The answer is 582414.")
+    kinds = set()
+    for seed in range(40):
+        bad = perturb(P, good, random.Random(seed))
+        assert bad is not None and bad != good and gold_score(P, bad).score < gold_score(P, good).score
+        call = bad.split("calculator: ")[1].split("<")[0]
+        result = bad.split("<|tool_result_start|>")[1].split("<")[0]
+        answer = bad.split("The answer is ")[1].split(".")[0]
+        if call == "686*849":  # the answer was mistyped: exactly one digit off the tool's result
+            assert result == "582414" and sum(x != y for x, y in zip(answer, result, strict=True)) == 1
+            kinds.add("out")
+        else:  # an operand was mistyped: the calculator's result for it, reported faithfully
+            a, b = call.split("*")
+            assert sum(x != y for x, y in zip(a + b, "686849", strict=True)) == 1 and not a.startswith("0")
+            assert result == str(int(a) * int(b)) == answer
+            kinds.add("in")
+    assert kinds == {"in", "out"}
+    wrong = reply("686*849", "582414", "The answer is 582144.")
+    pairs = perturbed_pairs([P], [[good, wrong, good]], n=5, seed=1)
+    assert len(pairs) == 5 and all(p.chosen == good and p.rejected != good for p in pairs)  # only right replies
+    assert perturbed_pairs([P], [[wrong]], n=5) == []  # no right reply: nothing to perturb
+    assert perturb(P, reply(None, None, "The answer is 582414."), random.Random(0)) is None
+
+
 def test_llm_judged_pairs_drop_ties():
     def judge(problem, a, b):  # prefers the shorter answer, ties on equal length
         return ("a" if len(a) < len(b) else "b" if len(b) < len(a) else "tie"), ""
@@ -225,6 +256,7 @@ def test_preferences_command_writes_pairs(sft_run, capsys):
     assert main(args + ["--heldout-prompts", "4", "--samples", "3", "--min-margin", "0", "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_pairs_gold"] >= 1 and summary["train_pairs_llm"] == 0
+    assert len(read_pairs(out / "train.jsonl")) == summary["train_pairs_gold"] + summary["train_pairs_perturbed"]
     assert all(p.source == "gold" for p in read_pairs(out / "train.jsonl"))
 
 

@@ -340,6 +340,68 @@ def gold_pairs(
     return out
 
 
+_CALL_SPAN = re.compile(r"(calculator:\s*)(\d+)(\s*[*+x×]\s*)(\d+)")
+_RESULT_SPAN = re.compile(re.escape(S.TOOL_RESULT_START) + r"(.*?)" + re.escape(S.TOOL_RESULT_END), re.S)
+_ANSWER_SPAN = re.compile(r"(\d+)(\D*)$")
+
+
+def _wrong_digit(number: str, rng: random.Random) -> str:
+    i = rng.randrange(len(number))
+    choices = [d for d in "0123456789" if d != number[i] and not (i == 0 and d == "0")]
+    return number[:i] + rng.choice(choices) + number[i + 1 :]
+
+
+def perturb(problem: ArithmeticProblem, reply: str, rng: random.Random) -> str | None:
+    """One of the policy's own mistakes, made on purpose in a right reply: an operand copied into the
+    call with one wrong digit (the calculator's result and the answer follow it), or the calculator's
+    result reported with one wrong digit. None when the reply has no call or no final number."""
+    from llmstack.tools.calculator import calculator
+
+    call, result = _CALL_SPAN.search(reply), _RESULT_SPAN.search(reply)
+    answer = _ANSWER_SPAN.search(reply[result.end() :]) if result else None
+    if not (call and result and answer):
+        return None
+    tail = reply[result.end() :]
+    if rng.random() < 0.5:  # a copying error on the way in
+        a, b = call[2], call[4]
+        a, b = (_wrong_digit(a, rng), b) if rng.random() < 0.5 else (a, _wrong_digit(b, rng))
+        value = calculator(f"{a}{problem.op}{b}")
+        head = reply[: call.start()] + call[1] + a + call[3] + b + reply[call.end() : result.start(1)]
+        return head + value + reply[result.end(1) : result.end()] + tail.replace(answer[1], value)
+    wrong = _wrong_digit(answer[1], rng)  # a copying error on the way out
+    return reply[: result.end()] + tail[: answer.start(1)] + wrong + tail[answer.end(1) :]
+
+
+def perturbed_pairs(
+    problems: Sequence[ArithmeticProblem],
+    replies: Sequence[Sequence[str]],
+    n: int,
+    min_margin: float = 0.25,
+    seed: int = 0,
+) -> list[Pair]:
+    """``n`` pairs of a right reply of the policy's against the same reply with one wrong digit
+    (``perturb``), both graded by ``gold_score``: more of the mistakes the policy makes too rarely for
+    its samples to show them often (training data only; held-out pairs stay the policy's own)."""
+    rng = random.Random(seed)
+    best = CORRECT + TOOL_OPERANDS + FAITHFUL
+    right = [
+        (p, r) for p, group in zip(problems, replies, strict=True) for r in sorted(set(group))
+        if gold_score(p, r).score >= best - 1e-9
+    ]  # fmt: skip
+    out: list[Pair] = []
+    for _ in range(n * 3 if right else 0):
+        problem, good = rng.choice(right)
+        bad = perturb(problem, good, rng)
+        if bad is None or bad == good:
+            continue
+        sa, sb = gold_score(problem, good).score, gold_score(problem, bad).score
+        if sa - sb >= min_margin:
+            out.append(Pair(problem.prompt, good, bad, "gold", (sa, sb)))
+        if len(out) == n:
+            break
+    return out
+
+
 # ----------------------------------------------------------------------------- the LLM judge
 def llm_pairs(
     prompts: Sequence[str], replies: Sequence[Sequence[str]], judge: Callable[..., tuple[str, str]]
@@ -446,6 +508,7 @@ class PrefConfig:
     temperature: float = 0.7
     min_margin: float = 0.25  # the least gold difference that makes a pair
     per_prompt: int = 2  # pairs kept per question
+    perturbed: int = 2000  # training pairs of a right reply against itself with one wrong digit (0: none)
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
     max_new_tokens: int = 48
@@ -499,6 +562,8 @@ def run_preferences(
     n_replies = cfg.samples * (len(train_q) + len(held_q))
     log(f"preferences: {n_replies} replies sampled in {time.perf_counter() - t0:.0f}s")
     train = gold_pairs(train_q, train_r, cfg.min_margin, cfg.per_prompt, seed)
+    made = perturbed_pairs(train_q, train_r, cfg.perturbed, cfg.min_margin, seed)
+    train += made
     held = gold_pairs(held_q, held_r, cfg.min_margin, cfg.per_prompt, seed)
     write_pairs(out / "train.jsonl", train)  # now, so that a slow or failing LLM judge loses nothing
     write_pairs(out / "heldout.jsonl", held)
@@ -513,7 +578,8 @@ def run_preferences(
         write_pairs(out / "train.jsonl", train + llm)
     grades = [gold_score(p, r).score for p, g in zip(train_q, train_r, strict=True) for r in g]
     summary = {
-        "train_pairs_gold": len(train),
+        "train_pairs_gold": len(train) - len(made),
+        "train_pairs_perturbed": len(made),
         "train_pairs_llm": len(llm),
         "heldout_pairs": len(held),
         "mean_gold_of_samples": sum(grades) / max(1, len(grades)),
@@ -521,5 +587,8 @@ def run_preferences(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(out / "summary.json", summary)
-    log(f"preferences: {len(train)} gold + {len(llm)} LLM-judged training pairs, {len(held)} held-out -> {out}")
+    log(
+        f"preferences: {len(train) - len(made)} gold + {len(made)} perturbed + {len(llm)} LLM-judged training pairs, "
+        f"{len(held)} held-out -> {out}"
+    )
     return summary
