@@ -1289,7 +1289,7 @@ llmstack/rl/labeling.md: arithmetic questions by the programmatic gold judge, op
 SmolLM2-135M-Instruct asked in both orders. Writes <out>/train.jsonl, <out>/heldout.jsonl (held-out
 questions), summary.json.
 
-  llmstack preferences                                   # runs/tiny/sft -> runs/tiny/prefs (~2 min on 2 cores)
+  llmstack preferences                                   # runs/tiny/sft -> runs/tiny/prefs (~3 min on 2 cores)
   llmstack preferences --judge none --prompts 100        # gold judge only, smaller
   llmstack preferences --preset gpu --device cuda""",
     )
