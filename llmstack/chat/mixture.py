@@ -154,7 +154,8 @@ def with_calculator_calls(solution: str) -> list[Part]:
 
 
 HELDOUT_SEED = 90_210  # the seed of every held-out problem set (evals, RL); never a training seed
-REASONING_GYM = {  # the SFT mixture's reasoning-gym arithmetic: a superset of the RL tasks' small settings
+# the SFT mixture's reasoning-gym arithmetic: a superset of the RL tasks' small settings
+REASONING_GYM: dict[str, dict[str, Any]] = {
     "basic_arithmetic": dict(
         min_terms=2,
         max_terms=3,
@@ -166,7 +167,8 @@ REASONING_GYM = {  # the SFT mixture's reasoning-gym arithmetic: a superset of t
     ),
     "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
 }
-REASONING_GYM_SMALL = {  # RL's easy tasks (rl/verifiers.py): two terms of one or two digits
+# RL's easy tasks (rl/verifiers.py): two terms of one or two digits
+REASONING_GYM_SMALL: dict[str, dict[str, Any]] = {
     "basic_arithmetic": dict(
         min_terms=2,
         max_terms=2,
