@@ -1304,7 +1304,7 @@ questions), summary.json.
     pf.add_argument(
         "--perturbed",
         type=int,
-        help="extra training pairs: a right reply against itself with one wrong digit (default 2000)",
+        help="extra training pairs: a right reply against itself with one wrong digit (default 0)",
     )
     pf.add_argument("--seed", type=int, default=0)
     pf.set_defaults(func=cmd_preferences)

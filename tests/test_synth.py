@@ -128,7 +128,8 @@ def test_synthesized_conversations_join_the_mixture(teacher, tmp_path, tok):
     extra = read_conversations(path)
     assert [(m.role, m.text) for m in extra[0].messages] == [("user", QUESTIONS[0]), ("assistant", REPLY)]
     assert any(ChatFormat(tok).render(extra[0]).mask)  # the assistant's reply is trained
-    mixed = build_mixture(MixtureConfig(arithmetic=3, identity=0, spelling=0, gsm=0, chitchat=0), 1, [], extra)
+    only_arithmetic = MixtureConfig(arithmetic=3, identity=0, spelling=0, gsm=0, chitchat=0, reasoning=0)
+    mixed = build_mixture(only_arithmetic, 1, [], extra)
     assert len(mixed) == 5 and sum(c in extra for c in mixed) == 2
 
 

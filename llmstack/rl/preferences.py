@@ -508,7 +508,7 @@ class PrefConfig:
     temperature: float = 1.0  # a 99.6% policy errs rarely: 280 pairs from 9,600 replies at 1.0
     min_margin: float = 0.25  # the least gold difference that makes a pair
     per_prompt: int = 2  # pairs kept per question
-    perturbed: int = 2000  # training pairs of a right reply against itself with one wrong digit (0: none)
+    perturbed: int = 0  # training pairs of a right reply against itself with one wrong digit (README: no help yet)
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
     max_new_tokens: int = 48
