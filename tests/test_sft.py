@@ -16,6 +16,7 @@ from llmstack.chat.mixture import (
     reasoning,
     reasoning_gym_entries,
     spelling,
+    spread_seed,
     with_calculator_calls,
     words_from,
 )
@@ -89,9 +90,17 @@ def test_reasoning_gym_arithmetic_goes_through_the_calculator_and_never_uses_hel
         for config in (REASONING_GYM["chain_sum"], REASONING_GYM_SMALL["chain_sum"])  # the mixture's and RL's
         for x in reasoning_gym_entries("chain_sum", 300, HELDOUT_SEED, **config)
     }
-    drawn = {x["question"] for x in reasoning_gym_entries("chain_sum", 410, 9, **REASONING_GYM["chain_sum"])}
+    settings = REASONING_GYM["chain_sum"]
+    drawn = {x["question"] for x in reasoning_gym_entries("chain_sum", 410, spread_seed(9), **settings)}
     assert held & drawn  # small settings repeat questions across seeds...
     assert not held & {c.messages[0].content for c in reasoning(400, seed=9)}  # ...and the mixture drops them
+
+
+def test_reasoning_gym_seeds_are_spread_apart():
+    """reasoning-gym draws item i from seed + i: the mixture's seeds (train 105, validation 205) must not
+    land within a few thousand items of each other, of the suite's seed 0 or of HELDOUT_SEED."""
+    starts = [spread_seed(s) for s in (105, 205, 103, 203)] + [0, HELDOUT_SEED]
+    assert all(abs(a - b) > 10_000 for i, a in enumerate(starts) for b in starts[i + 1 :])
 
 
 def test_collate_trains_only_assistant_tokens(tok):

@@ -7,7 +7,8 @@ held-out sets come from disjoint seeds. Sources:
 * ``arithmetic``: 3-digit x 3-digit products and sums, answered through a calculator tool call;
 * ``reasoning``: reasoning-gym's ``basic_arithmetic`` and ``chain_sum`` (2-3 terms of 1-3 digits,
   ``+ - *``), the expression sent to the calculator as it is written; questions of the held-out seed
-  (``HELDOUT_SEED``, which the evals and RL use) are left out, at these settings and RL's smaller ones;
+  (``HELDOUT_SEED``, which the evals and RL use) are left out, at these settings and RL's smaller ones,
+  and so are those of the eval suite's default seed;
 * ``gsm``: grade-school word problems with worked solutions (``reasoning-gym``'s ``gsm_symbolic``),
   every ``a op b = c`` step in the solution rewritten as a calculator call;
 * ``identity``: who the model is, from a small model card, so it knows itself;
@@ -183,12 +184,23 @@ REASONING_GYM_SMALL: dict[str, dict[str, Any]] = {
 _HELDOUT_EXCLUDED = 2000  # held-out questions of each set and setting left out of training
 
 
+SUITE_SEED = 0  # `llmstack eval --tasks`'s default seed: its chain_sum has the mixture's settings
+
+
 def _heldout_questions(name: str) -> set[str]:
     return {
         x["question"]
-        for config in (REASONING_GYM[name], REASONING_GYM_SMALL[name])
-        for x in reasoning_gym_entries(name, _HELDOUT_EXCLUDED, HELDOUT_SEED, **config)
-    }
+        for config, seed in ((REASONING_GYM[name], HELDOUT_SEED), (REASONING_GYM[name], SUITE_SEED),
+                             (REASONING_GYM_SMALL[name], HELDOUT_SEED))
+        for x in reasoning_gym_entries(name, _HELDOUT_EXCLUDED, seed, **config)
+    }  # fmt: skip
+
+
+def spread_seed(seed: int) -> int:
+    """A reasoning-gym seed for a mixture seed. reasoning-gym draws item i from ``seed + i``, so seeds 105
+    and 0 share all but 105 items; spreading the mixture's seeds apart keeps its train, validation and
+    held-out sets (seeds 0 and ``HELDOUT_SEED``, a few thousand items each) disjoint."""
+    return 1_000_000 + (seed * 1_000_003) % 2**30
 
 
 def reasoning_gym_entries(name: str, n: int, seed: int, **config: Any) -> list[dict[str, Any]]:
@@ -205,7 +217,7 @@ def reasoning(n: int, seed: int) -> list[Conversation]:
         k = n // len(REASONING_GYM) + (i < n % len(REASONING_GYM))
         held = _heldout_questions(name)
         fresh = []
-        for x in reasoning_gym_entries(name, 2 * k + 10, seed, **config):
+        for x in reasoning_gym_entries(name, 2 * k + 10, spread_seed(seed), **config):
             expr = x["metadata"]["expression"].replace(" ", "")
             # reasoning-gym's answer to "6 + 10 * 0" without parentheses is 0 (it groups left to right):
             # such questions are left out, so the calculator and the answer always agree
@@ -225,7 +237,7 @@ def gsm(n: int, seed: int) -> list[Conversation]:
     import reasoning_gym
 
     out = []
-    for x in reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed):
+    for x in reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=spread_seed(seed)):
         cot = x["metadata"].get("answer_cot") or ""
         cot = re.sub(r"\n?#### .*$", "", cot).strip()
         parts = [*with_calculator_calls(cot), Part("text", f"\nThe answer is {x['answer']}.")]
