@@ -168,18 +168,9 @@ REASONING_GYM: dict[str, dict[str, Any]] = {
     ),
     "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
 }
-# RL's easy tasks (rl/verifiers.py): two terms of one or two digits
+# RL's easy tasks (rl/verifiers.py) and the arena's: two terms of one or two digits
 REASONING_GYM_SMALL: dict[str, dict[str, Any]] = {
-    "basic_arithmetic": dict(
-        min_terms=2,
-        max_terms=2,
-        min_digits=1,
-        max_digits=2,
-        operators=("+", "-", "*"),
-        allow_parentheses=False,
-        allow_negation=False,
-    ),
-    "chain_sum": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
+    name: dict(config, max_terms=2, max_digits=2) for name, config in REASONING_GYM.items()
 }
 _HELDOUT_EXCLUDED = 2000  # held-out questions of each set and setting left out of training
 

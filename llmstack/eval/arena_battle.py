@@ -119,20 +119,10 @@ def arithmetic_problems(n: int, seed: int = ARENA_SEED) -> list[Problem]:
     """
     import reasoning_gym
 
-    from llmstack.chat.mixture import ARITH_TEMPLATES
+    from llmstack.chat.mixture import ARITH_TEMPLATES, REASONING_GYM_SMALL
 
-    gym = reasoning_gym.create_dataset(
-        "basic_arithmetic",
-        min_terms=2,
-        max_terms=2,
-        min_digits=1,
-        max_digits=2,
-        operators=("+", "-", "*"),
-        allow_parentheses=False,
-        allow_negation=False,
-        size=(n + 1) // 2,
-        seed=seed,
-    )
+    small = REASONING_GYM_SMALL["basic_arithmetic"]
+    gym = reasoning_gym.create_dataset("basic_arithmetic", size=(n + 1) // 2, seed=seed, **small)
     rng = random.Random(seed)
     out: list[Problem] = []
     for i, entry in enumerate(gym):
