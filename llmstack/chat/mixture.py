@@ -8,7 +8,7 @@ held-out sets come from disjoint seeds. Sources:
 * ``reasoning``: reasoning-gym's ``basic_arithmetic`` and ``chain_sum`` (2-3 terms of 1-3 digits,
   ``+ - *``), the expression sent to the calculator as it is written; questions of the held-out seed
   (``HELDOUT_SEED``, which the evals and RL use) are left out, at these settings and RL's smaller ones,
-  and so are those of the eval suite's default seed;
+  and so are those of ``eval.suite.evaluate_model``'s default seed 0;
 * ``gsm``: grade-school word problems with worked solutions (``reasoning-gym``'s ``gsm_symbolic``),
   every ``a op b = c`` step in the solution rewritten as a calculator call;
 * ``identity``: who the model is, from a small model card, so it knows itself;
@@ -175,7 +175,8 @@ REASONING_GYM_SMALL: dict[str, dict[str, Any]] = {
 _HELDOUT_EXCLUDED = 2000  # held-out questions of each set and setting left out of training
 
 
-SUITE_SEED = 0  # `llmstack eval --tasks`'s default seed: its chain_sum has the mixture's settings
+# eval/suite.py's evaluate_model default seed (the CLI passes HELDOUT_SEED); its chain_sum has these settings
+SUITE_SEED = 0
 
 
 def _heldout_questions(name: str) -> set[str]:
