@@ -139,6 +139,19 @@ def test_static_decode_steps_equal_dynamic_ones():
     )
 
 
+def test_static_steps_run_under_bf16_autocast():
+    """The training loop evaluates under bf16 autocast (on CUDA, where decoding is static): the fp32
+    cache takes the bf16 keys, and the tokens are the dynamic path's under the same autocast."""
+    torch.manual_seed(5)
+    model = GPT(tiny_model_config(100, max_seq_len=64)).eval()
+    prompts = [[1, 5, 9, 13, 2, 7, 8], [4], [3, 3, 3, 11]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        static = Engine(model, static=True).generate(prompts, cfg)
+        dynamic = Engine(model, static=False).generate(prompts, cfg)
+    assert static == dynamic and all(len(r) == 12 for r in static)
+
+
 def test_stop_texts_end_a_row_and_tool_mode_return_stops_at_the_call():
     from llmstack.inference.engine import Request
 

@@ -111,8 +111,10 @@ class KVCache:
         self, layer: int, k_BH1D: torch.Tensor, v_BH1D: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.pos_t is not None
-        self.k[layer].index_copy_(2, self.pos_t, k_BH1D)
-        self.v[layer].index_copy_(2, self.pos_t, v_BH1D)
+        # under autocast the new keys may be bf16 while the cache holds the weights' dtype; slicing
+        # assignment (``update``) casts by itself, ``index_copy_`` does not
+        self.k[layer].index_copy_(2, self.pos_t, k_BH1D.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.pos_t, v_BH1D.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def attention_mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
