@@ -152,6 +152,16 @@ def test_static_steps_run_under_bf16_autocast():
     assert static == dynamic and all(len(r) == 12 for r in static)
 
 
+def test_non_finite_logits_stop_sampling_with_a_clear_error():
+    from llmstack.inference.sample import sample_next
+
+    logits = torch.zeros(2, 5)
+    assert sample_next(logits, SamplingConfig(max_new_tokens=1, temperature=1.0), None).shape == (2,)
+    logits[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        sample_next(logits, SamplingConfig(max_new_tokens=1, temperature=1.0), None)
+
+
 def test_stop_texts_end_a_row_and_tool_mode_return_stops_at_the_call():
     from llmstack.inference.engine import Request
 

@@ -48,8 +48,13 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generat
         drop = cum - sorted_logits.softmax(dim=-1) > cfg.top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    probs = logits.softmax(dim=-1).cpu()
+    if not bool(torch.isfinite(probs).all()):
+        raise FloatingPointError(
+            "the model's next-token logits are not finite (NaN or inf): its weights or activations overflowed "
+            "(after training, look for a loss or learning rate that diverged; under bf16, try --dtype float32)"
+        )
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
 
 
 def generate(
