@@ -423,7 +423,10 @@ def cmd_reward_model(args: argparse.Namespace) -> int:
     cfg = _train_config(args, preset(args.preset))
     dist = init_distributed(args.device)
     out = Path(args.out) if args.out else base / "rm"
-    run_reward_model(policy, pairs, out, cfg, dist, args.sources.split(","), resume=not args.no_resume)
+    run_reward_model(
+        policy, pairs, out, cfg, dist, args.sources.split(","), resume=not args.no_resume, pool=args.pool,
+        likelihood=not args.no_likelihood,
+    )  # fmt: skip
     shutdown(dist)
     return 0
 
@@ -438,7 +441,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     cfg = _train_config(args, preset(args.preset))
     dist = init_distributed(args.device)
     out = Path(args.out) if args.out else base / "dpo"
-    run_dpo(policy, pairs, out, cfg, dist, args.beta, args.heldout, args.sources.split(","), not args.no_resume)
+    run_dpo(
+        policy, pairs, out, cfg, dist, args.beta, args.heldout, args.sources.split(","), not args.no_resume,
+        nll_weight=args.nll_weight,
+    )  # fmt: skip
     shutdown(dist)
     return 0
 
@@ -1324,6 +1330,17 @@ hhh_alignment (held-out human preferences, chance 50%). Makes the pairs first if
     rl_common(rmp, "rm")
     rmp.add_argument("--pairs", help="directory with train.jsonl and heldout.jsonl (default: <run>/prefs)")
     rmp.add_argument("--sources", default="gold,llm", help="which labelers' pairs to train on (default gold,llm)")
+    rmp.add_argument(
+        "--pool",
+        choices=["mean", "last"],
+        default="mean",
+        help="read the reward as the mean of per-token scores over the reply (default) or at its last token",
+    )
+    rmp.add_argument(
+        "--no-likelihood",
+        action="store_true",
+        help="the head sees only the transformer's states, not each written token's log-likelihood as well",
+    )
     _add_train_overrides(rmp)
     rmp.set_defaults(func=cmd_reward_model)
 
@@ -1341,6 +1358,12 @@ training loop. Prints the gold score of greedy replies to held-out questions bef
     rl_common(dp, "dpo")
     dp.add_argument("--pairs", help="directory with train.jsonl and heldout.jsonl (default: <run>/prefs)")
     dp.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (default 0.1)")
+    dp.add_argument(
+        "--nll-weight",
+        type=float,
+        default=1.0,
+        help="weight of the chosen replies' NLL added to the DPO loss (RPO; 0: plain DPO; default 1)",
+    )
     dp.add_argument("--heldout", type=int, default=100, help="held-out questions for the gold score")
     dp.add_argument("--sources", default="gold,llm", help="which labelers' pairs to train on (default gold,llm)")
     _add_train_overrides(dp)

@@ -24,7 +24,7 @@ from llmstack.rl.grpo import (
     pass_at_k,
     policy_loss,
 )
-from llmstack.rl.verifiers import Problem, final_answer, make_splits, reward
+from llmstack.rl.verifiers import Problem, final_answer, heldout_problems, make_splits, reward
 from llmstack.tokenizer import special as S
 from llmstack.tools.registry import default_toolbox
 from llmstack.training import checkpoint as ckpt_io
@@ -178,6 +178,11 @@ def test_splits_are_disjoint_and_reasoning_gym_scores():
     gym = next(p for p in held if p.source == "chain_sum")
     assert reward(gym, f"The answer is {gym.answer}.")[0] == 1.0
     assert reward(gym, "The answer is 99999.")[0] < 1.0
+    # evaluation draws the same held-out problems without training ones: with 400 held-out and one
+    # training problem per set, the small chain_sum settings leave none (``rl --eval-only --heldout 400``)
+    assert [p.question for p in heldout_problems(["multiply", "chain_sum"], 10)] == [p.question for p in held]
+    with pytest.raises(ValueError, match="no training problems left"):
+        make_splits(["chain_sum"], 1, 400)
 
 
 def test_raising_verifier_scores_zero_and_is_logged(caplog):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from conftest import tiny_model_config
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.rl.dpo import dpo_loss
+from llmstack.rl.dpo import dpo_loss, rpo_loss
 from llmstack.rl.preferences import (
     ArithmeticProblem,
     Pair,
@@ -62,6 +63,20 @@ def test_dpo_loss_matches_hand_computed_values():
     assert dpo_loss(same, same - 1, same, same - 1, 0.5)[0].item() == pytest.approx(math.log(2))  # policy = reference
 
 
+def test_rpo_adds_the_chosen_nll_per_token():
+    # the DPO loss of the rows above, plus 0.5 x (10 + 5) / (4 + 6) chosen tokens = 0.75
+    policy_c, policy_r = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0])
+    ref_c, ref_r = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -6.0])
+    tokens = torch.tensor([4, 6])
+    loss, margin = rpo_loss(policy_c, policy_r, ref_c, ref_r, 0.1, tokens, 0.5)
+    assert loss.item() == pytest.approx((0.5981389 + 0.7981389) / 2 + 0.75, abs=1e-6)
+    assert margin.tolist() == pytest.approx([0.2, -0.2])
+    assert (
+        rpo_loss(policy_c, policy_r, ref_c, ref_r, 0.1, tokens, 0.0)[0]
+        == dpo_loss(policy_c, policy_r, ref_c, ref_r, 0.1)[0]
+    )
+
+
 def test_rlhf_policy_gradient_is_minus_advantage_times_token_logprob():
     """By hand on a one-layer-free model: logits fixed per position, so log p of each target is known."""
 
@@ -100,6 +115,51 @@ def test_reward_model_is_gpt_with_a_scalar_head(tok):
     x = torch.randint(0, tok.n_ranks, (3, 10))
     r = rm(x)
     assert r.shape == (3, 10) and torch.all(r == 0)  # a zero head: neutral before training
+
+
+def test_reward_model_likelihood_term_is_the_log_ratio_to_a_frozen_sft_copy(tok):
+    from llmstack.model.llama import GPT
+
+    torch.manual_seed(0)
+    policy = GPT(tiny_model_config(tok.vocab_size)).eval()
+    rm = RewardModel.from_policy(policy).eval()
+    assert not any("reference" in name for name, _ in rm.named_parameters())  # frozen, not trained, not saved
+    x = torch.randint(0, tok.n_ranks, (2, 9))
+    with torch.no_grad():
+        assert torch.all(rm(x) == 0)  # the same weights on both sides: neutral
+        rm.model.embed_tokens.weight.add_(0.05 * torch.randn_like(rm.model.embed_tokens.weight))
+        r = rm(x)
+        moved = GPT(policy.config).eval()  # the RM's backbone with its tied head, as a language model
+        moved.load_state_dict({k: v for k, v in rm.state_dict().items() if k.startswith("model.")}, strict=False)
+
+        def logp(m):
+            return m(x[:, :-1]).log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+
+        expected = logp(moved) - logp(policy)
+    assert torch.equal(rm.reference.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert torch.all(r[:, 0] == 0) and torch.allclose(r[:, 1:], expected, atol=1e-5) and expected.abs().max() > 1e-3
+
+
+def test_reward_pooling_reads_the_mean_of_the_reply_tokens_or_the_last_one():
+    from llmstack.rl.reward_model import pad_rows, rewards_of
+
+    class PerToken(torch.nn.Module):  # reward after each prefix = the token id
+        def __init__(self, pool: str) -> None:
+            super().__init__()
+            self.pool = pool
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float()
+
+    rows = [([5, 1, 2, 7], [0, 0, 1, 1]), ([3, 4, 9], [0, 1, 0])]  # (ids, reply mask); row 2 right-padded
+    x, last, m = pad_rows(rows, pad_id=0)
+    assert x.tolist() == [[5, 1, 2, 7], [3, 4, 9, 0]] and last.tolist() == [3, 2]
+    assert rewards_of(PerToken("mean"), x, last, m).tolist() == [4.5, 4.0]  # (2 + 7) / 2; 4 (9 is a tool result)
+    assert rewards_of(PerToken("last"), x, last, m).tolist() == [7.0, 9.0]
+    with pytest.raises(ValueError, match="no tokens the model wrote"):
+        rewards_of(PerToken("mean"), x, last, torch.zeros_like(m))
+    with pytest.raises(ValueError, match="unknown reward pooling 'max'"):
+        RewardModel(tiny_model_config(64), pool="max")
 
 
 # ----------------------------------------------------------------------------- the gold judge
@@ -285,6 +345,9 @@ def test_reward_model_dpo_and_rlhf_commands(sft_run, capsys):
     assert (out / "overoptimisation.png").stat().st_size > 0
     assert len((out / "rollouts.jsonl").read_text().splitlines()) == 3
     assert "rlhf: held-out RM score" in capsys.readouterr().out
+    shutil.rmtree(sft_run / "rm" / "reference")
+    with pytest.raises(FileNotFoundError, match="frozen SFT copy is missing"):
+        load_reward_model(str(sft_run / "rm"))
 
 
 def test_malformed_pairs_file_is_a_clear_cli_error(sft_run, tmp_path, capsys):

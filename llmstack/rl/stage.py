@@ -18,7 +18,7 @@ import torch
 
 from llmstack.io import save_png, write_json
 from llmstack.rl.grpo import GRPOConfig, GRPOTask, Sampler, evaluate_problems
-from llmstack.rl.verifiers import make_splits
+from llmstack.rl.verifiers import heldout_problems, make_splits
 from llmstack.training.config import TrainConfig
 from llmstack.training.metrics import MetricsLog, read_metrics
 
@@ -203,7 +203,7 @@ def evaluate_model(
     cfg = replace(cfg, tasks=tuple(tasks or cfg.tasks), n_heldout=n_heldout or cfg.n_heldout)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, tok = _load(model_dir, dev)
-    _, heldout = make_splits(cfg.tasks, 1, cfg.n_heldout)
+    heldout = heldout_problems(cfg.tasks, cfg.n_heldout)
     with torch.no_grad():
         return evaluate_problems(Sampler(model, tok, default_toolbox() if cfg.tools else None), heldout, cfg)
 

@@ -165,6 +165,12 @@ def interleave(groups: Sequence[list[Problem]]) -> list[Problem]:
     return out
 
 
+def heldout_problems(names: Sequence[str], n: int, seed: int = HELDOUT_SEED) -> list[Problem]:
+    """The held-out problems of ``make_splits``, without drawing training ones (evaluation only)."""
+    sets = [problem_set(name) for name in names]
+    return interleave([s.problems(-(-n // len(sets)), seed) for s in sets])[:n]
+
+
 def make_splits(
     names: Sequence[str], n_train: int, n_heldout: int, train_seed: int = TRAIN_SEED, heldout_seed: int = HELDOUT_SEED
 ) -> tuple[list[Problem], list[Problem]]:
@@ -172,8 +178,8 @@ def make_splits(
     if train_seed == heldout_seed:
         raise ValueError("the train and held-out seeds must differ")
     sets = [problem_set(n) for n in names]
-    per_train, per_held = -(-n_train // len(sets)), -(-n_heldout // len(sets))
-    held = interleave([s.problems(per_held, heldout_seed) for s in sets])[:n_heldout]
+    per_train = -(-n_train // len(sets))
+    held = heldout_problems(names, n_heldout, heldout_seed)
     seen = {p.question for p in held}
     train = [p for p in interleave([s.problems(per_train, train_seed) for s in sets]) if p.question not in seen]
     if not train:
