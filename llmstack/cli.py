@@ -459,6 +459,7 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
     train_cfg, rl = preset(args.preset)
     keys = ("kl_coef", "group", "prompts_per_step", "temperature")
     rl = replace(rl, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    rl = replace(rl, scale_rewards=not args.no_scale_rewards)
     cfg = _train_config(args, replace(train_cfg, batch_size=rl.prompts_per_step * rl.group))
     dist = init_distributed(args.device)
     policy = Path(args.model) if args.model else base / "sft"
@@ -1387,6 +1388,9 @@ through the shared loop. Every --eval-every steps: the held-out RM score and gol
     rh.add_argument("--group", type=int, help="replies sampled per prompt (default 8)")
     rh.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
     rh.add_argument("--temperature", type=float, help="rollout temperature (default 1.0)")
+    rh.add_argument(
+        "--no-scale-rewards", action="store_true", help="advantage = reward - group mean, not divided by its std"
+    )
     rh.add_argument("--heldout", type=int, default=64, help="held-out questions scored at each evaluation")
     _add_train_overrides(rh)
     rh.set_defaults(func=cmd_rlhf)

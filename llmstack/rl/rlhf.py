@@ -6,9 +6,9 @@ llmstack rlhf --kl-coef 0 --max-steps 300 --out runs/tiny/rlhf-hack      # over-
 Each step: ``prompts_per_step`` arithmetic questions, ``group`` replies to each sampled by the
 batched engine (tools running); reward = RM score - kl_coef * log(pi / pi_ref) summed over the reply
 (InstructGPT's KL-penalised reward, estimated on the sample); advantage = reward minus the mean of
-its group (a baseline per prompt, as in GRPO / RLOO); loss = -advantage x log-probability of the
-tokens the model wrote, averaged over those tokens (tool results are not trained on). The gold
-judge grades the same replies, for the record only: the policy never sees it.
+its group (a baseline per prompt, as in GRPO / RLOO), divided by the group's std (``scale_rewards``);
+loss = -advantage x log-probability of the tokens the model wrote, averaged over those tokens (tool
+results are not trained on). The gold judge grades the same replies, for the record only: the policy never sees it.
 
 Reward hacking: the RM is a proxy learnt from a few hundred pairs. Optimised hard (no KL), the
 policy drifts where the RM was never taught; ``plot_overoptimisation`` draws the held-out RM and
@@ -59,6 +59,9 @@ class RLHFConfig:
     kl_coef: float = 0.05
     max_new_tokens: int = 48
     eval_temperature: float = 1.0  # held-out replies are sampled as in training (seeded): what the RM is pushed on
+    # divide each group's advantages by its std (GRPO): the RM's margins between replies to one question
+    # are small next to the spread of the KL term across questions, and unscaled they barely move the policy
+    scale_rewards: bool = True
 
 
 def policy_gradient_loss(
@@ -116,7 +119,7 @@ class RLHFTask:
         with torch.no_grad():
             kl = sequence_logprobs(self.policy, x, y) - sequence_logprobs(self.ref, x, y)  # (B,) log pi/pi_ref
         rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
-        adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=False).reshape(-1)
+        adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=rl.scale_rewards).reshape(-1)
         gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
         self.history.append(
             {
