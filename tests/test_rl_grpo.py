@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -183,6 +184,18 @@ def test_splits_are_disjoint_and_reasoning_gym_scores():
     assert [p.question for p in heldout_problems(["multiply", "chain_sum"], 10)] == [p.question for p in held]
     with pytest.raises(ValueError, match="no training problems left"):
         make_splits(["chain_sum"], 1, 400)
+
+
+def test_every_rl_heldout_question_is_left_out_of_the_sft_mixture(monkeypatch):
+    import llmstack.chat.mixture as mixture
+
+    monkeypatch.setattr(mixture, "_HELDOUT_EXCLUDED", 50)  # the first 50 of each set and setting
+    held = heldout_problems(["basic_arithmetic_3d", "chain_sum", "basic_arithmetic"], 120)
+    assert {p.source for p in held} == {"basic_arithmetic_3d", "chain_sum", "basic_arithmetic"}
+    excluded = mixture._heldout_questions("basic_arithmetic") | mixture._heldout_questions("chain_sum")
+    assert {p.question for p in held} <= excluded
+    three_digit = next(p for p in held if p.source == "basic_arithmetic_3d")
+    assert all(len(n) == 3 for n in re.findall(r"\d+", three_digit.question))
 
 
 def test_raising_verifier_scores_zero_and_is_logged(caplog):

@@ -336,7 +336,7 @@ def test_reward_model_dpo_and_rlhf_commands(sft_run, capsys):
 
     assert main(["dpo", *common, "--max-steps", "6", "--batch-size", "8", "--lr", "1e-3", "--heldout", "4"]) == 0
     summary = json.loads((sft_run / "dpo" / "summary.json").read_text())
-    assert {"gold_before", "gold_after"} <= set(summary)
+    assert {"gold_before", "gold_after", "sampled_gold_before", "sampled_correct_after"} <= set(summary)
     assert summary["evals"][-1]["val_accuracy"] >= 0.5  # the implicit reward moved towards the labels
 
     rl = ["--max-steps", "3", "--group", "2", "--prompts-per-step", "2", "--heldout", "4", "--eval-every", "1"]

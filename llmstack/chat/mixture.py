@@ -172,6 +172,11 @@ REASONING_GYM: dict[str, dict[str, Any]] = {
 REASONING_GYM_SMALL: dict[str, dict[str, Any]] = {
     name: dict(config, max_terms=2, max_digits=2) for name, config in REASONING_GYM.items()
 }
+# RL's main task (rl/verifiers.py "basic_arithmetic_3d"): two 3-digit numbers and one of + - *. Its
+# held-out questions are left out of training too (at these sizes the mixture all but never draws them)
+REASONING_GYM_3D: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": dict(REASONING_GYM["basic_arithmetic"], max_terms=2, min_digits=3, max_digits=3)
+}
 _HELDOUT_EXCLUDED = 2000  # held-out questions of each set and setting left out of training
 
 
@@ -183,7 +188,8 @@ def _heldout_questions(name: str) -> set[str]:
     return {
         x["question"]
         for config, seed in ((REASONING_GYM[name], HELDOUT_SEED), (REASONING_GYM[name], SUITE_SEED),
-                             (REASONING_GYM_SMALL[name], HELDOUT_SEED))
+                             (REASONING_GYM_SMALL[name], HELDOUT_SEED),
+                             *(((REASONING_GYM_3D[name], HELDOUT_SEED),) if name in REASONING_GYM_3D else ()))
         for x in reasoning_gym_entries(name, _HELDOUT_EXCLUDED, seed, **config)
     }  # fmt: skip
 

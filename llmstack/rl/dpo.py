@@ -152,7 +152,8 @@ class DPOTask(PairStream):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Held-out pairs: how often the implicit reward ranks them as the labeler did; held-out problems:
-        the gold score of the greedy replies."""
+        the gold score of the greedy replies, and of one reply sampled at temperature 1 (seeded, as RLHF
+        scores its policy): what the policy gives when it is sampled."""
         lp = self._logprobs(model, self.val)
         metrics: dict[str, float] = {}
         if len(lp):
@@ -160,6 +161,8 @@ class DPOTask(PairStream):
             metrics |= {"val_loss": float(loss), "val_accuracy": float((margin > 0).float().mean())}
         if self.problems:
             metrics |= score_policy(model, self.tok, self.problems).as_dict("heldout_")
+            sampled = score_policy(model, self.tok, self.problems, temperature=1.0, seed=HELDOUT_SEED)
+            metrics |= sampled.as_dict("heldout_sampled_")
         return metrics
 
 
@@ -211,11 +214,15 @@ def run_dpo(
     result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "beta": beta, "nll_weight": nll_weight}
     summary["evals"] = result.evals
-    gold = [(e["step"], e["heldout_gold"], e["heldout_correct"]) for e in result.evals if "heldout_gold" in e]
+    gold = [e for e in result.evals if "heldout_gold" in e]
     if dist.is_main and gold:
-        (s0, g0, c0), (s1, g1, c1) = gold[0], gold[-1]
-        summary |= {"gold_before": g0, "gold_after": g1, "correct_before": c0, "correct_after": c1}
+        first, last = gold[0], gold[-1]
+        for key, name in (("heldout_", ""), ("heldout_sampled_", "sampled_")):
+            for what in ("gold", "correct"):
+                summary |= {f"{name}{what}_before": first[key + what], f"{name}{what}_after": last[key + what]}
         write_json(out / "summary.json", summary)
-        log(f"dpo: held-out gold score {g0:.3f} (step {s0}) -> {g1:.3f} (step {s1}); "
-            f"right answers {c0:.0%} -> {c1:.0%} of {heldout}")  # fmt: skip
+        for key, how in (("heldout_", "greedy"), ("heldout_sampled_", "sampled at T 1")):
+            log(f"dpo: held-out gold score, {how}: {first[f'{key}gold']:.3f} (step {first['step']}) -> "
+                f"{last[f'{key}gold']:.3f} (step {last['step']}); right answers {first[f'{key}correct']:.0%} -> "
+                f"{last[f'{key}correct']:.0%} of {heldout}")  # fmt: skip
     return summary

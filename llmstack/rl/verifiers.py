@@ -29,6 +29,7 @@ from typing import Any
 
 from llmstack.chat.mixture import (
     HELDOUT_SEED,
+    REASONING_GYM_3D,
     REASONING_GYM_SMALL,
     arithmetic_question,
 )  # the same held-out problems as `llmstack eval`
@@ -149,6 +150,9 @@ PROBLEM_SETS: dict[str, Callable[[], Any]] = {
         "basic_arithmetic", "basic_arithmetic", dict(REASONING_GYM_SMALL["basic_arithmetic"])
     ),
     "chain_sum": lambda: ReasoningGym("chain_sum", "chain_sum", dict(REASONING_GYM_SMALL["chain_sum"])),
+    "basic_arithmetic_3d": lambda: ReasoningGym(
+        "basic_arithmetic_3d", "basic_arithmetic", dict(REASONING_GYM_3D["basic_arithmetic"])
+    ),
 }
 
 
