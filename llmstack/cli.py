@@ -1384,14 +1384,14 @@ through the shared loop. Every --eval-every steps: the held-out RM score and gol
     )
     rl_common(rh, "rlhf")
     rh.add_argument("--reward-model", help="the reward model's run (default: <run>/rm)")
-    rh.add_argument("--kl-coef", type=float, help="KL penalty per nat of log(pi/pi_ref) (default 0.05)")
+    rh.add_argument("--kl-coef", type=float, help="KL penalty per nat of log(pi/pi_ref) (default 0.1)")
     rh.add_argument("--group", type=int, help="replies sampled per prompt (default 8)")
     rh.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
     rh.add_argument("--temperature", type=float, help="rollout temperature (default 1.0)")
     rh.add_argument(
         "--no-scale-rewards", action="store_true", help="advantage = reward - group mean, not divided by its std"
     )
-    rh.add_argument("--heldout", type=int, default=64, help="held-out questions scored at each evaluation")
+    rh.add_argument("--heldout", type=int, default=200, help="held-out questions scored at each evaluation")
     _add_train_overrides(rh)
     rh.set_defaults(func=cmd_rlhf)
 

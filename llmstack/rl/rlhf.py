@@ -56,7 +56,7 @@ class RLHFConfig:
     prompts_per_step: int = 8
     group: int = 8  # replies sampled per prompt
     temperature: float = 1.0
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     max_new_tokens: int = 48
     eval_temperature: float = 1.0  # held-out replies are sampled as in training (seeded): what the RM is pushed on
     # divide each group's advantages by its std (GRPO): the RM's margins between replies to one question
@@ -204,8 +204,8 @@ def preset(name: str) -> tuple[TrainConfig, RLHFConfig]:
     """``tiny``: 100 steps of 8 x 8 rollouts, ~4 min on 2 CPU cores; ``gpu``: 32 x 16 rollouts, 500 steps."""
     if name == "tiny":
         train = TrainConfig(
-            max_steps=100, batch_size=64, seq_len=256, lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=1.0,
-            eval_every=10, ckpt_every=0, eval_batches=1, grad_clip=1.0,
+            max_steps=100, batch_size=64, seq_len=256, lr=3e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=1.0,
+            eval_every=20, ckpt_every=0, eval_batches=1, grad_clip=1.0,
         )  # fmt: skip
         return train, RLHFConfig()
     if name == "gpu":
@@ -224,7 +224,7 @@ def run_rlhf(
     cfg: TrainConfig,
     rl: RLHFConfig,
     dist: DistInfo,
-    heldout: int = 64,
+    heldout: int = 200,
     resume: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
