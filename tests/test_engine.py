@@ -152,6 +152,19 @@ def test_static_steps_run_under_bf16_autocast():
     assert static == dynamic and all(len(r) == 12 for r in static)
 
 
+def test_no_cuda_graphs_under_cuda_autocast(monkeypatch):
+    """Graphs captured under autocast replay its freed / stale weight casts (NaN on a GPU): the engine
+    decodes eagerly while CUDA autocast is on, with graphs otherwise."""
+    model = GPT(tiny_model_config(100))
+    engine = Engine(model)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    assert not engine._use_static(cuda)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: False)
+    assert engine._use_static(cuda) and not engine._use_static(torch.device("cpu"))
+    assert Engine(model, static=True)._use_static(torch.device("cpu"))  # CPU static steps do not capture
+
+
 def test_non_finite_logits_stop_sampling_with_a_clear_error():
     from llmstack.inference.sample import sample_next
 

@@ -240,6 +240,11 @@ class Engine:
 
     def _use_static(self, device: torch.device) -> bool:
         use = self.static if self.static is not None else device.type == "cuda"
+        if use and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            # a CUDA graph captured under autocast replays autocast's cached bf16 copies of the weights,
+            # which autocast frees and the optimizer makes stale: NaN logits on an H200 in the training
+            # loop's bf16 evaluations (PyTorch asks for cache_enabled=False when capturing). Decode eagerly.
+            return False
         return bool(use) and getattr(self.model, "supports_static_cache", False)
 
     def _cache(self, B: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
