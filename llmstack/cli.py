@@ -1340,7 +1340,7 @@ hhh_alignment (held-out human preferences, chance 50%). Makes the pairs first if
     rmp.add_argument(
         "--no-likelihood",
         action="store_true",
-        help="the head sees only the transformer's states, not each written token's log-likelihood as well",
+        help="no implicit-reward term (each written token's log-ratio to a frozen SFT copy): the head alone",
     )
     _add_train_overrides(rmp)
     rmp.set_defaults(func=cmd_reward_model)
@@ -1404,8 +1404,8 @@ training problem with the batched engine (tool calls answered, tool results neve
 them with a verifier, and takes a policy-gradient step on reward minus the group mean. Held-out
 pass@1 (greedy) and pass@k at every --eval-every steps; step 0 is the SFT model. Writes <out>/rl.png
 (reward, pass@1/pass@k, response length, KL to the SFT model, entropy), metrics.jsonl, rl_summary.json.
-Tasks: chain_sum, basic_arithmetic (reasoning-gym, two terms of 1-2 digits; the presets' default), multiply, add
-(3-digit, calculator).
+Tasks: basic_arithmetic_3d (reasoning-gym, two 3-digit numbers and + - *; the presets' default), chain_sum,
+basic_arithmetic (reasoning-gym, two terms of 1-2 digits), multiply, add (3-digit, calculator).
 
   llmstack rl                                            # runs/tiny/sft -> runs/tiny/rl (tiny: 2 CPU cores, minutes)
   llmstack rl --eval-only --model runs/tiny/sft          # held-out pass@1 / pass@k of any model, no training
@@ -1414,9 +1414,7 @@ Tasks: chain_sum, basic_arithmetic (reasoning-gym, two terms of 1-2 digits; the 
   llmstack rl --preset gpu --device cuda --run-dir runs/d20""",
     )
     rl_common(rlp, "rl")
-    rlp.add_argument(
-        "--tasks", help="comma-separated problem sets (default: the preset's; tiny: chain_sum,basic_arithmetic)"
-    )
+    rlp.add_argument("--tasks", help="comma-separated problem sets (default: the preset's; tiny: basic_arithmetic_3d)")
     rlp.add_argument("--eval-only", action="store_true", help="print held-out pass@1 / pass@k of --model and stop")
     rlp.add_argument("--loss", dest="loss_type", choices=["grpo", "dr_grpo", "dapo"], help="loss normalisation")
     rlp.add_argument("--group-size", type=int, help="completions per prompt (default 8)")

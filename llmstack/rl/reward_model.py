@@ -130,9 +130,7 @@ def save_reference(sft_ckpt: Any, out: Path) -> None:
     import os
     import tempfile
 
-    dst = out / "reference"
-    if (dst / "model.safetensors").exists():
-        return
+    dst = out / "reference"  # rewritten each run: a new RM in an old folder must not keep another SFT model
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=out))
     for name in ("model.safetensors", "meta.json"):
