@@ -102,7 +102,7 @@ class DPOTask(PairStream):
         dist: DistInfo,
         beta: float = 0.1,
         problems: Sequence[ArithmeticProblem] = (),
-        nll_weight: float = 0.0,
+        nll_weight: float = 1.0,
     ) -> None:
         if nll_weight < 0 or beta <= 0:
             raise ValueError(f"DPO needs beta > 0 and nll_weight >= 0 (got beta {beta}, nll_weight {nll_weight})")
@@ -195,7 +195,8 @@ def run_dpo(
     nll_weight: float = 1.0,
 ) -> dict[str, Any]:
     """DPO from ``policy`` (the SFT run, also the frozen reference) on ``pairs/train.jsonl``; the gold
-    score of greedy replies to ``heldout`` held-out questions before and after; ``out/summary.json``."""
+    score of ``heldout`` held-out questions' replies, greedy and sampled at T 1, before and after;
+    ``out/summary.json``."""
     from llmstack.io import write_json
     from llmstack.training.loop import train
 

@@ -63,7 +63,7 @@ class RewardModel(GPT):
         if likelihood and not cfg.tie_embeddings:
             raise ValueError("the likelihood input reads the tied embedding; this model has none (likelihood=False)")
         super().__init__(cfg)
-        self.pool, self.likelihood = pool, likelihood
+        self.pool = pool
         self.lm_head = nn.Identity()  # type: ignore[assignment]  # the backbone's normed states pass through
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.zeros_(self.score.weight)  # starts neutral: every reward 0, every pair's loss ln 2

@@ -27,7 +27,7 @@ def tiny() -> tuple[GRPOConfig, TrainConfig]:
     """The embedded model on 2 CPU cores: reasoning-gym's ``basic_arithmetic`` with two 3-digit numbers
     and one of + - * ("Calculate 505 - 663."), where the SFT model succeeds often enough (34% greedy,
     15% of samples) for groups to hold both right and wrong answers. 64 rollouts a step (8 prompts x 8
-    at temperature 1), 120 steps (~5 min on two free cores), lr 1e-4 with a small KL leash, 400
+    at temperature 1), 120 steps (~7 min on two cores), lr 1e-4 with a small KL leash, 400
     held-out problems (README, "Reinforcement learning"). The small one- and two-digit tasks
     (``chain_sum``, ``basic_arithmetic``) stay available with ``--tasks``: this model solves 2-5% of
     them when sampling, too rarely for RL to find anything to reinforce."""
