@@ -39,7 +39,7 @@ def tiny(vocab_size: int = 4096) -> tuple[ModelConfig, TrainConfig]:
     """~3M non-embedding params, 4 layers x 256; a few minutes on 2 CPU cores."""
     model = model_for_depth(4, vocab_size, seq_len=256, head_dim=64)
     train = TrainConfig(
-        max_steps=600,
+        max_steps=500,
         batch_size=16,
         seq_len=256,
         lr=3e-3,
