@@ -406,7 +406,8 @@ def cmd_preferences(args: argparse.Namespace) -> int:
 
     base = _rl_base(args)
     model, _, tok = load_policy(args.model or base / "sft", args.device)
-    keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts", "perturbed")
+    keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts", "perturbed",
+            "questions")  # fmt: skip
     cfg = replace(preset(args.preset), **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     judge = load_llm_judge(args.judge) if args.judge != "none" and cfg.open_prompts else None
     run_preferences(model, tok, cfg, Path(args.out) if args.out else base / "prefs", judge, seed=args.seed)
@@ -465,7 +466,7 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
     policy = Path(args.model) if args.model else base / "sft"
     rm = Path(args.reward_model) if args.reward_model else base / "rm"
     out = Path(args.out) if args.out else base / "rlhf"
-    run_rlhf(policy, rm, out, cfg, rl, dist, args.heldout, resume=not args.no_resume)
+    run_rlhf(policy, rm, out, cfg, rl, dist, args.heldout, resume=not args.no_resume, questions=args.questions)
     return 0
 
 
@@ -1302,6 +1303,11 @@ questions), summary.json.
     )
     rl_common(pf, "prefs")
     pf.add_argument("--judge", default="smollm2", help="the LLM judge for open questions: smollm2, a model path, none")
+    pf.add_argument(
+        "--questions",
+        help="the gold judge's questions: the SFT mixture's 3-digit products and sums (default), or RL's "
+        "reasoning-gym basic_arithmetic_3d (+ - *, where the SFT model errs more often)",
+    )
     pf.add_argument("--prompts", type=int, help="arithmetic questions for training pairs")
     pf.add_argument("--heldout-prompts", type=int, help="held-out arithmetic questions")
     pf.add_argument("--samples", type=int, help="replies sampled per question")
@@ -1392,6 +1398,10 @@ through the shared loop. Every --eval-every steps: the held-out RM score and gol
         "--no-scale-rewards", action="store_true", help="advantage = reward - group mean, not divided by its std"
     )
     rh.add_argument("--heldout", type=int, default=200, help="held-out questions scored at each evaluation")
+    rh.add_argument(
+        "--questions",
+        help="the rollouts' and held-out questions (default: those the reward model's pairs were drawn on)",
+    )
     _add_train_overrides(rh)
     rh.set_defaults(func=cmd_rlhf)
 

@@ -182,6 +182,37 @@ def test_gold_judge_follows_the_rubric():
     assert gold_score(P, wrong_op).score == pytest.approx(0.25)  # faithful, but not the question's operation
 
 
+def test_gold_judge_on_subtraction_keeps_the_operands_in_order():
+    sub = ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")
+    assert sub.answer == -158
+    assert gold_score(sub, reply("505-663", "-158", "The answer is -158.")).score == pytest.approx(1.5)
+    assert gold_score(sub, reply("505 - 663", "-158", "The answer is -159.")).score == pytest.approx(0.25)
+    swapped = gold_score(sub, reply("663-505", "158", "The answer is 158."))  # right numbers, wrong order
+    assert swapped.score == pytest.approx(0.25) and "correct" not in swapped.notes
+    half = gold_score(sub, reply("505-633", "-128", "The answer is -128."))
+    assert half.notes[:1] == ["tool operand 505"] and half.score == pytest.approx(0.125 + 0.25)
+
+
+def test_reasoning_gym_questions_for_the_gold_judge():
+    import reasoning_gym
+
+    from llmstack.chat.mixture import REASONING_GYM_3D, spread_seed
+    from llmstack.rl.preferences import HELDOUT_SEED, PREF_SEED, arithmetic_problems
+
+    probs = arithmetic_problems(30, PREF_SEED, "basic_arithmetic_3d")
+    ds = reasoning_gym.create_dataset(
+        "basic_arithmetic", size=30, seed=spread_seed(PREF_SEED), **REASONING_GYM_3D["basic_arithmetic"]
+    )
+    assert [p.prompt for p in probs] == [e["question"] for e in ds]
+    assert [str(p.answer) for p in probs] == [e["answer"] for e in ds]  # the dataset's own answers
+    assert {p.op for p in probs} == {"+", "-", "*"}
+    held = {p.prompt for p in arithmetic_problems(30, HELDOUT_SEED, "basic_arithmetic_3d")}
+    assert not held & {p.prompt for p in probs}
+    assert arithmetic_problems(5, PREF_SEED) != probs[:5]  # the default stays the SFT mixture's questions
+    with pytest.raises(ValueError, match="unknown question set 'gsm8k'"):
+        arithmetic_problems(5, PREF_SEED, "gsm8k")
+
+
 def test_reply_parts_and_loss_mask(tok):
     fmt = ChatFormat(tok)
     text = reply("12*3", "36", "It is 36.")
@@ -318,6 +349,32 @@ def test_preferences_command_writes_pairs(sft_run, capsys):
     assert summary["train_pairs_gold"] >= 1 and summary["train_pairs_llm"] == 0
     assert len(read_pairs(out / "train.jsonl")) == summary["train_pairs_gold"] + summary["train_pairs_perturbed"]
     assert all(p.source == "gold" for p in read_pairs(out / "train.jsonl"))
+
+
+def test_question_set_travels_from_the_pairs_to_the_reward_model_and_rlhf(sft_run, capsys):
+    from llmstack.cli import main
+    from llmstack.rl.preferences import pairs_questions
+    from llmstack.rl.reward_model import load_reward_model
+
+    pairs = sft_run / "prefs-3d"
+    args = ["preferences", "--run-dir", str(sft_run), "--out", str(pairs), "--judge", "none", "--prompts", "6"]
+    args += ["--heldout-prompts", "4", "--samples", "2", "--min-margin", "0", "--questions", "basic_arithmetic_3d"]
+    assert main(args) == 0 and pairs_questions(pairs) == "basic_arithmetic_3d"
+    assert read_pairs(pairs / "train.jsonl")[0].prompt.startswith("Calculate ")
+    assert pairs_questions(sft_run / "nowhere") == "mixture"
+    crafted_pairs(pairs)  # learnable pairs; the summary (and so the question set) stays
+    common = ["--run-dir", str(sft_run), "--device", "cpu", "--dtype", "float32", "--eval-every", "0"]
+    rm_args = ["reward-model", *common, "--pairs", str(pairs), "--out", str(sft_run / "rm-3d"), "--max-steps", "2"]
+    assert main(rm_args + ["--batch-size", "4"]) == 0
+    assert load_reward_model(str(sft_run / "rm-3d"))[1].meta["questions"] == "basic_arithmetic_3d"
+    rl = ["--max-steps", "1", "--group", "2", "--prompts-per-step", "2", "--heldout", "2"]
+    assert main(["rlhf", *common, *rl, "--reward-model", str(sft_run / "rm-3d"), "--out", str(sft_run / "h3d")]) == 0
+    summary = json.loads((sft_run / "h3d" / "summary.json").read_text())
+    assert summary["questions"] == "basic_arithmetic_3d"
+    assert "on basic_arithmetic_3d questions" in capsys.readouterr().out
+    bad = ["rlhf", *common, *rl, "--reward-model", str(sft_run / "rm-3d"), "--questions", "gsm8k"]
+    assert main(bad + ["--out", str(sft_run / "hbad")]) == 2
+    assert "unknown question set 'gsm8k'" in capsys.readouterr().err
 
 
 def test_reward_model_dpo_and_rlhf_commands(sft_run, capsys):

@@ -38,6 +38,7 @@ from llmstack.rl.preferences import (
     arithmetic_problems,
     encode_reply,
     load_policy,
+    pairs_questions,
     read_pairs,
     score_policy,
 )
@@ -206,7 +207,7 @@ def run_dpo(
     val_pairs = read_pairs(pairs / "heldout.jsonl")
     if not (out / "tokenizer" / "tokenizer.json").exists():
         shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    problems = arithmetic_problems(heldout, HELDOUT_SEED)
+    problems = arithmetic_problems(heldout, HELDOUT_SEED, pairs_questions(pairs))  # the pairs' question set
     task = DPOTask(model, train_pairs, val_pairs, tok, cfg, dist, beta, problems if dist.is_main else (), nll_weight)
     log(f"dpo: {len(task.train)} pairs, beta {beta}, NLL weight {nll_weight}, {cfg.max_steps} steps "
         f"from {ckpt.path} -> {out}")  # fmt: skip

@@ -22,6 +22,7 @@ What is not here: multi-turn prompts, ties as training signal, more than two rep
 from __future__ import annotations
 
 import json
+import operator
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -159,27 +160,60 @@ def encode_reply(fmt: ChatFormat, prompt: str, reply: str) -> tuple[list[int], l
 
 
 # ----------------------------------------------------------------------------- the gold judge
+_VALUE: dict[str, Callable[[int, int], int]] = {"*": operator.mul, "+": operator.add, "-": operator.sub}
+
+
 @dataclass(frozen=True)
 class ArithmeticProblem:
     prompt: str
     a: int
     b: int
-    op: str  # "*" or "+"
+    op: str  # "*", "+" or "-"
 
     @property
     def answer(self) -> int:
-        return self.a * self.b if self.op == "*" else self.a + self.b
+        return _VALUE[self.op](self.a, self.b)
 
 
-def arithmetic_problems(n: int, seed: int) -> list[ArithmeticProblem]:
-    """The SFT mixture's question distribution (3-digit operands, 80% products), drawn with ``seed``."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        op = "*" if rng.random() < 0.8 else "+"
-        q, a, b = arithmetic_question(rng, op)
-        out.append(ArithmeticProblem(q, a, b, op))
-    return out
+# The questions the gold judge can grade: the SFT mixture's 3-digit products and sums (what the SFT
+# model was taught, and answers right 97-99% of the time), or RL's reasoning-gym task, two numbers of
+# up to 3 digits and one of + - * ("Calculate 505 - 663."), where it errs on a quarter of its samples
+QUESTION_SETS = ("mixture", "basic_arithmetic_3d")
+_EXPRESSION = re.compile(r"^(\d+) ([-+*]) (\d+)$")
+
+
+def arithmetic_problems(n: int, seed: int, questions: str = "mixture") -> list[ArithmeticProblem]:
+    """``n`` questions of the set ``questions`` (``QUESTION_SETS``), drawn with ``seed``."""
+    if questions == "mixture":  # 3-digit operands, 80% products
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            op = "*" if rng.random() < 0.8 else "+"
+            q, a, b = arithmetic_question(rng, op)
+            out.append(ArithmeticProblem(q, a, b, op))
+        return out
+    if questions == "basic_arithmetic_3d":
+        from llmstack.chat.mixture import REASONING_GYM_3D, reasoning_gym_entries, spread_seed
+
+        config = REASONING_GYM_3D["basic_arithmetic"]
+        entries = reasoning_gym_entries("basic_arithmetic", n, spread_seed(seed), **config)  # seeds far apart
+        out = []
+        for e in entries:
+            expression = e["metadata"]["expression"]
+            if (m := _EXPRESSION.match(expression)) is None:
+                raise ValueError(f"reasoning-gym basic_arithmetic: unexpected expression {expression!r}")
+            out.append(ArithmeticProblem(e["question"], int(m[1]), int(m[3]), m[2]))
+        return out
+    raise ValueError(f"unknown question set {questions!r}; choose one of {', '.join(QUESTION_SETS)}")
+
+
+def pairs_questions(pairs: str | Path) -> str:
+    """The question set a preference directory was sampled on (its ``summary.json``; ``mixture`` if none)."""
+    try:
+        summary = json.loads((Path(pairs) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "mixture"
+    return str(summary.get("config", {}).get("questions", "mixture"))
 
 
 # The rubric of labeling.md, in points. Best possible: 1.5.
@@ -191,7 +225,7 @@ VERBOSE_PER_CHAR = 0.01  # per visible character beyond CONCISE_CHARS, at most M
 CONCISE_CHARS = 24  # "The answer is 123456." plus a little
 MAX_VERBOSE = 0.25
 
-_CALC_EXPR = re.compile(r"^\s*calculator:\s*(\d+)\s*([*+x×])\s*(\d+)\s*$")
+_CALC_EXPR = re.compile(r"^\s*calculator:\s*(\d+)\s*([-*+x×])\s*(\d+)\s*$")
 
 
 @dataclass
@@ -212,10 +246,10 @@ def gold_score(problem: ArithmeticProblem, reply: str) -> Grade:
     if got is not None and got == str(problem.answer):
         g.score += CORRECT
         g.notes.append("correct")
-    if len(calls) == 1 and (m := _CALC_EXPR.match(calls[0])) and ("*" if m[2] in "*x×" else "+") == problem.op:
+    if len(calls) == 1 and (m := _CALC_EXPR.match(calls[0])) and ("*" if m[2] in "*x×" else m[2]) == problem.op:
         left = [problem.a, problem.b]
-        for x in (int(m[1]), int(m[3])):  # each of the question's numbers, in either order
-            if x in left:
+        for i, x in enumerate((int(m[1]), int(m[3]))):  # the question's numbers, in either order but for "-"
+            if x in left and (problem.op != "-" or x == (problem.a, problem.b)[i]):
                 left.remove(x)
                 g.score += TOOL_OPERANDS / 2
                 g.notes.append(f"tool operand {x}")
@@ -340,7 +374,7 @@ def gold_pairs(
     return out
 
 
-_CALL_SPAN = re.compile(r"(calculator:\s*)(\d+)(\s*[*+x×]\s*)(\d+)")
+_CALL_SPAN = re.compile(r"(calculator:\s*)(\d+)(\s*[-*+x×]\s*)(\d+)")
 _RESULT_SPAN = re.compile(re.escape(S.TOOL_RESULT_START) + r"(.*?)" + re.escape(S.TOOL_RESULT_END), re.S)
 _ANSWER_SPAN = re.compile(r"(\d+)(\D*)$")
 
@@ -512,6 +546,7 @@ class PrefConfig:
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
     max_new_tokens: int = 48
+    questions: str = "mixture"  # QUESTION_SETS: what the gold judge's questions are
 
 
 def preset(name: str) -> PrefConfig:
@@ -554,8 +589,8 @@ def run_preferences(
     out = Path(out)
     model.eval()
     t0 = time.perf_counter()
-    train_q = arithmetic_problems(cfg.prompts, PREF_SEED)
-    held_q = arithmetic_problems(cfg.heldout_prompts, HELDOUT_SEED)
+    train_q = arithmetic_problems(cfg.prompts, PREF_SEED, cfg.questions)
+    held_q = arithmetic_problems(cfg.heldout_prompts, HELDOUT_SEED, cfg.questions)
     kw = dict(k=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     train_r = sample_replies(model, tok, [p.prompt for p in train_q], seed=seed, **kw)  # type: ignore[arg-type]
     held_r = sample_replies(model, tok, [p.prompt for p in held_q], seed=seed + 7_919, **kw)  # type: ignore[arg-type]

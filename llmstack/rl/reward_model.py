@@ -44,7 +44,7 @@ from torch import nn
 from llmstack.chat.conversation import ChatFormat
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT, KVCache
-from llmstack.rl.preferences import Pair, PairStream, encode_reply, load_policy, read_pairs
+from llmstack.rl.preferences import Pair, PairStream, encode_reply, load_policy, pairs_questions, read_pairs
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 
@@ -315,7 +315,7 @@ def run_reward_model(
         f"{' with their log-likelihood as an input' if likelihood else ''}; "
         f"{cfg.max_steps} steps -> {out}")  # fmt: skip
     meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "pool": pool,
-            "likelihood": likelihood}  # fmt: skip
+            "likelihood": likelihood, "questions": pairs_questions(pairs)}  # fmt: skip
     result = train(rm, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "heldout_pairs": len(task.val), "pool": pool}
     summary["likelihood"] = likelihood

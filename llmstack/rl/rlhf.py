@@ -227,9 +227,11 @@ def run_rlhf(
     heldout: int = 200,
     resume: bool = True,
     log: Callable[[str], None] = print,
+    questions: str | None = None,
 ) -> dict[str, Any]:
     """RLHF from ``policy`` (the SFT run) against ``reward_model``; held-out RM and gold scores every
-    ``cfg.eval_every`` steps, ``out/overoptimisation.png``, ``out/rollouts.jsonl``, ``out/summary.json``."""
+    ``cfg.eval_every`` steps, ``out/overoptimisation.png``, ``out/rollouts.jsonl``, ``out/summary.json``.
+    ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on."""
     import json
 
     from llmstack.io import write_json
@@ -243,14 +245,14 @@ def run_rlhf(
         raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
     if not (out / "tokenizer" / "tokenizer.json").exists():
         shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    problems = arithmetic_problems(max(1000, rl.prompts_per_step * cfg.max_steps), PREF_SEED + 1)
-    task = RLHFTask(
-        model, RewardScorer(rm, tok), tok, problems, arithmetic_problems(heldout, HELDOUT_SEED), cfg, rl, dist
-    )
-    log(f"rlhf: {rl.prompts_per_step} x {rl.group} rollouts a step, kl_coef {rl.kl_coef}, {cfg.max_steps} steps, "
-        f"reward model {rm_ckpt.path} -> {out}")  # fmt: skip
+    questions = questions or rm_ckpt.meta.get("questions", "mixture")
+    problems = arithmetic_problems(max(1000, rl.prompts_per_step * cfg.max_steps), PREF_SEED + 1, questions)
+    held = arithmetic_problems(heldout, HELDOUT_SEED, questions)
+    task = RLHFTask(model, RewardScorer(rm, tok), tok, problems, held, cfg, rl, dist)
+    log(f"rlhf: {rl.prompts_per_step} x {rl.group} rollouts a step on {questions} questions, kl_coef {rl.kl_coef}, "
+        f"{cfg.max_steps} steps, reward model {rm_ckpt.path} -> {out}")  # fmt: skip
     meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path),
-            "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl)}  # fmt: skip
+            "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl), "questions": questions}  # fmt: skip
     result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
     with atomic_write(out / "rollouts.jsonl") as f:
         f.writelines(json.dumps(h) + "\n" for h in task.history)
@@ -262,6 +264,9 @@ def run_rlhf(
         "gold_before": first["heldout_gold"],
         "gold_after": last["heldout_gold"],
         "best_gold": max(e["heldout_gold"] for e in result.evals),
+        "correct_before": first["heldout_correct"],
+        "correct_after": last["heldout_correct"],
+        "questions": questions,
         "overoptimisation_step": mark,
         "evals": result.evals,
     }
@@ -269,6 +274,8 @@ def run_rlhf(
     before = f"RM score {first['heldout_rm']:.3f}, gold score {first['heldout_gold']:.3f} (step {first['step']})"
     after = f"RM score {last['heldout_rm']:.3f}, gold score {last['heldout_gold']:.3f} (step {last['step']})"
     log(f"rlhf: held-out {before} -> {after}")
-    seen = f"gold peaks at step {mark}, then falls as the RM rises" if mark else "no gold fall while the RM rises"
+    seen = "no gold fall while the RM rises"
+    if mark is not None:  # step 0 too: the SFT model's gold was never beaten
+        seen = f"gold peaks at step {mark}, then falls as the RM rises"
     log(f"rlhf: {out / 'overoptimisation.png'} ({seen})")
     return summary
