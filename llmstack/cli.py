@@ -458,7 +458,8 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
 
     base = _rl_base(args)
     train_cfg, rl = preset(args.preset)
-    keys = ("kl_coef", "group", "prompts_per_step", "temperature")
+    keys = ("kl_coef", "group", "prompts_per_step", "temperature", "refresh_every", "refresh_steps", "refresh_replay",
+            "eval_samples")  # fmt: skip
     rl = replace(rl, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     rl = replace(rl, scale_rewards=not args.no_scale_rewards)
     cfg = _train_config(args, replace(train_cfg, batch_size=rl.prompts_per_step * rl.group))
@@ -466,7 +467,10 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
     policy = Path(args.model) if args.model else base / "sft"
     rm = Path(args.reward_model) if args.reward_model else base / "rm"
     out = Path(args.out) if args.out else base / "rlhf"
-    run_rlhf(policy, rm, out, cfg, rl, dist, args.heldout, resume=not args.no_resume, questions=args.questions)
+    run_rlhf(
+        policy, rm, out, cfg, rl, dist, args.heldout, resume=not args.no_resume, questions=args.questions,
+        pairs=args.pairs,
+    )  # fmt: skip
     return 0
 
 
@@ -1305,8 +1309,8 @@ questions), summary.json.
     pf.add_argument("--judge", default="smollm2", help="the LLM judge for open questions: smollm2, a model path, none")
     pf.add_argument(
         "--questions",
-        help="the gold judge's questions: the SFT mixture's 3-digit products and sums (default), or RL's "
-        "reasoning-gym basic_arithmetic_3d (+ - *, where the SFT model errs more often)",
+        help="the gold judge's questions: RL's reasoning-gym basic_arithmetic_3d (+ - *, the default), or "
+        "mixture, the SFT mixture's 3-digit products and sums (which the SFT model gets right 97-99%% of the time)",
     )
     pf.add_argument("--prompts", type=int, help="arithmetic questions for training pairs")
     pf.add_argument("--heldout-prompts", type=int, help="held-out arithmetic questions")
@@ -1401,6 +1405,20 @@ through the shared loop. Every --eval-every steps: the held-out RM score and gol
     rh.add_argument(
         "--questions",
         help="the rollouts' and held-out questions (default: those the reward model's pairs were drawn on)",
+    )
+    rh.add_argument(
+        "--refresh-every",
+        type=int,
+        help="iterated RLHF: every N steps the gold judge labels pairs among the last rollouts and the RM trains "
+        "on them too (0: never, the default)",
+    )
+    rh.add_argument("--refresh-steps", type=int, help="RM training steps at each refresh (default 100)")
+    rh.add_argument(
+        "--refresh-replay", type=int, help="earlier pairs drawn per new pair to train on at a refresh (default 3)"
+    )
+    rh.add_argument("--pairs", help="the pairs the RM was trained on, for refreshes (default: from the RM's run)")
+    rh.add_argument(
+        "--eval-samples", type=int, help="replies sampled per held-out question at each evaluation (default 1)"
     )
     _add_train_overrides(rh)
     rh.set_defaults(func=cmd_rlhf)

@@ -254,12 +254,21 @@ def test_perturbed_pairs_put_one_wrong_digit_into_a_right_reply():
         if call == "686*849":  # the answer was mistyped: exactly one digit off the tool's result
             assert result == "582414" and sum(x != y for x, y in zip(answer, result, strict=True)) == 1
             kinds.add("out")
-        else:  # an operand was mistyped: the calculator's result for it, reported faithfully
+        else:  # an operand was mistyped or a digit left out: the calculator's result for it, reported faithfully
             a, b = call.split("*")
-            assert sum(x != y for x, y in zip(a + b, "686849", strict=True)) == 1 and not a.startswith("0")
-            assert result == str(int(a) * int(b)) == answer
-            kinds.add("in")
-    assert kinds == {"in", "out"}
+            assert result == str(int(a) * int(b)) == answer and not a.startswith("0") and not b.startswith("0")
+            if len(a + b) == 6:
+                assert sum(x != y for x, y in zip(a + b, "686849", strict=True)) == 1
+                kinds.add("in")
+            else:
+                assert len(a + b) == 5 and any(x[:i] + x[i + 1 :] in (a, b) for x in ("686", "849") for i in range(3))
+                kinds.add("dropped")
+    assert kinds == {"in", "dropped", "out"}
+    minus = ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")
+    good_minus = reply("505-663", "-158", "The answer is -158.")
+    for seed in range(20):  # the sign survives: a miscopied answer stays negative, a new result replaces it
+        bad = perturb(minus, good_minus, random.Random(seed))
+        assert bad is not None and "--" not in bad and gold_score(minus, bad).score < 1.5
     wrong = reply("686*849", "582414", "The answer is 582144.")
     pairs = perturbed_pairs([P], [[good, wrong, good]], n=5, seed=1)
     assert len(pairs) == 5 and all(p.chosen == good and p.rejected != good for p in pairs)  # only right replies
@@ -416,3 +425,81 @@ def test_malformed_pairs_file_is_a_clear_cli_error(sft_run, tmp_path, capsys):
     args = ["reward-model", "--run-dir", str(sft_run), "--pairs", str(tmp_path), "--out", str(tmp_path / "rm")]
     assert main(args + ["--max-steps", "1", "--batch-size", "4"]) == 2
     assert 'train.jsonl:25: "chosen" must be a non-empty string' in capsys.readouterr().err
+
+
+def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys):
+    """Iterated RLHF's step: the gold judge's pairs from rollouts join the RM's pairs; a resumed refresh
+    reuses the pairs it wrote instead of relabelling."""
+    import random
+    from dataclasses import replace
+
+    from llmstack.cli import main
+    from llmstack.rl.reward_model import load_reward_model
+    from llmstack.rl.reward_model import preset as rm_preset
+    from llmstack.rl.rlhf import refresh_reward_model
+    from llmstack.training.distributed import init_distributed
+
+    pairs, rm_dir = sft_run / "prefs-refresh", sft_run / "rm-refresh-base"
+    crafted_pairs(pairs)
+    common = ["--run-dir", str(sft_run), "--device", "cpu", "--dtype", "float32", "--eval-every", "0"]
+    assert main(["reward-model", *common, "--pairs", str(pairs), "--out", str(rm_dir), "--max-steps", "1"]) == 0
+    assert load_reward_model(str(rm_dir))[1].meta["pairs"] == str(pairs)
+    rng = random.Random(1)
+    rollouts = []
+    for _ in range(6):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        right = reply(f"{a}*{b}", str(a * b), f"The answer is {a * b}.")
+        rollouts.append((ArithmeticProblem(f"What is {a} times {b}?", a, b, "*"), [right, right[:30]]))
+    cfg = replace(rm_preset("tiny"), max_steps=40, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=0, dtype="float32")
+    out = sft_run / "h-refresh" / "rm-refresh"
+    r = refresh_reward_model(rm_dir, 5, rollouts, pairs, out, cfg, tok, init_distributed("cpu"))
+    assert r is not None and r.new_pairs == 6 and r.pool == 6 + 3 * 6 and r.path == str(out / "step_000005")
+    assert r.accuracy_after >= 0.9 and r.accuracy_after >= r.accuracy_before
+    assert [p.rejected for p in read_pairs(out / "step_000005" / "pairs.jsonl")] == [g[1] for _, g in rollouts]
+    rm, ckpt = load_reward_model(r.path)
+    assert ckpt.meta["refreshed_at_rlhf_step"] == 5 and ckpt.meta["pairs"] == str(pairs)
+    again = refresh_reward_model(rm_dir, 5, [], pairs, out, cfg, tok, init_distributed("cpu"))
+    assert again is not None and again.new_pairs == 6 and again.accuracy_after == r.accuracy_after  # reloaded
+    assert refresh_reward_model(r.path, 9, [], pairs, out, cfg, tok, init_distributed("cpu")) is None
+    assert "no rollouts since the last refresh" in capsys.readouterr().out
+
+
+def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys):
+    from llmstack.cli import main
+
+    pairs, rm_dir = sft_run / "prefs-rounds", sft_run / "rm-rounds"
+    crafted_pairs(pairs)
+    common = ["--run-dir", str(sft_run), "--device", "cpu", "--dtype", "float32"]
+    assert main(["reward-model", *common, "--pairs", str(pairs), "--out", str(rm_dir), "--max-steps", "1"]) == 0
+    out = sft_run / "h-rounds"
+    rl = ["--group", "2", "--prompts-per-step", "2", "--heldout", "2", "--eval-every", "2", "--eval-samples", "2"]
+    args = ["rlhf", *common, *rl, "--reward-model", str(rm_dir), "--out", str(out), "--refresh-every", "2"]
+    assert main([*args, "--max-steps", "4", "--refresh-steps", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
+    for r in summary["refreshes"]:  # a refresh happens where the gold judge found pairs among the rollouts
+        assert r["step"] == 2 and (out / "rm-refresh" / "step_000002" / "pairs.jsonl").exists()
+    assert main([*args, "--max-steps", "6", "--refresh-steps", "2"]) == 0  # resumed: rounds at 2 and 4 reused
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 6]
+    assert "resumed from" in capsys.readouterr().out
+    assert main([*args, "--max-steps", "6", "--no-resume"]) == 2
+    assert "holds an RLHF run already" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "6", "--refresh-every", "-1"]) == 2
+    assert "refresh_every and refresh_replay must be >= 0" in capsys.readouterr().err
+
+
+def test_score_policy_grades_every_sampled_reply(sft_run):
+    from llmstack.rl.preferences import load_policy, score_policy
+
+    model, _, tok = load_policy(sft_run / "sft")
+    model.eval()
+    probs = [P, ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")]
+    one = score_policy(model, tok, probs, 1.0, seed=3, max_new_tokens=8)
+    three = score_policy(model, tok, probs, 1.0, seed=3, max_new_tokens=8, samples=3)
+    assert one.examples[0].startswith(repr(P.prompt)) and three.examples[1].startswith(repr(P.prompt))
+    assert -1.0 <= three.gold <= 1.5 and 0.0 <= three.correct <= 1.0
+    with pytest.raises(ValueError, match="samples must be 1"):
+        score_policy(model, tok, probs, 0.0, samples=2)  # greedy replies would all be the same
+    with pytest.raises(ValueError, match="samples must be 1"):
+        score_policy(model, tok, probs, 1.0, samples=0)

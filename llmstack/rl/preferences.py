@@ -2,7 +2,8 @@
 
 Where quality is measurable, a programmatic labeler plays the human of InstructGPT and follows the
 written rubric in ``labeling.md``: our SFT model samples several replies to each arithmetic question
-(the mixture's 3-digit ``*`` / ``+`` questions, tools running) and ``gold_score`` grades each; two
+(``QUESTION_SETS``: the mixture's 3-digit ``*`` / ``+`` questions, or reasoning-gym's ``+ - *``
+``basic_arithmetic_3d``; tools running) and ``gold_score`` grades each; two
 replies whose grades differ by at least ``min_margin`` make a pair. Where it is not (open questions),
 SmolLM2-135M-Instruct judges two sampled replies in both orders (``arena_battle.LLMJudge``); a verdict
 that flips with the order is a tie and makes no pair.
@@ -376,7 +377,7 @@ def gold_pairs(
 
 _CALL_SPAN = re.compile(r"(calculator:\s*)(\d+)(\s*[-*+x×]\s*)(\d+)")
 _RESULT_SPAN = re.compile(re.escape(S.TOOL_RESULT_START) + r"(.*?)" + re.escape(S.TOOL_RESULT_END), re.S)
-_ANSWER_SPAN = re.compile(r"(\d+)(\D*)$")
+_ANSWER_SPAN = re.compile(r"(-?\d+)([^\d-]*)$")
 
 
 def _wrong_digit(number: str, rng: random.Random) -> str:
@@ -385,10 +386,17 @@ def _wrong_digit(number: str, rng: random.Random) -> str:
     return number[:i] + rng.choice(choices) + number[i + 1 :]
 
 
+def _dropped_digit(number: str, rng: random.Random) -> str:
+    shorter = [number[:i] + number[i + 1 :] for i in range(len(number))]
+    shorter = [x for x in shorter if x and not x.startswith("0")]  # one digit left out, no leading zero
+    return rng.choice(shorter) if shorter else _wrong_digit(number, rng)
+
+
 def perturb(problem: ArithmeticProblem, reply: str, rng: random.Random) -> str | None:
     """One of the policy's own mistakes, made on purpose in a right reply: an operand copied into the
-    call with one wrong digit (the calculator's result and the answer follow it), or the calculator's
-    result reported with one wrong digit. None when the reply has no call or no final number."""
+    call with one wrong digit or one digit left out (the calculator's result and the answer follow
+    it), or the calculator's result reported with one wrong digit. None when the reply has no call or
+    no final number."""
     from llmstack.tools.calculator import calculator
 
     call, result = _CALL_SPAN.search(reply), _RESULT_SPAN.search(reply)
@@ -398,11 +406,13 @@ def perturb(problem: ArithmeticProblem, reply: str, rng: random.Random) -> str |
     tail = reply[result.end() :]
     if rng.random() < 0.5:  # a copying error on the way in
         a, b = call[2], call[4]
-        a, b = (_wrong_digit(a, rng), b) if rng.random() < 0.5 else (a, _wrong_digit(b, rng))
+        miscopy = _dropped_digit if rng.random() < 0.5 else _wrong_digit
+        a, b = (miscopy(a, rng), b) if rng.random() < 0.5 else (a, miscopy(b, rng))
         value = calculator(f"{a}{problem.op}{b}")
         head = reply[: call.start()] + call[1] + a + call[3] + b + reply[call.end() : result.start(1)]
         return head + value + reply[result.end(1) : result.end()] + tail.replace(answer[1], value)
-    wrong = _wrong_digit(answer[1], rng)  # a copying error on the way out
+    sign, digits = ("-", answer[1][1:]) if answer[1].startswith("-") else ("", answer[1])
+    wrong = sign + _wrong_digit(digits, rng)  # a copying error on the way out
     return reply[: result.end()] + tail[: answer.start(1)] + wrong + tail[answer.end(1) :]
 
 
@@ -489,8 +499,13 @@ def score_policy(
     seed: int = HELDOUT_SEED,
     reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
     max_new_tokens: int = 48,
+    samples: int = 1,
 ) -> PolicyScore:
-    """One reply per problem (greedy by default): mean gold score, accuracy, and the reward model's mean."""
+    """``samples`` replies per problem (one, greedy, by default): mean gold score, accuracy, and the
+    reward model's mean, over all replies."""
+    if samples < 1 or (samples > 1 and temperature == 0):
+        raise ValueError(f"samples must be 1, or more when sampling at a temperature above 0 (got {samples})")
+    problems = [p for p in problems for _ in range(samples)]
     prompts = [p.prompt for p in problems]
     replies = [g[0] for g in sample_replies(model, tok, prompts, 1, temperature, seed, max_new_tokens)]
     graded = [gold_score(p, r) for p, r in zip(problems, replies, strict=True)]
@@ -546,7 +561,9 @@ class PrefConfig:
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
     max_new_tokens: int = 48
-    questions: str = "mixture"  # QUESTION_SETS: what the gold judge's questions are
+    # QUESTION_SETS: RL's + - * questions, where the main job's SFT model errs on a third of its samples
+    # (1,009 pairs from 1,200 questions); on the mixture's products it errs on 2% (280 pairs)
+    questions: str = "basic_arithmetic_3d"
 
 
 def preset(name: str) -> PrefConfig:

@@ -14,6 +14,13 @@ Reward hacking: the RM is a proxy learnt from a few hundred pairs. Optimised har
 policy drifts where the RM was never taught; ``plot_overoptimisation`` draws the held-out RM and
 gold scores over steps and marks the step after which gold falls while the RM still rises.
 
+Iterated RLHF (``refresh_every``, as Llama 2 trained a new RM on each week's comparisons of the
+newest policy): every so many steps the gold judge, the labeler, ranks the replies of the rollouts
+since the last refresh (``gold_pairs``), and the RM trains on those pairs with all earlier ones
+(``refresh_reward_model``, ``out/rm-refresh/step_N``). Its accuracy on the new pairs before
+training says how far the policy has drifted from what the RM knew. The policy still sees only the
+RM; the labels cost what a labeler's time would, and the summary counts them.
+
 What is not here: PPO's clipped ratio and value head (one gradient step per batch of rollouts, so
 the policy that sampled is the one being updated), reward whitening, adaptive KL.
 """
@@ -21,9 +28,10 @@ the policy that sampled is the one being updated), reward whitening, adaptive KL
 from __future__ import annotations
 
 import copy
+import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +70,16 @@ class RLHFConfig:
     # divide each group's advantages by its std (GRPO): the RM's margins between replies to one question
     # are small next to the spread of the KL term across questions, and unscaled they barely move the policy
     scale_rewards: bool = True
+    # iterated RLHF (Llama 2's rounds, InstructGPT's continued labeling): every `refresh_every` steps the
+    # gold judge labels pairs among the last rollouts and the RM trains `refresh_steps` more steps on all
+    # pairs so far, so it learns the policy's new mistakes before the policy exploits them; 0: never
+    refresh_every: int = 0
+    refresh_steps: int = 100
+    refresh_lr: float = 1e-4
+    # earlier pairs replayed per new pair at a refresh (drawn at random from the RM's own and earlier
+    # refreshes'): the new pairs are a tenth of the pool or less, and 100 steps over all of it barely see them
+    refresh_replay: int = 3
+    eval_samples: int = 1  # replies sampled per held-out question at each evaluation
 
 
 def policy_gradient_loss(
@@ -99,6 +117,7 @@ class RLHFTask:
         self.device, self.seed = dist.device, cfg.seed
         self.cursor = 0  # prompts consumed
         self.history: list[dict[str, float]] = []  # per step: the rollouts' mean RM, gold, KL
+        self.rollouts: list[tuple[ArithmeticProblem, list[str]]] = []  # since the last RM refresh
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rl, n = self.rl, len(self.problems)
@@ -121,6 +140,7 @@ class RLHFTask:
         rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
         adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=rl.scale_rewards).reshape(-1)
         gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
+        self.rollouts += zip(batch, replies, strict=True)
         self.history.append(
             {
                 "rm": float(rm.mean()),
@@ -137,7 +157,9 @@ class RLHFTask:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         rl = self.rl
-        s = score_policy(model, self.tok, self.heldout, rl.eval_temperature, reward=self.reward)
+        s = score_policy(
+            model, self.tok, self.heldout, rl.eval_temperature, reward=self.reward, samples=rl.eval_samples
+        )
         out = s.as_dict("heldout_")
         if self.history:
             out["rollout_kl"] = self.history[-1]["kl"]
@@ -165,8 +187,11 @@ def overoptimisation_point(steps: Sequence[int], rm: Sequence[float], gold: Sequ
     return steps[peak] if gold_falls and rm_rises else None
 
 
-def plot_overoptimisation(evals: Sequence[dict[str, float]], png_path: str | Path, title: str = "") -> int | None:
-    """Held-out RM score and gold score against step (two axes); the over-optimisation point marked."""
+def plot_overoptimisation(
+    evals: Sequence[dict[str, float]], png_path: str | Path, title: str = "", refreshes: Sequence[int] = ()
+) -> int | None:
+    """Held-out RM score and gold score against step (two axes); the over-optimisation point marked,
+    and the steps after which the RM was refreshed (each RM score is the RM's of its time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,6 +218,8 @@ def plot_overoptimisation(evals: Sequence[dict[str, float]], png_path: str | Pat
             textcoords="offset points",
             fontsize=9,
         )
+    for i, at in enumerate(refreshes):
+        ax.axvline(at, color="tab:green", ls=":", lw=1.2, label="RM refreshed on new rollouts" if i == 0 else None)
     fig.legend(loc="upper left", bbox_to_anchor=(0.08, 0.92), fontsize=9)
     ax.set_title(title or "RLHF against a learnt reward model: held-out scores")
     fig.tight_layout()
@@ -217,6 +244,86 @@ def preset(name: str) -> tuple[TrainConfig, RLHFConfig]:
     raise ValueError(f"unknown preset {name!r}; choose tiny or gpu")
 
 
+@dataclass
+class Refresh:
+    """One RM refresh of iterated RLHF: the pairs the gold judge made from the last rollouts, and how
+    the RM ranked them before and after (before: how far the policy had drifted from what it knew)."""
+
+    step: int
+    new_pairs: int
+    pool: int  # pairs the refreshed RM trained on: the new ones and earlier ones replayed
+    accuracy_before: float  # the previous RM on the new pairs
+    accuracy_after: float  # the refreshed RM on them (training data: a check that it learnt them)
+    heldout_accuracy: float  # the refreshed RM on the original held-out pairs
+    path: str
+
+
+def refresh_reward_model(
+    prev: str | Path,
+    step: int,
+    rollouts: Sequence[tuple[ArithmeticProblem, Sequence[str]]],
+    base_pairs: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    tok: Any,
+    dist: DistInfo,
+    log: Callable[[str], None] = print,
+    replay: int = 3,
+) -> Refresh | None:
+    """Label pairs among ``rollouts`` with the gold judge (``gold_pairs``), then train the RM at ``prev``
+    ``cfg.max_steps`` more steps on them plus ``replay`` times as many drawn from ``base_pairs/train.jsonl``
+    and every earlier refresh's pairs under ``out``; the new RM is ``out/step_<step>``. Resumable: the
+    pairs are written before training, and a refresh that finished is only loaded. None when there is
+    nothing to label."""
+    from llmstack.rl.preferences import gold_pairs, read_pairs, write_pairs
+    from llmstack.rl.reward_model import (
+        RewardTask,
+        encode_pairs,
+        load_reward_model,
+        pairwise_accuracy,
+        save_reference,
+    )
+    from llmstack.training.checkpoint import load_meta
+    from llmstack.training.loop import train
+
+    here = out / f"step_{step:06d}"
+    if not (here / "pairs.jsonl").exists():
+        if not rollouts:
+            log(f"rlhf: no rollouts since the last refresh to label at step {step} (a resumed run); RM kept")
+            return None
+        problems, replies = zip(*rollouts, strict=True)
+        new = gold_pairs(problems, replies, seed=step)
+        if not new:
+            log(f"rlhf: the gold judge found no pair among the rollouts at step {step}; RM kept")
+            return None
+        write_pairs(here / "pairs.jsonl", new)
+    new = read_pairs(here / "pairs.jsonl")
+    earlier = sorted(p for p in out.glob("step_*/pairs.jsonl") if p.parent.name < here.name)
+    old = [*read_pairs(Path(base_pairs) / "train.jsonl"), *(x for f in earlier for x in read_pairs(f))]
+    pool = [*random.Random(step).sample(old, min(len(old), replay * len(new))), *new]
+    val = read_pairs(Path(base_pairs) / "heldout.jsonl")
+    rm, prev_ckpt = load_reward_model(str(prev), dist.device)
+    fmt_new, _ = encode_pairs(new, ChatFormat(tok), rm.config.max_seq_len)
+    pad = tok.special_id("<|pad|>")
+    before, _ = pairwise_accuracy(rm, fmt_new, pad)
+    if rm.reference is not None and not (here / "reference" / "model.safetensors").exists():
+        save_reference(load_meta(Path(prev) / "reference"), here)  # the same frozen SFT copy
+    task = RewardTask(pool, val, tok, cfg, dist, rm.config.max_seq_len)
+    meta = {**prev_ckpt.meta, "refreshed_at_rlhf_step": step, "refresh_pairs": len(new)}
+    for key in ("model_config", "train_config", "task_state", "step"):
+        meta.pop(key, None)
+    rm.train()
+    train(rm, task, cfg, here, dist, meta=meta, resume=True)
+    rm.eval()
+    after, _ = pairwise_accuracy(rm, fmt_new, pad)
+    held, _ = pairwise_accuracy(rm, task.val, pad)
+    r = Refresh(step, len(new), len(task.train), before, after, held, str(here))
+    log(f"rlhf: RM refresh at step {step}: {r.new_pairs} new gold pairs from the rollouts (+ {r.pool - r.new_pairs} "
+        f"earlier), ranked right by the RM {before:.0%} before and {after:.0%} after; held-out {held:.1%} "
+        f"-> {here}")  # fmt: skip
+    return r
+
+
 def run_rlhf(
     policy: str | Path,
     reward_model: str | Path,
@@ -228,47 +335,90 @@ def run_rlhf(
     resume: bool = True,
     log: Callable[[str], None] = print,
     questions: str | None = None,
+    pairs: str | Path | None = None,
 ) -> dict[str, Any]:
     """RLHF from ``policy`` (the SFT run) against ``reward_model``; held-out RM and gold scores every
     ``cfg.eval_every`` steps, ``out/overoptimisation.png``, ``out/rollouts.jsonl``, ``out/summary.json``.
-    ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on."""
+    ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on.
+    With ``rl.refresh_every``, the RM is retrained every so many steps (``refresh_reward_model``) on
+    ``pairs`` (default: the RM's own) and the gold judge's pairs of the rollouts; ``out/rm-refresh``."""
     import json
 
     from llmstack.io import write_json
     from llmstack.rl.reward_model import RewardScorer, load_reward_model
+    from llmstack.rl.reward_model import preset as rm_preset
     from llmstack.training.loop import train
+    from llmstack.training.metrics import read_metrics
 
     out = Path(out)
+    if min(rl.refresh_every, rl.refresh_replay) < 0 or min(rl.refresh_steps, rl.eval_samples) < 1:
+        raise ValueError(
+            f"refresh_every and refresh_replay must be >= 0, refresh_steps and eval_samples >= 1 (got "
+            f"{rl.refresh_every}, {rl.refresh_replay}, {rl.refresh_steps}, {rl.eval_samples})"
+        )
     model, ckpt, tok = load_policy(policy, dist.device)
     rm, rm_ckpt = load_reward_model(str(reward_model), dist.device)
     if rm_ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
         raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
+    base_pairs = Path(pairs or rm_ckpt.meta.get("pairs", ""))
+    if rl.refresh_every and not (base_pairs / "train.jsonl").exists():
+        raise FileNotFoundError(
+            f"{base_pairs / 'train.jsonl'}: refreshing the reward model needs the pairs it was trained on (--pairs)"
+        )
     if not (out / "tokenizer" / "tokenizer.json").exists():
         shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     questions = questions or rm_ckpt.meta.get("questions", "mixture")
     problems = arithmetic_problems(max(1000, rl.prompts_per_step * cfg.max_steps), PREF_SEED + 1, questions)
     held = arithmetic_problems(heldout, HELDOUT_SEED, questions)
     task = RLHFTask(model, RewardScorer(rm, tok), tok, problems, held, cfg, rl, dist)
+    refresh = f", the RM refreshed every {rl.refresh_every} steps" if rl.refresh_every else ""
     log(f"rlhf: {rl.prompts_per_step} x {rl.group} rollouts a step on {questions} questions, kl_coef {rl.kl_coef}, "
-        f"{cfg.max_steps} steps, reward model {rm_ckpt.path} -> {out}")  # fmt: skip
+        f"{cfg.max_steps} steps, reward model {rm_ckpt.path}{refresh} -> {out}")  # fmt: skip
     meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path),
             "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl), "questions": questions}  # fmt: skip
-    result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
+    if not resume and rl.refresh_every and (out / "checkpoints").exists():
+        raise ValueError(f"{out} holds an RLHF run already; a run in rounds resumes it, or give a new --out")
+    rm_cfg = replace(
+        rm_preset("tiny"), max_steps=rl.refresh_steps, lr=rl.refresh_lr, warmup_steps=10, eval_every=0,
+        dtype=cfg.dtype, seed=cfg.seed,
+    )  # fmt: skip
+    ends = [*range(rl.refresh_every, cfg.max_steps, rl.refresh_every), cfg.max_steps] if rl.refresh_every else []
+    ends = ends or [cfg.max_steps]
+    current, refreshes, evals = Path(reward_model), [], []
+    for i, end in enumerate(ends):
+        evals += train(model, task, cfg, out, dist, meta=meta, resume=resume or i > 0, stop_at=end).evals
+        if end < cfg.max_steps:
+            where = out / "rm-refresh"
+            r = refresh_reward_model(
+                current, end, task.rollouts, base_pairs, where, rm_cfg, tok, dist, log, rl.refresh_replay
+            )
+            task.rollouts = []
+            if r is not None:
+                refreshes.append(r)
+                current = Path(r.path)
+                task.reward = RewardScorer(load_reward_model(r.path, dist.device)[0], tok)
     with atomic_write(out / "rollouts.jsonl") as f:
         f.writelines(json.dumps(h) + "\n" for h in task.history)
-    mark = plot_overoptimisation(result.evals, out / "overoptimisation.png", f"RLHF, kl_coef {rl.kl_coef}: {out.name}")
-    first, last = result.evals[0], result.evals[-1]
+    if not evals or evals[0]["step"] > 0:  # resumed: the evaluations before are in the metrics log
+        done = [e for e in read_metrics(out / "metrics.jsonl") if e.get("kind") == "eval"]
+        evals = [
+            {k: v for k, v in e.items() if k != "kind"} for e in done if not evals or e["step"] < evals[0]["step"]
+        ] + evals
+    title = f"RLHF, kl_coef {rl.kl_coef}{refresh}: {out.name}"
+    mark = plot_overoptimisation(evals, out / "overoptimisation.png", title, [r.step for r in refreshes])
+    first, last = evals[0], evals[-1]
     summary = {
         "rm_before": first["heldout_rm"],
         "rm_after": last["heldout_rm"],
         "gold_before": first["heldout_gold"],
         "gold_after": last["heldout_gold"],
-        "best_gold": max(e["heldout_gold"] for e in result.evals),
+        "best_gold": max(e["heldout_gold"] for e in evals),
         "correct_before": first["heldout_correct"],
         "correct_after": last["heldout_correct"],
         "questions": questions,
         "overoptimisation_step": mark,
-        "evals": result.evals,
+        "evals": evals,
+        "refreshes": [asdict(r) for r in refreshes],
     }
     write_json(out / "summary.json", summary)
     before = f"RM score {first['heldout_rm']:.3f}, gold score {first['heldout_gold']:.3f} (step {first['step']})"
