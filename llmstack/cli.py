@@ -1321,7 +1321,7 @@ questions), summary.json.
     pf.add_argument(
         "--perturbed",
         type=int,
-        help="extra training pairs: a right reply against itself with one wrong digit (default 0)",
+        help="extra training pairs: a right reply against itself with one copying error (tiny preset: 2000)",
     )
     pf.add_argument("--seed", type=int, default=0)
     pf.set_defaults(func=cmd_preferences)
@@ -1386,15 +1386,17 @@ training loop. Prints the gold score of greedy replies to held-out questions bef
         formatter_class=fmt,
         description="""Policy gradient against the reward model (KL-penalised reward, a baseline per prompt group),
 through the shared loop. Every --eval-every steps: the held-out RM score and gold score; at the end
-<out>/overoptimisation.png marks where gold falls while the RM still rises.
+<out>/overoptimisation.png marks where gold falls while the RM still rises. Every --refresh-every
+steps (tiny preset: 25) the gold judge labels pairs among the latest rollouts and the RM trains on
+them (iterated RLHF), so that it learns the policy's new mistakes before the policy exploits them.
 
-  llmstack rlhf                                          # runs/tiny/sft + runs/tiny/rm -> runs/tiny/rlhf (~4 min)
-  llmstack rlhf --kl-coef 0 --max-steps 200 --lr 3e-4 --out runs/tiny/rlhf-hack   # over-optimise on purpose
+  llmstack rlhf                                          # runs/tiny/sft + runs/tiny/rm -> runs/tiny/rlhf (~7 min)
+  llmstack rlhf --refresh-every 0 --lr 1e-4 --kl-coef 0.02 --out runs/tiny/rlhf-hack   # over-optimise on purpose
   llmstack rlhf --preset gpu --device cuda""",
     )
     rl_common(rh, "rlhf")
     rh.add_argument("--reward-model", help="the reward model's run (default: <run>/rm)")
-    rh.add_argument("--kl-coef", type=float, help="KL penalty per nat of log(pi/pi_ref) (default 0.1)")
+    rh.add_argument("--kl-coef", type=float, help="KL penalty per nat of log(pi/pi_ref) (tiny preset: 0.05)")
     rh.add_argument("--group", type=int, help="replies sampled per prompt (default 8)")
     rh.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
     rh.add_argument("--temperature", type=float, help="rollout temperature (default 1.0)")
@@ -1410,7 +1412,7 @@ through the shared loop. Every --eval-every steps: the held-out RM score and gol
         "--refresh-every",
         type=int,
         help="iterated RLHF: every N steps the gold judge labels pairs among the last rollouts and the RM trains "
-        "on them too (0: never, the default)",
+        "on them too (tiny preset: 25; 0: never)",
     )
     rh.add_argument("--refresh-steps", type=int, help="RM training steps at each refresh (default 100)")
     rh.add_argument(

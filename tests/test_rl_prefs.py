@@ -443,7 +443,7 @@ def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys)
     crafted_pairs(pairs)
     common = ["--run-dir", str(sft_run), "--device", "cpu", "--dtype", "float32", "--eval-every", "0"]
     assert main(["reward-model", *common, "--pairs", str(pairs), "--out", str(rm_dir), "--max-steps", "1"]) == 0
-    assert load_reward_model(str(rm_dir))[1].meta["pairs"] == str(pairs)
+    assert load_reward_model(str(rm_dir))[1].meta["pairs"] == str(pairs.resolve())
     rng = random.Random(1)
     rollouts = []
     for _ in range(6):
@@ -457,7 +457,7 @@ def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys)
     assert r.accuracy_after >= 0.9 and r.accuracy_after >= r.accuracy_before
     assert [p.rejected for p in read_pairs(out / "step_000005" / "pairs.jsonl")] == [g[1] for _, g in rollouts]
     rm, ckpt = load_reward_model(r.path)
-    assert ckpt.meta["refreshed_at_rlhf_step"] == 5 and ckpt.meta["pairs"] == str(pairs)
+    assert ckpt.meta["refreshed_at_rlhf_step"] == 5 and ckpt.meta["pairs"] == str(pairs.resolve())
     again = refresh_reward_model(rm_dir, 5, [], pairs, out, cfg, tok, init_distributed("cpu"))
     assert again is not None and again.new_pairs == 6 and again.accuracy_after == r.accuracy_after  # reloaded
     assert refresh_reward_model(r.path, 9, [], pairs, out, cfg, tok, init_distributed("cpu")) is None
@@ -485,6 +485,9 @@ def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys):
     assert "resumed from" in capsys.readouterr().out
     assert main([*args, "--max-steps", "6", "--no-resume"]) == 2
     assert "holds an RLHF run already" in capsys.readouterr().err
+    missing = ["--pairs", str(sft_run / "nowhere"), "--out", str(sft_run / "h-nowhere")]
+    assert main([*args, "--max-steps", "6", *missing]) == 2
+    assert "needs the pairs it was trained on" in capsys.readouterr().err
     assert main([*args, "--max-steps", "6", "--refresh-every", "-1"]) == 2
     assert "refresh_every and refresh_replay must be >= 0" in capsys.readouterr().err
 

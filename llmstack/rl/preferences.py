@@ -557,7 +557,9 @@ class PrefConfig:
     temperature: float = 1.0  # a 99.6% policy errs rarely: 280 pairs from 9,600 replies at 1.0
     min_margin: float = 0.25  # the least gold difference that makes a pair
     per_prompt: int = 2  # pairs kept per question
-    perturbed: int = 0  # training pairs of a right reply against itself with one wrong digit (README: no help yet)
+    # training pairs of a right reply against itself with one copying error: they teach the RM to check
+    # the operands, which it otherwise fails to (README: RLHF hacks that blind spot; DPO gains twice as much)
+    perturbed: int = 2000
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
     max_new_tokens: int = 48
@@ -571,7 +573,9 @@ def preset(name: str) -> PrefConfig:
     if name == "tiny":
         return PrefConfig()
     if name == "gpu":
-        return PrefConfig(prompts=4000, heldout_prompts=500, samples=16, open_prompts=64, open_samples=8)
+        return PrefConfig(
+            prompts=4000, heldout_prompts=500, samples=16, open_prompts=64, open_samples=8, perturbed=6000
+        )
     raise ValueError(f"unknown preset {name!r}; choose tiny or gpu")
 
 

@@ -315,7 +315,7 @@ def run_reward_model(
         f"{' with their log-likelihood as an input' if likelihood else ''}; "
         f"{cfg.max_steps} steps -> {out}")  # fmt: skip
     meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "pool": pool,
-            "likelihood": likelihood, "questions": pairs_questions(pairs), "pairs": str(pairs)}  # fmt: skip
+            "likelihood": likelihood, "questions": pairs_questions(pairs), "pairs": str(pairs.resolve())}  # fmt: skip
     result = train(rm, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "heldout_pairs": len(task.val), "pool": pool}
     summary["likelihood"] = likelihood

@@ -228,19 +228,21 @@ def plot_overoptimisation(
 
 
 def preset(name: str) -> tuple[TrainConfig, RLHFConfig]:
-    """``tiny``: 100 steps of 8 x 8 rollouts, ~4 min on 2 CPU cores; ``gpu``: 32 x 16 rollouts, 500 steps."""
+    """``tiny``: 100 steps of 8 x 8 rollouts, the RM refreshed every 25, ~7 min on 2 CPU cores (README:
+    without the refreshes, at this lr and KL, the policy hacks the RM by step 100); ``gpu``: 32 x 16
+    rollouts, 500 steps, a refresh every 100."""
     if name == "tiny":
         train = TrainConfig(
-            max_steps=100, batch_size=64, seq_len=256, lr=3e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=1.0,
-            eval_every=20, ckpt_every=0, eval_batches=1, grad_clip=1.0,
+            max_steps=100, batch_size=64, seq_len=256, lr=5e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=1.0,
+            eval_every=25, ckpt_every=0, eval_batches=1, grad_clip=1.0,
         )  # fmt: skip
-        return train, RLHFConfig()
+        return train, RLHFConfig(kl_coef=0.05, refresh_every=25)
     if name == "gpu":
         train = TrainConfig(
             max_steps=500, batch_size=512, seq_len=512, lr=5e-5, warmup_steps=10, weight_decay=0.0, min_lr_ratio=1.0,
             eval_every=25, ckpt_every=100, eval_batches=1, dtype="bfloat16",
         )  # fmt: skip
-        return train, RLHFConfig(prompts_per_step=32, group=16)
+        return train, RLHFConfig(prompts_per_step=32, group=16, refresh_every=100)
     raise ValueError(f"unknown preset {name!r}; choose tiny or gpu")
 
 
@@ -361,7 +363,7 @@ def run_rlhf(
     if rm_ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
         raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
     base_pairs = Path(pairs or rm_ckpt.meta.get("pairs", ""))
-    if rl.refresh_every and not (base_pairs / "train.jsonl").exists():
+    if 0 < rl.refresh_every < cfg.max_steps and not (base_pairs / "train.jsonl").exists():
         raise FileNotFoundError(
             f"{base_pairs / 'train.jsonl'}: refreshing the reward model needs the pairs it was trained on (--pairs)"
         )
