@@ -464,8 +464,12 @@ def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys)
     assert "no rollouts since the last refresh" in capsys.readouterr().out
 
 
-def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys):
+def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys, monkeypatch):
     from llmstack.cli import main
+    from llmstack.rl import preferences
+
+    # a random model's replies all grade alike; a labeler that prefers shorter replies makes pairs of them
+    monkeypatch.setattr(preferences, "gold_score", lambda problem, r: preferences.Grade(-len(r) / 8))
 
     pairs, rm_dir = sft_run / "prefs-rounds", sft_run / "rm-rounds"
     crafted_pairs(pairs)
@@ -477,11 +481,15 @@ def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys):
     assert main([*args, "--max-steps", "4", "--refresh-steps", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
-    for r in summary["refreshes"]:  # a refresh happens where the gold judge found pairs among the rollouts
-        assert r["step"] == 2 and (out / "rm-refresh" / "step_000002" / "pairs.jsonl").exists()
+    [r] = summary["refreshes"]
+    assert r["step"] == 2 and r["new_pairs"] >= 1 and summary["refresh_labels"] == r["new_pairs"]
+    assert len(read_pairs(out / "rm-refresh" / "step_000002" / "pairs.jsonl")) == r["new_pairs"]
+    assert "RM refresh at step 2" in capsys.readouterr().out
     assert main([*args, "--max-steps", "6", "--refresh-steps", "2"]) == 0  # resumed: rounds at 2 and 4 reused
     summary = json.loads((out / "summary.json").read_text())
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 6]
+    # 2 reloaded; 4 labelled from the rollouts of steps 3-4, which the step-4 checkpoint kept
+    assert [r["step"] for r in summary["refreshes"]] == [2, 4]
     assert "resumed from" in capsys.readouterr().out
     assert main([*args, "--max-steps", "6", "--no-resume"]) == 2
     assert "holds an RLHF run already" in capsys.readouterr().err

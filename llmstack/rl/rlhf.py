@@ -16,10 +16,11 @@ gold scores over steps and marks the step after which gold falls while the RM st
 
 Iterated RLHF (``refresh_every``, as Llama 2 trained a new RM on each week's comparisons of the
 newest policy): every so many steps the gold judge, the labeler, ranks the replies of the rollouts
-since the last refresh (``gold_pairs``), and the RM trains on those pairs with all earlier ones
-(``refresh_reward_model``, ``out/rm-refresh/step_N``). Its accuracy on the new pairs before
-training says how far the policy has drifted from what the RM knew. The policy still sees only the
-RM; the labels cost what a labeler's time would, and the summary counts them.
+since the last refresh (``gold_pairs``), and the RM trains on those pairs and on earlier ones drawn
+at random, ``refresh_replay`` per new pair (``refresh_reward_model``, ``out/rm-refresh/step_N``). Its
+accuracy on the new pairs before training says how far the policy has drifted from what the RM
+knew. The policy still sees only the RM; the labels cost what a labeler's time would, and the
+summary counts them (``refresh_labels``).
 
 What is not here: PPO's clipped ratio and value head (one gradient step per batch of rollouts, so
 the policy that sampled is the one being updated), reward whitening, adaptive KL.
@@ -71,8 +72,9 @@ class RLHFConfig:
     # are small next to the spread of the KL term across questions, and unscaled they barely move the policy
     scale_rewards: bool = True
     # iterated RLHF (Llama 2's rounds, InstructGPT's continued labeling): every `refresh_every` steps the
-    # gold judge labels pairs among the last rollouts and the RM trains `refresh_steps` more steps on all
-    # pairs so far, so it learns the policy's new mistakes before the policy exploits them; 0: never
+    # gold judge labels pairs among the last rollouts and the RM trains `refresh_steps` more steps on them
+    # (and replayed earlier ones), so it learns the policy's new mistakes before the policy exploits them
+    # 0: never
     refresh_every: int = 0
     refresh_steps: int = 100
     refresh_lr: float = 1e-4
@@ -140,7 +142,8 @@ class RLHFTask:
         rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
         adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=rl.scale_rewards).reshape(-1)
         gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
-        self.rollouts += zip(batch, replies, strict=True)
+        if rl.refresh_every:  # kept for the next RM refresh only
+            self.rollouts += zip(batch, replies, strict=True)
         self.history.append(
             {
                 "rm": float(rm.mean()),
@@ -166,10 +169,15 @@ class RLHFTask:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor}
+        # the rollouts since the last refresh go with the checkpoint: a resumed run still labels them
+        rollouts = [[p.prompt, p.a, p.b, p.op, list(replies)] for p, replies in self.rollouts]
+        return {"cursor": self.cursor, "rollouts": rollouts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
+        self.rollouts = [
+            (ArithmeticProblem(q, a, b, op), replies) for q, a, b, op, replies in state.get("rollouts", [])
+        ]
 
 
 # ----------------------------------------------------------------------------- over-optimisation
@@ -310,6 +318,11 @@ def refresh_reward_model(
     before, _ = pairwise_accuracy(rm, fmt_new, pad)
     if rm.reference is not None and not (here / "reference" / "model.safetensors").exists():
         save_reference(load_meta(Path(prev) / "reference"), here)  # the same frozen SFT copy
+    fitting, _ = encode_pairs(pool, ChatFormat(tok), rm.config.max_seq_len)
+    if not fitting:
+        log(f"rlhf: no pair of the refresh at step {step} fits the RM's context; RM kept")
+        return None
+    cfg = replace(cfg, batch_size=min(cfg.batch_size, len(fitting)))  # a small run's refresh: few pairs
     task = RewardTask(pool, val, tok, cfg, dist, rm.config.max_seq_len)
     meta = {**prev_ckpt.meta, "refreshed_at_rlhf_step": step, "refresh_pairs": len(new)}
     for key in ("model_config", "train_config", "task_state", "step"):
@@ -421,6 +434,7 @@ def run_rlhf(
         "overoptimisation_step": mark,
         "evals": evals,
         "refreshes": [asdict(r) for r in refreshes],
+        "refresh_labels": sum(r.new_pairs for r in refreshes),  # pairs the labeler made during the run
     }
     write_json(out / "summary.json", summary)
     before = f"RM score {first['heldout_rm']:.3f}, gold score {first['heldout_gold']:.3f} (step {first['step']})"
