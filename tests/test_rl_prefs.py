@@ -213,6 +213,31 @@ def test_reasoning_gym_questions_for_the_gold_judge():
         arithmetic_problems(5, PREF_SEED, "gsm8k")
 
 
+def test_built_mistakes_each_lose_to_the_right_reply_and_probe_a_reward():
+    from llmstack.rl.preferences import MISTAKES, built_mistakes, mistake_probe, tool_reply
+
+    minus = ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")
+    small = ArithmeticProblem("Calculate 86 * 7.", 86, 7, "*")
+    assert gold_score(minus, tool_reply(505, "-", 663)).score == pytest.approx(1.5)
+    assert list(built_mistakes(minus)) == list(MISTAKES)  # every kind, the sign too: -158
+    assert set(built_mistakes(P)) == set(MISTAKES) - {"sign dropped"}  # 582414 has no sign to drop
+    assert "operand digit left out" not in built_mistakes(small)  # 7 has no digit to spare
+    assert built_mistakes(minus)["sign dropped"].endswith("The answer is 158.<|assistant_end|>")
+    for problem in (minus, small, P):
+        for kind, bad in built_mistakes(problem).items():
+            assert gold_score(problem, bad).score < 1.5, kind
+
+    problems = {p.prompt: p for p in (minus, small, P)}
+
+    def gold(prompts, replies):
+        return [gold_score(problems[q], r).score for q, r in zip(prompts, replies, strict=True)]
+
+    assert set(mistake_probe(gold, list(problems.values())).values()) == {0.0}  # the labeler: never fooled
+    anti = mistake_probe(lambda q, r: [-x for x in gold(q, r)], list(problems.values()))
+    assert set(anti) == set(MISTAKES) and set(anti.values()) == {1.0}
+    assert mistake_probe(gold, []) == {}
+
+
 def test_reply_parts_and_loss_mask(tok):
     fmt = ChatFormat(tok)
     text = reply("12*3", "36", "It is 36.")
@@ -397,6 +422,9 @@ def test_reward_model_dpo_and_rlhf_commands(sft_run, capsys):
     assert main(rm_args) == 0
     summary = json.loads((sft_run / "rm" / "summary.json").read_text())
     assert summary["heldout_accuracy"] >= 0.9 and summary["train_pairs"] == 24
+    probe = summary["mistake_probe"]
+    assert set(probe) == {"operand digit left out", "operand digit changed", "wrong operation", "result miscopied"}
+    assert all(0.0 <= v <= 1.0 for v in probe.values())  # the mixture's products and sums: no sign to drop
     rm, _ = load_reward_model(str(sft_run / "rm"))
     assert isinstance(rm, RewardModel)
 

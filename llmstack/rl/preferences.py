@@ -416,6 +416,61 @@ def perturb(problem: ArithmeticProblem, reply: str, rng: random.Random) -> str |
     return reply[: result.end()] + tail[: answer.start(1)] + wrong + tail[answer.end(1) :]
 
 
+def tool_reply(a: int | str, op: str, b: int | str, answer: str | None = None) -> str:
+    """The reply the SFT mixture teaches: one calculator call, its result, "The answer is <result>."
+    (``answer``, when given, is reported instead of the result)."""
+    from llmstack.tools.calculator import calculator
+
+    value = calculator(f"{a}{op}{b}")
+    return (
+        f"{S.TOOL_CALL_START}calculator: {a}{op}{b}{S.TOOL_CALL_END}{S.TOOL_RESULT_START}{value}"
+        f"{S.TOOL_RESULT_END}The answer is {value if answer is None else answer}.{S.ASSISTANT_END}"
+    )
+
+
+MISTAKES = ("operand digit left out", "operand digit changed", "wrong operation", "result miscopied", "sign dropped")
+
+
+def built_mistakes(problem: ArithmeticProblem) -> dict[str, str]:
+    """Replies to ``problem`` with one known mistake each (``MISTAKES``; the second operand is the one
+    miscopied, and "sign dropped" exists only for negative answers): a probe of what a reward model
+    can tell from the right reply (``tool_reply(problem.a, problem.op, problem.b)``)."""
+    a, op, b, value = problem.a, problem.op, str(problem.b), str(problem.answer)
+    out = {
+        "operand digit changed": tool_reply(a, op, b[:-1] + str((int(b[-1]) + 3) % 10)),
+        "wrong operation": tool_reply(a, "*" if op != "*" else "+", b),
+        "result miscopied": tool_reply(a, op, b, value[:-1] + str((int(value[-1]) + 3) % 10)),
+    }
+    if len(b) > 1:
+        out["operand digit left out"] = tool_reply(a, op, b[:-1])
+    if value.startswith("-"):
+        out["sign dropped"] = tool_reply(a, op, b, value[1:])
+    return {k: out[k] for k in MISTAKES if k in out}
+
+
+def mistake_probe(
+    reward: Callable[[Sequence[str], Sequence[str]], list[float]], problems: Sequence[ArithmeticProblem]
+) -> dict[str, float]:
+    """For each kind of ``built_mistakes``: how often ``reward`` scores the wrong reply above the right
+    one (0 is perfect, 0.5 is a coin). Held-out accuracy counts the mistakes the policy happened to
+    make; this counts the ones it could learn to make, which is where RLHF pushes it."""
+    prompts, right, wrong = [], [], []
+    for p in problems:
+        good = tool_reply(p.a, p.op, p.b)
+        for kind, bad in built_mistakes(p).items():
+            prompts.append(p.prompt)
+            right.append(good)
+            wrong.append((kind, bad))
+    if not prompts:
+        return {}
+    r_right = reward(prompts, right)
+    r_wrong = reward(prompts, [w for _, w in wrong])
+    wins: dict[str, list[bool]] = {}
+    for (kind, _), rr, rw in zip(wrong, r_right, r_wrong, strict=True):
+        wins.setdefault(kind, []).append(rw > rr)
+    return {k: sum(v) / len(v) for k, v in wins.items()}
+
+
 def perturbed_pairs(
     problems: Sequence[ArithmeticProblem],
     replies: Sequence[Sequence[str]],

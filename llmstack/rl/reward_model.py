@@ -44,7 +44,17 @@ from torch import nn
 from llmstack.chat.conversation import ChatFormat
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT, KVCache
-from llmstack.rl.preferences import Pair, PairStream, encode_reply, load_policy, pairs_questions, read_pairs
+from llmstack.rl.preferences import (
+    HELDOUT_SEED,
+    Pair,
+    PairStream,
+    arithmetic_problems,
+    encode_reply,
+    load_policy,
+    mistake_probe,
+    pairs_questions,
+    read_pairs,
+)
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 
@@ -52,6 +62,7 @@ STAGE = "reward_model"
 
 
 POOLS = ("mean", "last")
+PROBE_QUESTIONS = 200  # held-out questions whose built mistakes probe a trained RM (``mistake_probe``)
 
 
 class RewardModel(GPT):
@@ -323,6 +334,8 @@ def run_reward_model(
         rm.eval()
         acc, loss = pairwise_accuracy(rm, task.val, task.pad)
         summary |= {"heldout_accuracy": acc, "heldout_loss": loss, "hhh_alignment": hhh_accuracy(rm, tok, task.pad)}
+        questions = arithmetic_problems(PROBE_QUESTIONS, HELDOUT_SEED, pairs_questions(pairs))
+        summary["mistake_probe"] = mistake_probe(RewardScorer(rm, tok), questions)
         if rm.likelihood_weight is not None:
             summary["likelihood_weight"] = float(rm.likelihood_weight.detach())
         summary["evals"] = result.evals
@@ -331,4 +344,7 @@ def run_reward_model(
         log(f"reward model: held-out pairwise accuracy {acc:.1%} against the gold judge ({len(task.val)} pairs)")
         if "accuracy" in hhh:
             log(f"reward model: hhh_alignment {hhh['accuracy']:.1%} of {hhh['pairs']} pairs (chance 50%)")
+        rates = ", ".join(f"{k} {v:.0%}" for k, v in summary["mistake_probe"].items())
+        log(f"reward model: a built mistake outscores the right reply ({PROBE_QUESTIONS} held-out questions; 0% is "
+            f"perfect, 50% a coin): {rates}")  # fmt: skip
     return summary

@@ -32,7 +32,7 @@ import copy
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,7 @@ class Refresh:
     accuracy_after: float  # the refreshed RM on them (training data: a check that it learnt them)
     heldout_accuracy: float  # the refreshed RM on the original held-out pairs
     path: str
+    probe: dict[str, float] = field(default_factory=dict)  # the refreshed RM's ``mistake_probe``
 
 
 def refresh_reward_model(
@@ -279,14 +280,16 @@ def refresh_reward_model(
     dist: DistInfo,
     log: Callable[[str], None] = print,
     replay: int = 3,
+    probe: Sequence[ArithmeticProblem] = (),
 ) -> Refresh | None:
     """Label pairs among ``rollouts`` with the gold judge (``gold_pairs``), then train the RM at ``prev``
     ``cfg.max_steps`` more steps on them plus ``replay`` times as many drawn from ``base_pairs/train.jsonl``
     and every earlier refresh's pairs under ``out``; the new RM is ``out/step_<step>``. Resumable: the
     pairs are written before training, and a refresh that finished is only loaded. None when there is
-    nothing to label."""
-    from llmstack.rl.preferences import gold_pairs, read_pairs, write_pairs
+    nothing to label. ``probe``: questions whose built mistakes the new RM is probed with."""
+    from llmstack.rl.preferences import gold_pairs, mistake_probe, read_pairs, write_pairs
     from llmstack.rl.reward_model import (
+        RewardScorer,
         RewardTask,
         encode_pairs,
         load_reward_model,
@@ -332,10 +335,13 @@ def refresh_reward_model(
     rm.eval()
     after, _ = pairwise_accuracy(rm, fmt_new, pad)
     held, _ = pairwise_accuracy(rm, task.val, pad)
-    r = Refresh(step, len(new), len(task.train), before, after, held, str(here))
+    rates = mistake_probe(RewardScorer(rm, tok), probe) if probe else {}
+    r = Refresh(step, len(new), len(task.train), before, after, held, str(here), rates)
     log(f"rlhf: RM refresh at step {step}: {r.new_pairs} new gold pairs from the rollouts (+ {r.pool - r.new_pairs} "
         f"earlier), ranked right by the RM {before:.0%} before and {after:.0%} after; held-out {held:.1%} "
         f"-> {here}")  # fmt: skip
+    if rates:
+        log("rlhf: a built mistake outscores the right reply: " + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()))
     return r
 
 
@@ -360,7 +366,7 @@ def run_rlhf(
     import json
 
     from llmstack.io import write_json
-    from llmstack.rl.reward_model import RewardScorer, load_reward_model
+    from llmstack.rl.reward_model import PROBE_QUESTIONS, RewardScorer, load_reward_model
     from llmstack.rl.reward_model import preset as rm_preset
     from llmstack.training.loop import train
     from llmstack.training.metrics import read_metrics
@@ -405,8 +411,9 @@ def run_rlhf(
         if end < cfg.max_steps:
             where = out / "rm-refresh"
             r = refresh_reward_model(
-                current, end, task.rollouts, base_pairs, where, rm_cfg, tok, dist, log, rl.refresh_replay
-            )
+                current, end, task.rollouts, base_pairs, where, rm_cfg, tok, dist, log, rl.refresh_replay,
+                held[:PROBE_QUESTIONS],
+            )  # fmt: skip
             task.rollouts = []
             if r is not None:
                 refreshes.append(r)
