@@ -489,6 +489,8 @@ def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys)
     again = refresh_reward_model(rm_dir, 5, [], pairs, out, cfg, tok, init_distributed("cpu"))
     assert again is not None and again.new_pairs == 6 and again.accuracy_after == r.accuracy_after  # reloaded
     assert refresh_reward_model(r.path, 9, [], pairs, out, cfg, tok, init_distributed("cpu")) is None
+    by_checkpoint = refresh_reward_model(ckpt.path, 7, rollouts, pairs, out, cfg, tok, init_distributed("cpu"))
+    assert by_checkpoint is not None and (out / "step_000007" / "reference" / "model.safetensors").exists()
     assert "no rollouts since the last refresh" in capsys.readouterr().out
 
 
@@ -509,18 +511,22 @@ def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys, monkeypatch):
     assert main([*args, "--max-steps", "4", "--refresh-steps", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
-    [r] = summary["refreshes"]
-    assert r["step"] == 2 and r["new_pairs"] >= 1 and summary["refresh_labels"] == r["new_pairs"]
+    [r] = summary["refreshes"]  # 2 prompts x 2 steps, 2 replies each: at most a pair per prompt
+    assert r["step"] == 2 and 1 <= r["new_pairs"] <= 4 and summary["refresh_labels"] == r["new_pairs"]
     assert len(read_pairs(out / "rm-refresh" / "step_000002" / "pairs.jsonl")) == r["new_pairs"]
     assert "RM refresh at step 2" in capsys.readouterr().out
     assert main([*args, "--max-steps", "6", "--refresh-steps", "2"]) == 0  # resumed: rounds at 2 and 4 reused
     summary = json.loads((out / "summary.json").read_text())
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 6]
-    # 2 reloaded; 4 labelled from the rollouts of steps 3-4, which the step-4 checkpoint kept
-    assert [r["step"] for r in summary["refreshes"]] == [2, 4]
+    # 2 reloaded; 4 labelled from the rollouts of steps 3-4 (no more), which the step-4 checkpoint kept
+    assert [r["step"] for r in summary["refreshes"]] == [2, 4] and summary["refreshes"][1]["new_pairs"] <= 4
+    history = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # the first run's steps kept
     assert "resumed from" in capsys.readouterr().out
     assert main([*args, "--max-steps", "6", "--no-resume"]) == 2
     assert "holds an RLHF run already" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "9", "--refresh-every", "3"]) == 2  # other rounds: refused
+    assert "was run with refresh_every 2, not 3" in capsys.readouterr().err
     missing = ["--pairs", str(sft_run / "nowhere"), "--out", str(sft_run / "h-nowhere")]
     assert main([*args, "--max-steps", "6", *missing]) == 2
     assert "needs the pairs it was trained on" in capsys.readouterr().err

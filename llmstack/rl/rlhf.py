@@ -119,7 +119,8 @@ class RLHFTask:
         self.device, self.seed = dist.device, cfg.seed
         self.cursor = 0  # prompts consumed
         self.history: list[dict[str, float]] = []  # per step: the rollouts' mean RM, gold, KL
-        self.rollouts: list[tuple[ArithmeticProblem, list[str]]] = []  # since the last RM refresh
+        # (step, problem, replies) of the steps since the last refresh boundary: what the next refresh labels
+        self.rollouts: list[tuple[int, ArithmeticProblem, list[str]]] = []
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rl, n = self.rl, len(self.problems)
@@ -142,14 +143,17 @@ class RLHFTask:
         rm = torch.tensor(self.reward(flat_prompts, flat), device=self.device)
         adv = group_advantages((rm - rl.kl_coef * kl).view(-1, rl.group), scale=rl.scale_rewards).reshape(-1)
         gold = [gold_score(p, r).score for p, g in zip(batch, replies, strict=True) for r in g]
-        if rl.refresh_every:  # kept for the next RM refresh only
-            self.rollouts += zip(batch, replies, strict=True)
+        step = self.cursor // rl.prompts_per_step  # this step's number, 1-based, the same after a resume
+        if rl.refresh_every:  # kept for the next RM refresh only: the window since the last boundary
+            since = (step - 1) // rl.refresh_every * rl.refresh_every
+            self.rollouts = [r for r in self.rollouts if r[0] > since]
+            self.rollouts += [(step, p, g) for p, g in zip(batch, replies, strict=True)]
         self.history.append(
             {
                 "rm": float(rm.mean()),
                 "gold": sum(gold) / len(gold),
                 "kl": float(kl.mean()),
-                "step": len(self.history) + 1,
+                "step": step,
             }
         )
         return x, y, adv
@@ -170,14 +174,13 @@ class RLHFTask:
 
     def state_dict(self) -> dict[str, Any]:
         # the rollouts since the last refresh go with the checkpoint: a resumed run still labels them
-        rollouts = [[p.prompt, p.a, p.b, p.op, list(replies)] for p, replies in self.rollouts]
+        rollouts = [[step, p.prompt, p.a, p.b, p.op, list(replies)] for step, p, replies in self.rollouts]
         return {"cursor": self.cursor, "rollouts": rollouts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
-        self.rollouts = [
-            (ArithmeticProblem(q, a, b, op), replies) for q, a, b, op, replies in state.get("rollouts", [])
-        ]
+        rows = state.get("rollouts", [])
+        self.rollouts = [(int(step), ArithmeticProblem(q, a, b, op), replies) for step, q, a, b, op, replies in rows]
 
 
 # ----------------------------------------------------------------------------- over-optimisation
@@ -320,7 +323,7 @@ def refresh_reward_model(
     pad = tok.special_id("<|pad|>")
     before, _ = pairwise_accuracy(rm, fmt_new, pad)
     if rm.reference is not None and not (here / "reference" / "model.safetensors").exists():
-        save_reference(load_meta(Path(prev) / "reference"), here)  # the same frozen SFT copy
+        save_reference(load_meta(prev_ckpt.path.parent.parent / "reference"), here)  # the same frozen SFT copy
     fitting, _ = encode_pairs(pool, ChatFormat(tok), rm.config.max_seq_len)
     if not fitting:
         log(f"rlhf: no pair of the refresh at step {step} fits the RM's context; RM kept")
@@ -345,6 +348,39 @@ def refresh_reward_model(
     return r
 
 
+def _check_rounds(out: Path, rl: RLHFConfig, questions: str) -> None:
+    """A run in rounds resumes only with the rounds it was started with: other boundaries would label
+    the wrong rollouts and chain refreshed RMs the policy never trained against."""
+    from llmstack.training.checkpoint import load_meta
+
+    meta = load_meta(out).meta
+    was = meta.get("rlhf", {})
+    for key in ("refresh_every", "refresh_replay", "refresh_steps"):
+        if was.get(key, getattr(rl, key)) != getattr(rl, key):
+            raise ValueError(f"{out} was run with {key} {was[key]}, not {getattr(rl, key)}: resume it with the same, "
+                             f"or give a new --out")  # fmt: skip
+    if meta.get("questions", questions) != questions:
+        raise ValueError(f"{out} was run on {meta['questions']} questions, not {questions}; give a new --out")
+
+
+def _write_history(path: Path, history: Sequence[dict[str, float]]) -> None:
+    """Each step's rollout statistics; a resumed run keeps the steps it did not redo."""
+    import json
+
+    first = min((h["step"] for h in history), default=float("inf"))
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(row, dict) and row.get("step", first) < first:
+                kept.append(row)
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(h) + "\n" for h in [*kept, *history])
+
+
 def run_rlhf(
     policy: str | Path,
     reward_model: str | Path,
@@ -363,7 +399,6 @@ def run_rlhf(
     ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on.
     With ``rl.refresh_every``, the RM is retrained every so many steps (``refresh_reward_model``) on
     ``pairs`` (default: the RM's own) and the gold judge's pairs of the rollouts; ``out/rm-refresh``."""
-    import json
 
     from llmstack.io import write_json
     from llmstack.rl.reward_model import PROBE_QUESTIONS, RewardScorer, load_reward_model
@@ -397,8 +432,10 @@ def run_rlhf(
         f"{cfg.max_steps} steps, reward model {rm_ckpt.path}{refresh} -> {out}")  # fmt: skip
     meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path),
             "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl), "questions": questions}  # fmt: skip
-    if not resume and rl.refresh_every and (out / "checkpoints").exists():
-        raise ValueError(f"{out} holds an RLHF run already; a run in rounds resumes it, or give a new --out")
+    if rl.refresh_every and (out / "checkpoints").exists():
+        if not resume:
+            raise ValueError(f"{out} holds an RLHF run already; a run in rounds resumes it, or give a new --out")
+        _check_rounds(out, rl, questions)
     rm_cfg = replace(
         rm_preset("tiny"), max_steps=rl.refresh_steps, lr=rl.refresh_lr, warmup_steps=10, eval_every=0,
         dtype=cfg.dtype, seed=cfg.seed,
@@ -410,22 +447,25 @@ def run_rlhf(
         evals += train(model, task, cfg, out, dist, meta=meta, resume=resume or i > 0, stop_at=end).evals
         if end < cfg.max_steps:
             where = out / "rm-refresh"
+            # the rollouts of this round only; none when the run resumed past it (its refresh is reused,
+            # or, if it found no pair then, the RM stays what the policy was trained against)
+            todo = [(p, g) for step, p, g in task.rollouts if end - rl.refresh_every < step <= end]
             r = refresh_reward_model(
-                current, end, task.rollouts, base_pairs, where, rm_cfg, tok, dist, log, rl.refresh_replay,
+                current, end, todo, base_pairs, where, rm_cfg, tok, dist, log, rl.refresh_replay,
                 held[:PROBE_QUESTIONS],
             )  # fmt: skip
-            task.rollouts = []
             if r is not None:
                 refreshes.append(r)
                 current = Path(r.path)
                 task.reward = RewardScorer(load_reward_model(r.path, dist.device)[0], tok)
-    with atomic_write(out / "rollouts.jsonl") as f:
-        f.writelines(json.dumps(h) + "\n" for h in task.history)
+    _write_history(out / "rollouts.jsonl", task.history)
     if not evals or evals[0]["step"] > 0:  # resumed: the evaluations before are in the metrics log
-        done = [e for e in read_metrics(out / "metrics.jsonl") if e.get("kind") == "eval"]
-        evals = [
-            {k: v for k, v in e.items() if k != "kind"} for e in done if not evals or e["step"] < evals[0]["step"]
-        ] + evals
+        first_new = evals[0]["step"] if evals else cfg.max_steps + 1
+        done = [e for e in read_metrics(out / "metrics.jsonl") if e.get("kind") == "eval" and e["step"] < first_new]
+        evals = [{k: v for k, v in e.items() if k != "kind"} for e in done] + evals
+    evals = [e for e in evals if e["step"] <= cfg.max_steps]  # resumed with fewer steps: what was asked
+    if not evals:
+        raise ValueError(f"{out}: no evaluations recorded (metrics.jsonl is missing); rerun with --no-resume")
     title = f"RLHF, kl_coef {rl.kl_coef}{refresh}: {out.name}"
     mark = plot_overoptimisation(evals, out / "overoptimisation.png", title, [r.step for r in refreshes])
     first, last = evals[0], evals[-1]
