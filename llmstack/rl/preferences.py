@@ -454,20 +454,14 @@ def mistake_probe(
     """For each kind of ``built_mistakes``: how often ``reward`` scores the wrong reply above the right
     one (0 is perfect, 0.5 is a coin). Held-out accuracy counts the mistakes the policy happened to
     make; this counts the ones it could learn to make, which is where RLHF pushes it."""
-    prompts, right, wrong = [], [], []
-    for p in problems:
-        good = tool_reply(p.a, p.op, p.b)
-        for kind, bad in built_mistakes(p).items():
-            prompts.append(p.prompt)
-            right.append(good)
-            wrong.append((kind, bad))
-    if not prompts:
+    if not problems:
         return {}
-    r_right = reward(prompts, right)
-    r_wrong = reward(prompts, [w for _, w in wrong])
+    right = reward([p.prompt for p in problems], [tool_reply(p.a, p.op, p.b) for p in problems])
+    wrong = [(i, kind, bad) for i, p in enumerate(problems) for kind, bad in built_mistakes(p).items()]
+    scores = reward([problems[i].prompt for i, _, _ in wrong], [bad for _, _, bad in wrong])
     wins: dict[str, list[bool]] = {}
-    for (kind, _), rr, rw in zip(wrong, r_right, r_wrong, strict=True):
-        wins.setdefault(kind, []).append(rw > rr)
+    for (i, kind, _), score in zip(wrong, scores, strict=True):
+        wins.setdefault(kind, []).append(score > right[i])
     return {k: sum(v) / len(v) for k, v in wins.items()}
 
 

@@ -325,8 +325,9 @@ def run_reward_model(
         f"reward read at {'the mean of the reply tokens' if pool == 'mean' else 'the last token'}"
         f"{' with their log-likelihood as an input' if likelihood else ''}; "
         f"{cfg.max_steps} steps -> {out}")  # fmt: skip
+    questions = pairs_questions(pairs)  # the question set the pairs were drawn on: RLHF and the probe use it
     meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "pool": pool,
-            "likelihood": likelihood, "questions": pairs_questions(pairs), "pairs": str(pairs.resolve())}  # fmt: skip
+            "likelihood": likelihood, "questions": questions, "pairs": str(pairs.resolve())}  # fmt: skip
     result = train(rm, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "heldout_pairs": len(task.val), "pool": pool}
     summary["likelihood"] = likelihood
@@ -334,8 +335,8 @@ def run_reward_model(
         rm.eval()
         acc, loss = pairwise_accuracy(rm, task.val, task.pad)
         summary |= {"heldout_accuracy": acc, "heldout_loss": loss, "hhh_alignment": hhh_accuracy(rm, tok, task.pad)}
-        questions = arithmetic_problems(PROBE_QUESTIONS, HELDOUT_SEED, pairs_questions(pairs))
-        summary["mistake_probe"] = mistake_probe(RewardScorer(rm, tok), questions)
+        probe = arithmetic_problems(PROBE_QUESTIONS, HELDOUT_SEED, questions)
+        summary["mistake_probe"] = mistake_probe(RewardScorer(rm, tok), probe)
         if rm.likelihood_weight is not None:
             summary["likelihood_weight"] = float(rm.likelihood_weight.detach())
         summary["evals"] = result.evals
