@@ -10,7 +10,20 @@ import json
 import time
 from pathlib import Path
 
+from llmstack.chat.finetune import run_sft
+from llmstack.data.corpus import build_default_corpus, read_jsonl
+from llmstack.data.shards import ShardIndex, write_shards
+from llmstack.eval.assistant import run_assistant_eval
+from llmstack.eval.report import write_report_card
+from llmstack.inference.sample import SamplingConfig, generate
+from llmstack.interop.load import load_model
 from llmstack.io import write_json
+from llmstack.rl.stage import run_rl
+from llmstack.security.hierarchy import hierarchy_sets
+from llmstack.tokenizer import Tokenizer
+from llmstack.training.metrics import read_metrics
+from llmstack.training.presets import get_preset
+from llmstack.training.pretrain import run_pretrain
 
 DREAM_PROMPTS = ("The ", "import os\n", "In Python, a list")
 
@@ -20,6 +33,7 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
+SFT_HIERARCHY = 400  # instruction-hierarchy conversations in the SFT mixture (`llmstack sft --hierarchy`'s default)
 RL_STEPS = 30  # GRPO steps in the main job (the `rl` tiny preset runs 160): it keeps the job under 15 minutes
 RL_HELDOUT = {"n_heldout": 200, "eval_k_problems": 50}  # half the preset's held-out problems: two evals in the job
 
@@ -31,42 +45,21 @@ def run_pipeline(
     sft_steps: int | None = None,
     rl_steps: int | None = None,
 ) -> int:
-
-    from llmstack.cli import main as cli
-
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
     t = _stage("1/8 pretraining data")
-    from llmstack.data.corpus import build_default_corpus, read_jsonl
-
     corpus = build_default_corpus()
     n_docs = sum(1 for _ in read_jsonl(corpus))
     print(f"{n_docs} documents in {corpus}")
     timings["data"] = time.perf_counter() - t
 
     t = _stage("2/8 tokenizer")
-    from llmstack.tokenizer import Tokenizer
-    from llmstack.training.presets import get_preset
-
     tok_dir = run_dir / "tokenizer"
     vocab = get_preset(preset, 4096)[0].vocab_size
     if not (tok_dir / "tokenizer.json").exists():
-        rc = cli(
-            [
-                "tokenizer",
-                "train",
-                "--run-dir",
-                str(run_dir),
-                "--corpus",
-                str(corpus),
-                "--vocab-size",
-                str(vocab),
-            ]
-        )
-        if rc:
-            return rc
+        Tokenizer.train((d.text for d in read_jsonl(corpus)), vocab, show_progress=True).save(tok_dir)
     tok = Tokenizer.load(tok_dir)
     if tok.bos_id is None:
         raise ValueError(f"{tok_dir}: the tokenizer has no <|bos|> token")
@@ -75,35 +68,23 @@ def run_pipeline(
     timings["tokenizer"] = time.perf_counter() - t
 
     t = _stage("3/8 token shards")
-    from llmstack.data.shards import ShardIndex
-
     shard_dir = run_dir / "shards"
     try:
         idx = ShardIndex.load(shard_dir)
         idx.check_tokenizer(tok)
     except (FileNotFoundError, ValueError):
-        rc = cli(["tokenize", "--run-dir", str(run_dir), "--corpus", str(corpus)])
-        if rc:
-            return rc
-        idx = ShardIndex.load(shard_dir)
+        idx = write_shards(((d.id, d.text) for d in read_jsonl(corpus)), tok, shard_dir, val_fraction=0.05)
     print(f"{idx.n_tokens('train'):,} train tokens, {idx.n_tokens('val'):,} val tokens in {shard_dir}")
     timings["tokenize"] = time.perf_counter() - t
 
     t = _stage("4/8 pretraining")
-    argv = ["pretrain", "--preset", preset, "--run-dir", str(run_dir), "--device", "cpu"]
-    if max_steps:
-        argv += ["--max-steps", str(max_steps)]
-    rc = cli(argv)
-    if rc:
-        return rc
+    run_pretrain(run_dir, tok, idx, preset, {"max_steps": max_steps or None}, device="cpu")
     timings["pretrain"] = time.perf_counter() - t
 
     t = _stage("5/8 dreams (samples from the base model)")
-    from llmstack.inference.sample import SamplingConfig, generate
-    from llmstack.training.checkpoint import load_model
-    from llmstack.training.metrics import read_metrics
-
-    model, ckpt = load_model(run_dir)
+    base = load_model(run_dir)
+    model, ckpt = base.model, base.checkpoint
+    assert ckpt is not None
     samples = []
     for i, prompt in enumerate(DREAM_PROMPTS):
         ids = list(
@@ -121,24 +102,18 @@ def run_pipeline(
 
     t = _stage("6/8 supervised finetuning into an assistant")
     sft_dir = run_dir / "sft"
-    argv = ["sft", "--run-dir", str(run_dir), "--device", "cpu"]
-    if sft_steps:
-        argv += ["--max-steps", str(sft_steps)]
-    rc = cli(argv)
-    if rc:
-        return rc
+    pages, held_out_pages = hierarchy_sets(SFT_HIERARCHY)
+    run_sft(run_dir, sft_dir, {"max_steps": sft_steps or None}, "cpu", pages, held_out_pages)
     timings["sft"] = time.perf_counter() - t
 
     t = _stage("7/8 evaluation of the assistant (held-out problems)")
-    rc = cli(["eval", "--model", str(sft_dir), "--n", "500"])
-    if rc:
-        return rc
+    results, _ = run_assistant_eval(sft_dir, n=500)
+    for r in results:
+        print(r.line())
     assistant_eval = json.loads((sft_dir / "eval.json").read_text())
     timings["eval"] = time.perf_counter() - t
 
     t = _stage("8/8 reinforcement learning (GRPO on reasoning-gym arithmetic, checked by its verifier)")
-    from llmstack.rl.stage import run_rl
-
     rl = run_rl(
         sft_dir, run_dir / "rl", "tiny", max_steps=rl_steps or RL_STEPS, device="cpu", grpo_overrides=RL_HELDOUT
     )
@@ -176,8 +151,6 @@ def run_pipeline(
         "outputs": outputs,
     }
     write_json(run_dir / "summary.json", summary)
-    from llmstack.eval.report import write_report_card
-
     write_report_card(run_dir, run_dir / "report")  # reads summary.json: written last
     total = time.perf_counter() - t_all
     print("=== summary ===")

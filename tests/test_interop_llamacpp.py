@@ -28,9 +28,10 @@ import pytest
 import torch
 
 from llmstack.inference.sample import SamplingConfig, generate
-from llmstack.interop.bundle import Bundle, llmstack_bundle, load_run
+from llmstack.interop.bundle import Bundle, llmstack_bundle
 from llmstack.interop.gguf import export_gguf, import_gguf
 from llmstack.interop.llamacpp_numerics import GGMLLinear
+from llmstack.interop.load import load_run
 from llmstack.model.llama import GPT
 
 llama_cpp = pytest.importorskip("llama_cpp")

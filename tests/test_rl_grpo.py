@@ -261,7 +261,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tok, tmp_path):
         train(model, task, tcfg, tmp_path, CPU, meta={"tokenizer_fingerprint": tok.fingerprint}, progress=False)
     ckpt = ckpt_io.load_meta(tmp_path)
     assert ckpt.step == 1
-    good, _ = ckpt_io.load_model(tmp_path)
+    good, _ = ckpt_io.load_gpt(tmp_path)
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 

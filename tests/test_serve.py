@@ -77,7 +77,7 @@ def test_max_tokens_gives_length(client):
 
 
 def test_logprobs_match_the_model(client, scripted_run):
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
 
     r = client.chat.completions.create(model="tiny", messages=ask(), temperature=0, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
@@ -87,7 +87,7 @@ def test_logprobs_match_the_model(client, scripted_run):
         assert t.top_logprobs[0].token == t.token  # greedy: the chosen token is the most likely
         assert bytes(t.bytes).decode() == t.token
     # the first token's log-probability, recomputed from the weights
-    b = load_bundle(scripted_run)
+    b = load_model(scripted_run)
     from llmstack.chat.conversation import ChatFormat, Conversation
 
     ids = ChatFormat(b.tokenizer).prompt(Conversation.of(("user", "hi")))
@@ -155,13 +155,13 @@ def test_n_and_seed_are_reproducible(client):
 
 
 def test_completions_echo_logprobs_equal_a_forward_pass(client, scripted_run):
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
 
     text = " the model reads tokens"
     r = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert r.choices[0].text == text and "".join(lp.tokens) == text
-    b = load_bundle(scripted_run)
+    b = load_model(scripted_run)
     ids = [b.tokenizer.bos_id, *b.tokenizer.encode_ordinary(text)]
     with torch.no_grad():
         ref = b.model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)

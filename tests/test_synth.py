@@ -20,9 +20,9 @@ REPLY = "the model reads"  # what the scripted model (tests/conftest.py) says to
 
 @pytest.fixture(scope="module")
 def teacher(scripted_run):
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
 
-    return load_bundle(scripted_run)
+    return load_model(scripted_run)
 
 
 def synth_cfg(**kw) -> SynthConfig:

@@ -83,12 +83,12 @@ def test_checkpoint_errors_name_the_file(tok, shard_dir, tmp_path):
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model.safetensors: unreadable checkpoint weights"):
-        ckpt_io.load_model(tmp_path)
+        ckpt_io.load_gpt(tmp_path)
     (ckpt / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"meta.json: not valid JSON"):
-        ckpt_io.load_model(tmp_path)
+        ckpt_io.load_gpt(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        ckpt_io.load_model(tmp_path / "missing")
+        ckpt_io.load_gpt(tmp_path / "missing")
 
 
 def test_checkpoint_of_another_shape_is_refused(tok, shard_dir, tmp_path):
@@ -102,7 +102,7 @@ def test_checkpoint_of_another_shape_is_refused(tok, shard_dir, tmp_path):
 def test_failed_save_keeps_the_previous_checkpoint(tok, shard_dir, tmp_path, monkeypatch):
     run(tok, shard_dir, tmp_path, 2)
     before = ckpt_io.find_checkpoint(tmp_path)
-    model, ckpt = ckpt_io.load_model(tmp_path)
+    model, ckpt = ckpt_io.load_gpt(tmp_path)
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -112,7 +112,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tok, shard_dir, tmp_path, mon
         ckpt_io.save_checkpoint(tmp_path, 3, model, None, ckpt.meta)
     assert ckpt_io.find_checkpoint(tmp_path) == before
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
-    ckpt_io.load_model(tmp_path)  # still loads
+    ckpt_io.load_gpt(tmp_path)  # still loads
 
 
 def test_lr_schedules():

@@ -146,9 +146,9 @@ class Assistant:
         return cite(answer, sources)
 
     def load_model(self) -> Bundle:
-        from llmstack.interop.bundle import load_bundle
+        from llmstack.interop.load import load_model
 
-        return load_bundle(self.base_model)
+        return load_model(self.base_model)
 
     def reply(self, bundle: Bundle, messages: Sequence[Message], cfg: SamplingConfig | None = None) -> Iterator[str]:
         """Stream the answer as text pieces, then its "Sources:" footer as one last piece (if any)."""

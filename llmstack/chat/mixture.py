@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.chat.conversation import Conversation, Message, Part
+from llmstack.data.corpus import find_default_corpus, read_jsonl
 from llmstack.tools.calculator import calculator
 
 
@@ -300,6 +301,18 @@ def words_from(texts: list[str], limit: int = 2000) -> list[str]:
         for w in re.findall(r"\b[a-z]{5,12}\b", t):
             counts[w] = counts.get(w, 0) + 1
     return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+FALLBACK_WORDS = ["strawberry", "banana", "python", "letter", "tokenizer"]
+
+
+def corpus_words(limit: int = 1000) -> list[str]:
+    """Words for the spelling problems, from the fetched corpus (a few fixed words if none is fetched)."""
+    try:
+        texts = [d.text for d in read_jsonl(find_default_corpus())]
+    except FileNotFoundError:
+        texts = []
+    return words_from(texts)[:limit] or list(FALLBACK_WORDS)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ import torch
 from llmstack.eval.arena import Battle
 from llmstack.inference.engine import Engine, Request, ToolUse
 from llmstack.inference.sample import SamplingConfig
-from llmstack.interop.bundle import SMOLLM2, Bundle, load_bundle, resolve_model
+from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import SMOLLM2, load_model, resolve_model
 from llmstack.tokenizer import special as S
 from llmstack.tokenizer.bpe import Tokenizer
 
@@ -218,7 +219,7 @@ class Contestant:
 
     @classmethod
     def load(cls, name: str, spec: str, dtype: torch.dtype = torch.float32) -> Contestant:
-        bundle = load_bundle(spec)
+        bundle = load_model(spec)
         bundle.model.to(dtype).eval()
         ours = isinstance(bundle.tokenizer, Tokenizer) and S.TOOL_CALL_START in bundle.tokenizer.special_tokens
         if _stage(resolve_model(spec)) == "pretrain":

@@ -16,11 +16,15 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
+from llmstack.data.corpus import find_default_corpus, read_jsonl
 from llmstack.inference.engine import Engine, ToolUse
 from llmstack.inference.sample import SamplingConfig
+from llmstack.interop.load import load_trainable
+from llmstack.io import write_json
 from llmstack.tokenizer import special as S
 from llmstack.tools.registry import ToolBox, default_toolbox
 
@@ -123,3 +127,20 @@ def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int
     if corpus_texts:
         results.append(eval_spelling(model, tok, words_from(corpus_texts)[1000:2000], n=min(n, 50)))
     return results
+
+
+def run_assistant_eval(source: str | Path, n: int = 500, out: Path | None = None) -> tuple[list[EvalResult], Path]:
+    """Our assistant's held-out problems (tools, identity, spelling) -> results, written to ``out`` as JSON
+    (default: eval.json in the model's run)."""
+    model, tok, bundle = load_trainable(source)
+    try:
+        texts = [d.text for d in read_jsonl(find_default_corpus())]
+    except FileNotFoundError:
+        texts = []
+    results = evaluate_assistant(model, tok, texts, n=n)
+    assert bundle.checkpoint is not None  # load_trainable opened one of our runs
+    out = out or bundle.checkpoint.path.parent.parent / "eval.json"
+    fields = ("accuracy", "correct", "total")
+    write_json(out, {r.name: {**{f: getattr(r, f) for f in fields}, "interval": r.interval(), "examples": r.examples}
+                     for r in results})  # fmt: skip
+    return results, out

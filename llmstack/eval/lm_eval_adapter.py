@@ -26,7 +26,8 @@ from lm_eval.api.registry import register_model
 from llmstack.eval.loglik import LoglikScorer
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
-from llmstack.interop.bundle import Bundle, load_bundle
+from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import load_model
 
 
 @register_model("llmstack")
@@ -41,7 +42,7 @@ class LLMStackLM(LM):
         **_: Any,  # lm-eval passes batch_size / device strings and other options some models take
     ) -> None:
         super().__init__()
-        self.bundle = pretrained if isinstance(pretrained, Bundle) else load_bundle(pretrained)
+        self.bundle = pretrained if isinstance(pretrained, Bundle) else load_model(pretrained)
         self.bundle.model.to(device)
         self.scorer = LoglikScorer.for_bundle(self.bundle, int(max_batch_tokens))
         self.engine = Engine(self.bundle.model, token_bytes=self.bundle.tokenizer.decode_token_bytes)

@@ -273,7 +273,7 @@ def evaluate_model(
     JSON goes to ``out``, else ``<run>/eval_tasks.json`` for a directory, else ``runs/eval/<name>.json``.
     """
     from llmstack.eval.tasks import select
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
     from llmstack.io import write_json
     from llmstack.paths import data_dir, runs_dir
 
@@ -281,7 +281,7 @@ def evaluate_model(
         raise ValueError("--limit must be at least 1")
     tasks = select(tasks_spec, data_dir())
     t0 = time.perf_counter()
-    bundle = load_bundle(spec)
+    bundle = load_model(spec)
     bundle.model.to(device)
     chat = is_chat_model(spec, bundle)
     kind = "chat model" if chat else "base model: multiple choice and bits/byte only"

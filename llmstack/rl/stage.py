@@ -7,7 +7,6 @@ llmstack rl --sft runs/d20/sft --preset gpu --device cuda
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from llmstack.interop.load import load_trainable
 from llmstack.io import save_png, write_json
 from llmstack.rl.grpo import GRPOConfig, GRPOTask, Sampler, evaluate_problems
 from llmstack.rl.verifiers import heldout_problems, make_splits
@@ -91,14 +91,8 @@ class RLSummary:
 
 
 def _load(sft_dir: str | Path, device: torch.device) -> tuple[Any, Any, Any]:
-    from llmstack.tokenizer import Tokenizer
-    from llmstack.training.checkpoint import load_model
-
-    model, ckpt = load_model(sft_dir, device)
-    tok = Tokenizer.load(ckpt.path.parent.parent / "tokenizer")
-    if ckpt.meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
-        raise ValueError(f"{ckpt.path} was trained with another tokenizer than {ckpt.path.parent.parent / 'tokenizer'}")
-    return model, ckpt, tok
+    model, tok, bundle = load_trainable(sft_dir, device)
+    return model, bundle, tok
 
 
 def run_rl(
@@ -130,11 +124,11 @@ def run_rl(
     tcfg = replace(tcfg, batch_size=cfg.prompts_per_batch * cfg.group_size)  # rows per micro-batch, for the record
     out = Path(out_dir)
     dist = init_distributed(device)
-    model, ckpt, tok = _load(sft_dir, dist.device)
+    model, bundle, tok = _load(sft_dir, dist.device)
     reference, _, _ = _load(sft_dir, dist.device)  # frozen: the KL penalty and the logged KL
     reference.eval().requires_grad_(False)
-    if dist.is_main and not (out / "tokenizer" / "tokenizer.json").exists():
-        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    if dist.is_main:
+        bundle.copy_tokenizer(out)
     train_problems, heldout = make_splits(cfg.tasks, cfg.n_train, cfg.n_heldout)
     log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main)
     task = GRPOTask(
@@ -152,13 +146,14 @@ def run_rl(
     )
     if dist.is_main and progress:
         print(
-            f"rl: GRPO ({cfg.loss_type}) on {', '.join(cfg.tasks)} from {ckpt.path} -> {out}; {tcfg.max_steps} steps "
+            f"rl: GRPO ({cfg.loss_type}) on {', '.join(cfg.tasks)} from {bundle.source} -> {out}; "
+            f"{tcfg.max_steps} steps "
             f"of {cfg.prompts_per_batch} prompts x {cfg.group_size} completions; {len(heldout)} held-out problems"
         )
     meta = {
         "stage": "rl",
         "tokenizer_fingerprint": tok.fingerprint,
-        "sft_checkpoint": str(ckpt.path),
+        "sft_checkpoint": str(bundle.checkpoint.path),
         "grpo_config": cfg.to_dict(),
     }
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from llmstack.inference.sample import SamplingConfig
+from llmstack.interop.load import load_trainable
 from llmstack.io import save_png, write_json
 from llmstack.rl.verifiers import HELDOUT_SEED, Problem, final_answer, make_splits, reward, reward_of_answer
 from llmstack.tokenizer import special as S
@@ -170,12 +171,9 @@ def run_ttc(
     ``ttc.json`` and ``ttc.png`` (accuracy against n) into ``out_dir``. ``extra_scorers`` (a reward
     model, say) join the built-in ``oracle`` / ``logprob``."""
     from llmstack.rl.grpo import Sampler
-    from llmstack.tokenizer import Tokenizer
     from llmstack.tools.registry import default_toolbox
-    from llmstack.training.checkpoint import load_model
 
-    model, ckpt = load_model(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = Tokenizer.load(ckpt.path.parent.parent / "tokenizer")
+    model, tok, bundle = load_trainable(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, problems = make_splits(list(tasks), 1, n_problems, heldout_seed=seed, train_seed=seed + 1)
     sampler = Sampler(model, tok, default_toolbox())
     t0 = time.perf_counter()
@@ -203,7 +201,12 @@ def run_ttc(
     out = Path(out_dir)
     write_json(
         out / "ttc.json",
-        {"model": str(ckpt.path), "tasks": list(tasks), "temperature": temperature, **result.__dict__},
+        {
+            "model": str(bundle.checkpoint.path if bundle.checkpoint else model_dir),
+            "tasks": list(tasks),
+            "temperature": temperature,
+            **result.__dict__,
+        },
     )
     plot_ttc(result, out / "ttc.png", f"{', '.join(tasks)}: {Path(model_dir).name}, T={temperature}")
     return result

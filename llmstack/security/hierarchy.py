@@ -82,3 +82,12 @@ def instruction_hierarchy(n: int, seed: int, clean_fraction: float = 0.2) -> lis
         messages = [Message("user", f"Read {url} and answer: {question}"), Message("assistant", parts)]
         out.append(Conversation(messages))
     return out
+
+
+def hierarchy_sets(n: int) -> tuple[list[Conversation], list[Conversation]]:
+    """``n`` training conversations for the SFT mixture and a twentieth as many held out (none for n = 0)."""
+    if n < 0:
+        raise ValueError(f"the number of instruction-hierarchy conversations must be >= 0 (got {n})")
+    if n == 0:
+        return [], []
+    return instruction_hierarchy(n, seed=11), instruction_hierarchy(max(1, n // 20), seed=12)

@@ -228,9 +228,9 @@ def run_experiment(
     """One fine-tune per poison count from the checkpoint at ``model_path``, each in ``out/k<k>/``
     (a finished run is resumed, i.e. only measured again); results in ``out/poison.json`` and ``.png``."""
     from llmstack.chat.conversation import ChatFormat
+    from llmstack.interop.load import load_trainable
     from llmstack.io import write_json
     from llmstack.tokenizer import special
-    from llmstack.training.checkpoint import load_model
     from llmstack.training.config import TrainConfig
     from llmstack.training.distributed import init_distributed
     from llmstack.training.loop import train
@@ -245,9 +245,9 @@ def run_experiment(
     results: list[RunResult] = []
     for k in cfg.counts:
         t0 = time.perf_counter()
-        model, ckpt = load_model(model_path)
-        if ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
-            raise ValueError(f"{ckpt.path} was trained with another tokenizer than {tok}")
+        model, ours, bundle = load_trainable(model_path)
+        if ours.fingerprint != tok.fingerprint:
+            raise ValueError(f"{model_path} was trained with another tokenizer than {tok}")
         convs = list(clean) + poison[:k]
         random.Random(cfg.seed + k).shuffle(convs)
         run_dir = out / f"k{k}"
@@ -270,7 +270,7 @@ def run_experiment(
         if progress:
             progress(f"poison k={k}: {len(task.train)} conversations ({k} poisoned), {cfg.steps} steps -> {run_dir}")
         meta = {"stage": "poison", "poison": k, "tokenizer_fingerprint": tok.fingerprint}
-        meta["base_checkpoint"] = str(ckpt.path)
+        meta["base_checkpoint"] = str(bundle.checkpoint.path if bundle.checkpoint else model_path)
         res = train(model, task, tc, run_dir, dist, meta=meta, progress=progress is not None)
         model.to(dist.device).eval()
         val_loss = task.evaluate(model)["val_loss"]

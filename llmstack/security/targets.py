@@ -147,9 +147,9 @@ def load_target(
     from pathlib import Path
 
     from llmstack.eval.answer import is_ours
-    from llmstack.interop.bundle import load_bundle
+    from llmstack.interop.load import load_model
 
-    bundle = load_bundle(spec)
+    bundle = load_model(spec)
     bundle.model.to(device)
     p = Path(spec).resolve()
     name = spec if spec == "smollm2" else f"{p.parent.name}-{p.name}"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.inference.engine import Engine, ToolUse
-from llmstack.interop.bundle import Bundle, load_bundle, resolve_model
+from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import load_model, resolve_model
 from llmstack.tokenizer import special as S
 from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tools.registry import ToolBox, default_toolbox
@@ -147,7 +148,7 @@ class ModelRegistry:
     def bundle(self, spec: str | Path) -> Bundle:
         key = str(resolve_model(spec).resolve())
         if key not in self._bundles:
-            bundle = load_bundle(spec)
+            bundle = load_model(spec)
             bundle.model.to(self.device)
             self._bundles[key] = bundle
         return self._bundles[key]

@@ -128,30 +128,45 @@ def load_meta(path: str | Path) -> Checkpoint:
     return Checkpoint(ckpt, meta)
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+def read_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     f = ckpt.path / "model.safetensors"
     if not f.exists():
         raise FileNotFoundError(f"{f}: checkpoint weights are missing")
     try:
-        state = load_file(str(f))
+        return load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{f}: unreadable checkpoint weights, the file is truncated or corrupt ({e})") from None
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, tied: bool) -> None:
+    """Load weights strictly (a tied head may be absent), naming the first missing / extra / misshapen tensor."""
     expected = model.state_dict()
-    if ckpt.model_config.tie_embeddings:
+    if tied:
         expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{f}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise ValueError(
-                f"{f}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
+                f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
             )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Checkpoint]:
+def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """A checkpoint's weights into a model built from its config (training resume, reward models)."""
+    where = str(ckpt.path / "model.safetensors")
+    load_state(model, read_weights(ckpt), where, ckpt.model_config.tie_embeddings)
+
+
+def load_gpt(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Checkpoint]:
+    """Our GPT from a checkpoint, without its tokenizer (reward models, checkpoint tests); the stages that
+    need a model with its tokenizer use ``llmstack.interop.load.load_model``."""
     ckpt = load_meta(path)
     model = GPT(ckpt.model_config)
     load_model_weights(model, ckpt)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,3 +80,31 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+TRAIN_OVERRIDES = (
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "lr",
+    "warmup_steps",
+    "schedule",
+    "dtype",
+    "eval_every",
+    "ckpt_every",
+    "seed",
+    "compile",
+)
+"""TrainConfig fields a command line (or a caller) may override; None leaves the preset's value."""
+
+
+def with_overrides(base: TrainConfig, overrides: dict[str, Any] | None) -> TrainConfig:
+    """``base`` with the given fields replaced (None values ignored), validated again."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+    cfg = replace(base, **given)
+    cfg.__post_init__()
+    return cfg

@@ -7,7 +7,10 @@ torchrun --standalone --nproc_per_node 8 -m llmstack.cli pretrain --preset d20  
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +18,12 @@ import torch.nn.functional as F
 
 from llmstack.data.loader import PackedLoader
 from llmstack.data.shards import ShardIndex
+from llmstack.model.llama import GPT
 from llmstack.tokenizer import Tokenizer
-from llmstack.training.config import TrainConfig
-from llmstack.training.distributed import DistInfo
+from llmstack.training.config import TrainConfig, with_overrides
+from llmstack.training.distributed import DistInfo, init_distributed, shutdown
+from llmstack.training.loop import train
+from llmstack.training.presets import get_preset
 
 
 def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -100,3 +106,45 @@ class PretrainTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_loader.load_state_dict(state["train_loader"])
+
+
+def run_pretrain(
+    run: Path,
+    tok: Tokenizer,
+    shards: ShardIndex,
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Pretrain the preset's model on ``shards`` into ``run`` (resuming from its checkpoints); prints and returns
+    the summary."""
+    model_cfg, base = get_preset(preset, tok.vocab_size)
+    cfg = with_overrides(base, overrides)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        model_cfg = replace(model_cfg, max_seq_len=cfg.seq_len)
+    dist = init_distributed(device)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg)
+    if dist.is_main:
+        print(
+            f"model: {model_cfg.n_layer} layers x {model_cfg.n_embd}, {model.num_params() / 1e6:.2f}M params; "
+            f"{shards.n_tokens('train'):,} train tokens; {cfg.max_steps} steps of "
+            f"{cfg.batch_size * cfg.grad_accum * dist.world_size * cfg.seq_len:,} tokens on {dist.device}"
+            f"{f' x {dist.world_size}' if dist.enabled else ''}"
+        )
+    task = PretrainTask(shards, tok, cfg, dist)
+    meta = {"stage": "pretrain", "tokenizer_fingerprint": tok.fingerprint, "preset": preset}
+    result = train(model, task, cfg, run, dist, meta=meta, resume=resume)
+    summary = {
+        "step": result.step,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "val_bpb": result.evals[-1]["val_bpb"] if result.evals else None,
+        "tokens_per_second": result.tokens_per_second,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "loss_plot": str(run / "loss.png"),
+    }
+    if dist.is_main:
+        print(json.dumps(summary, indent=2), flush=True)
+    shutdown(dist)  # under torchrun this ends the process (see distributed.shutdown)
+    return summary

@@ -1,22 +1,33 @@
-"""The SFT stage: the shared training loop on rendered conversations, trained only where the assistant writes.
+"""SFT batches for the shared training loop: rendered conversations, trained only where the assistant writes.
 
-llmstack sft --run-dir runs/tiny              # from runs/tiny's base checkpoint -> runs/tiny/sft
+The stage itself (the mixture, the model, the run) is ``llmstack/chat/finetune.py``; this file knows
+token ids and loss masks only, rendered by any chat format with a ``render(conversation, max_tokens)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.pretrain import logits_of
 
 IGNORE = -1
+
+
+class Rendering(Protocol):
+    ids: list[int]
+    mask: list[int]
+
+
+class ChatRenderer(Protocol):
+    def render(self, conv: Any, max_tokens: int | None = None) -> Rendering: ...
+
+
 GROUP_WINDOW = 32  # batches whose conversations are sorted by length together (see SFTTask._order)
 
 
@@ -45,9 +56,9 @@ class SFTTask:
 
     def __init__(
         self,
-        train: list[Conversation],
-        val: list[Conversation],
-        fmt: ChatFormat,
+        train: list[Any],
+        val: list[Any],
+        fmt: ChatRenderer,
         pad_id: int,
         cfg: TrainConfig,
         dist: DistInfo,
@@ -65,7 +76,7 @@ class SFTTask:
         self.lengths = np.array([len(ids) for ids, _ in self.train])
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
-    def _render(self, c: Conversation) -> tuple[list[int], list[int]]:
+    def _render(self, c: Any) -> tuple[list[int], list[int]]:
         r = self.fmt.render(c, max_tokens=self.max_tokens)
         return r.ids, r.mask
 

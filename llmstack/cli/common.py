@@ -1,0 +1,108 @@
+"""What several commands share: the run directory, training overrides, sampling flags, tokenizer lookup."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.inference.sample import SamplingConfig
+from llmstack.paths import data_dir, runs_dir
+from llmstack.tokenizer import Tokenizer
+from llmstack.training.config import TRAIN_OVERRIDES
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+
+def add_run_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--preset", default="tiny", help="model/training preset: tiny (CPU), d12, d20 (GPU)")
+    sp.add_argument("--run-dir", default=None, help="run directory (default: runs/<preset>)")
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else runs_dir() / args.preset
+
+
+def add_train_overrides(sp: argparse.ArgumentParser) -> None:
+    """Flags that override a stage's TrainConfig (read back by ``train_overrides``)."""
+    sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--batch-size", type=int, help="rows per micro-batch per process")
+    sp.add_argument("--grad-accum", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--warmup-steps", type=int)
+    sp.add_argument("--schedule", choices=["cosine", "wsd"])
+    sp.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA and AMX CPUs)"
+    )
+    sp.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    sp.add_argument("--eval-every", type=int)
+    sp.add_argument("--ckpt-every", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (absent flags are not overrides)."""
+    return {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k, None) is not None}
+
+
+def add_sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p=None) -> None:
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    sp.add_argument("--top-k", type=int, default=50, help="0 disables")
+    sp.add_argument("--top-p", type=float, default=top_p)
+    sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    """--max-new-tokens, --temperature, --top-k (0: off), --top-p and --seed."""
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
+
+
+def load_tokenizer(spec: str | None, args: argparse.Namespace) -> Tokenizer:
+    """A tokenizer directory, ``gpt2`` (the fetched GPT-2 ranks), or the run's own."""
+    if spec == "gpt2":
+        path = data_dir() / "assets" / "gpt2.tiktoken"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: GPT-2 ranks not fetched; run `llmstack data fetch`")
+        return Tokenizer.from_tiktoken_file(path, special_tokens={"<|endoftext|>": 50256})
+    return Tokenizer.load(Path(spec) if spec else run_dir(args) / "tokenizer")
+
+
+def corpus_path(args: argparse.Namespace) -> Path:
+    if args.corpus:
+        p = Path(args.corpus)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: corpus file not found (fetch the default one with `llmstack data fetch`)")
+        return p
+    return find_default_corpus()
+
+
+def corpus_texts() -> list[str]:
+    """The fetched corpus's documents, or none (stages use them for words, not as a requirement)."""
+    try:
+        return [d.text for d in read_jsonl(find_default_corpus())]
+    except FileNotFoundError:
+        return []
+
+
+def add_rl_args(sp: argparse.ArgumentParser, out: str) -> None:
+    sp.add_argument("--preset", default="tiny", choices=["tiny", "gpu"], help="tiny: 2 CPU cores in minutes")
+    sp.add_argument("--run-dir", default=None, help="the main job's run (default: runs/tiny)")
+    sp.add_argument("--model", help="the SFT policy: any model source (default: <run>/sft)")
+    sp.add_argument("--out", help=f"output directory (default: <run>/{out})")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
+def rl_base(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else runs_dir() / "tiny"
+
+
+def policy_path(args: argparse.Namespace) -> Path:
+    return Path(args.model) if args.model else rl_base(args) / "sft"
+
+
+def out_dir(args: argparse.Namespace, default: Path) -> Path:
+    return Path(args.out) if getattr(args, "out", None) else default

@@ -1,0 +1,237 @@
+"""Commands that measure: eval, arena battle | leaderboard, scaling, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from llmstack.cli.common import (
+    FMT,
+    add_run_args,
+    load_tokenizer,
+    run_dir,
+)
+from llmstack.data.shards import ShardIndex
+from llmstack.eval import arena
+from llmstack.eval import arena_battle as ab
+from llmstack.eval.assistant import run_assistant_eval
+from llmstack.eval.report import write_report_card
+from llmstack.eval.scaling import SWEEPS, run_sweep, summary_lines
+from llmstack.eval.suite import evaluate_model
+from llmstack.interop.load import load_model
+from llmstack.paths import runs_dir
+from llmstack.training.config import resolve_dtype
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    if args.tasks:  # the task suite, on any model (llmstack/eval/suite.py)
+        spec = args.model or str(run_dir(args) / "sft")
+        evaluate_model(spec, args.tasks, limit=args.limit, seed=args.seed, device=args.device, out=args.out)
+        return 0
+    results, out = run_assistant_eval(args.model or run_dir(args) / "sft", args.n, Path(args.out) if args.out else None)
+    print(f"{'task':<24} {'accuracy':>8}  95% interval")
+    for r in results:
+        print(r.line())
+        for ex in r.examples[:2]:
+            print("    " + ex[:160].replace("\n", " "))
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_arena(args: argparse.Namespace) -> int:
+    """``llmstack arena battle|leaderboard``: automatic battles into the battle log; ratings from it."""
+
+    log = Path(args.log) if args.log else arena.default_log()
+    if args.arena_command == "leaderboard":
+        read = arena.read_battles(log)
+        for problem in read.problems:
+            print(f"skipped {problem}", file=sys.stderr)
+        battles = [b for b in read.battles if b.judge.startswith(args.judge or "")]
+        cfg = arena.RatingConfig(args.anchor, args.base, args.prior, args.rounds, args.seed)
+        board = arena.leaderboard(battles, cfg)
+        print(board.table())
+        print(f"plot: {board.plot(args.plot or log.with_suffix('.png'))}")
+        return 0
+
+    import torch
+
+    specs = ab.parse_models(args.models) if args.models else ab.default_contestants(runs_dir())
+    if len(specs) < 2:
+        raise ValueError(f"a battle needs two models; found {specs or 'none'} (name them: --models a=PATH,b=PATH)")
+    n = args.n or (60 if args.judge == "verifier" else 8)
+    if args.problems:
+        problems = ab.read_problems(args.problems)[:n]
+    else:
+        problems = ab.arithmetic_problems(n) if args.judge == "verifier" else ab.open_problems(n)
+    if args.judge == "verifier" and any(p.answer is None for p in problems):
+        raise ValueError("--judge verifier needs a known answer for every problem (or use --judge llm)")
+    dtype = getattr(torch, resolve_dtype(args.dtype, torch.device("cpu")))
+    t0 = time.perf_counter()
+    contestants = [ab.Contestant.load(name, path, dtype) for name, path in specs]
+    print(", ".join(f"{c.name} ({c.style})" for c in contestants) + f" loaded in {time.perf_counter() - t0:.0f}s")
+    judge, judge_name = ab.verifier, "verifier"
+    if args.judge == "llm":
+        shared = [c.bundle for (_, path), c in zip(specs, contestants, strict=True) if path == args.judge_model]
+        bundle = shared[0] if shared else load_model(args.judge_model)
+        bundle.model.to(dtype)
+        judge_name = f"llm:{Path(args.judge_model).name}"
+        judge = ab.LLMJudge(bundle, judge_name)
+
+    def answered(name: str, seconds: float) -> None:
+        print(f"  {name}: {len(problems)} answers in {seconds:.0f}s", file=sys.stderr)
+
+    battles = ab.run_battles(contestants, problems, judge, judge_name, args.max_new_tokens, args.seed, answered)
+    arena.append_battles(log, battles)
+    print(ab.summarize(battles))
+    print(f"{len(battles)} battles ({judge_name}) appended to {log} in {time.perf_counter() - t0:.0f}s")
+    print(f"ratings: llmstack arena leaderboard --log {log}")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    if args.preset not in SWEEPS:
+        raise ValueError(f"unknown sweep preset {args.preset!r}; choose one of {sorted(SWEEPS)}")
+    sweep = SWEEPS[args.preset]()
+    hd, _, hs = args.holdout.partition(":") if args.holdout else ("", "", "")
+    sweep = replace(
+        sweep,
+        depths=tuple(int(x) for x in args.depths.split(",")) if args.depths else sweep.depths,
+        steps=tuple(int(x) for x in args.steps.split(",")) if args.steps else sweep.steps,
+        holdout=(int(hd), int(hs)) if args.holdout else sweep.holdout,
+    )
+    run = Path(args.run_dir) if args.run_dir else runs_dir() / "tiny"
+    tok = load_tokenizer(args.tokenizer or str(run / "tokenizer"), args)
+    shards = ShardIndex.load(Path(args.shards) if args.shards else run / "shards")
+    out = Path(args.out) if args.out else runs_dir() / "scaling" / args.preset
+    t0 = time.perf_counter()
+    state = run_sweep(sweep, shards, tok, out, device=args.device, progress=not args.no_progress)
+    print("\n".join(summary_lines(state)))
+    print(f"{time.perf_counter() - t0:.0f}s; results: {out / 'scaling.json'}; plots: {', '.join(state['plots'])}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+
+    run = Path(args.run) if args.run else runs_dir() / "tiny"
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory (make one with `make run`)")
+    path = write_report_card(run, Path(args.out) if args.out else run / "report")
+    print(f"report card: {path}")
+    return 0
+
+
+def register(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model: held-out assistant problems, or the task suite (--tasks)",
+        formatter_class=FMT,
+        description="""Without --tasks: our assistant's held-out problems (tools, identity, spelling), to eval.json.
+With --tasks: the task suite on any model (ours, an HF dir, a .gguf, smollm2): bits per byte on held-out
+text, multiple choice by log-likelihood (BIG-bench, OpenAI evals' quartz, your own FILE.jsonl), and for
+chat models generative problems (reasoning-gym math direct vs chain of thought, 9.11 vs 9.9, ...).
+Base models get multiple choice and bits/byte only. Prints a table; writes every row as JSON.
+
+  llmstack eval --model runs/tiny/sft
+  llmstack eval --model smollm2 --tasks mc --limit 200
+  llmstack eval --model runs/tiny --tasks heldout_bpb,winowhy,quartz --limit 100
+  llmstack eval --model runs/tiny/sft --tasks all --limit 50 --out results.json
+
+Tasks: heldout_bpb, goal_step_wikihow, winowhy, strategyqa, social_iqa, logical_deduction, general_knowledge,
+arithmetic, quartz, chain_sum, gsm_symbolic, bigger_decimal, multiply, identity, spelling; groups mc, gen,
+bpb, all.
+The BIG-bench and quartz data come with `llmstack data fetch`.""",
+    )
+    add_run_args(ev)
+    ev.add_argument("--model", help="run/checkpoint dir, HF dir, .gguf or smollm2 (default: <run>/sft)")
+    ev.add_argument("--n", type=int, default=500, help="products per row (without --tasks; letter counts: at most 50)")
+    ev.add_argument("--tasks", help="comma-separated tasks, groups (mc, gen, bpb, all) or FILE.jsonl")
+    ev.add_argument("--limit", type=int, default=200, help="examples per task (with --tasks)")
+    ev.add_argument("--seed", type=int, default=90_210, help="draws and generated problems (held out from training)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (with --tasks)")
+    ev.add_argument(
+        "--out",
+        help="JSON results (default: <run>/eval.json; with --tasks <run>/eval_tasks.json or runs/eval/NAME.json)",
+    )
+    ev.set_defaults(func=cmd_eval)
+    ar = sub.add_parser(
+        "arena",
+        help="battles between two anonymous models; Bradley-Terry / Elo leaderboard",
+        formatter_class=FMT,
+        description="""Battles: two models answer the same prompt and a judge picks the winner. People vote in
+the web UI (llmstack serve, the Battle tab); `arena battle` runs automatic ones: every pair of
+models plays every problem, judged by a verifier (problems with known answers: arithmetic from
+reasoning-gym and our templates) or an LLM judge (SmolLM2, asked in both orders). Battles are
+appended to the battle log (default data/arena/battles.jsonl).
+
+  llmstack arena battle                                   # runs/tiny, runs/tiny/sft (+ rl later), smollm2
+  llmstack arena battle --models base=runs/tiny,sft=runs/tiny/sft,smollm2 --judge verifier --n 60
+  llmstack arena battle --judge llm --n 8                 # open prompts, SmolLM2 as the judge
+  llmstack arena battle --problems mine.jsonl             # {"prompt": ..., "answer": ...} per line
+  llmstack arena leaderboard                              # table + data/arena/battles.png
+  llmstack arena leaderboard --judge verifier --anchor tiny-sft --prior 1""",
+    )
+    arsub = ar.add_subparsers(dest="arena_command", required=True, metavar="ACTION")
+    ab = arsub.add_parser("battle", help="automatic battles judged by a verifier or an LLM", formatter_class=FMT)
+    ab.add_argument("--models", help="NAME=PATH,... (run dir, HF dir, .gguf, smollm2); default: our stages + smollm2")
+    ab.add_argument("--judge", choices=["verifier", "llm"], default="verifier")
+    ab.add_argument("--judge-model", default="smollm2", help="the LLM judge (a chat model)")
+    ab.add_argument("--n", type=int, help="problems (default: 60 with the verifier, 8 with the LLM judge)")
+    ab.add_argument("--problems", help="a JSONL file of problems instead of the built-in ones")
+    ab.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer")
+    ab.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on AMX CPUs")
+    ab.add_argument("--seed", type=int, default=70_707, help="which model is side a, per battle")
+    lb = arsub.add_parser("leaderboard", help="ratings with 95%% intervals from the battle log", formatter_class=FMT)
+    lb.add_argument("--anchor", help="the model pinned at --base (default: smollm2 if it played, else the first)")
+    lb.add_argument("--base", type=float, default=1000.0)
+    lb.add_argument("--prior", type=float, default=0.0, help="tied games added between every pair (0: pure MLE)")
+    lb.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples")
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--judge", help="only battles whose judge starts with this (human, verifier, llm)")
+    lb.add_argument("--plot", help="the PNG to write (default: the log's name with .png)")
+    for sp in (ab, lb):
+        sp.add_argument("--log", help="the battle log (default: data/arena/battles.jsonl)")
+    ar.set_defaults(func=cmd_arena)
+    sl = sub.add_parser(
+        "scaling",
+        help="scaling laws: a sweep of sizes x token budgets, Chinchilla's L(N, D) fit, a predicted bigger run",
+        formatter_class=FMT,
+        description="""Trains every (model size, token budget) of a sweep on the main job's shards with the pretraining
+loop, fits L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss, L-BFGS from a grid of starts),
+writes the prediction for a larger held-out run, then trains it and reports the error. Results
+(scaling.json) and plots (fit.png, frontier.png) go to --out; a finished point is not retrained.
+
+  llmstack scaling --preset quick                    # 3 x 3 points + depth 4: 12 min on 2 busy cores
+  llmstack scaling                                   # preset cpu: 4 x 4 + depth 5, ~30-40 min on 2 idle cores (est.)
+  llmstack scaling --preset gpu --device cuda        # 5 x 4 + depth 8, up to one epoch of the corpus
+  llmstack scaling --depths 1,2 --steps 50,100 --holdout 3:100 --out runs/scaling/mine
+  OMP_NUM_THREADS=1 llmstack scaling --preset quick  # on a CPU shared with other jobs (measured 2-4x faster)""",
+    )
+    sl.add_argument("--preset", default="cpu", help="sweep: quick, cpu, gpu")
+    sl.add_argument("--run-dir", help="the run whose shards and tokenizer are used (default: runs/tiny)")
+    sl.add_argument("--shards", help="token shards (default: <run>/shards)")
+    sl.add_argument("--tokenizer", help="tokenizer directory (default: <run>/tokenizer)")
+    sl.add_argument("--out", help="results directory (default: runs/scaling/<preset>)")
+    sl.add_argument("--depths", help="model sizes on the depth dial, e.g. 1,2,3 (width 64 x depth)")
+    sl.add_argument("--steps", help="token budgets in optimizer steps, e.g. 50,100,200")
+    sl.add_argument("--holdout", metavar="DEPTH:STEPS", help="the run predicted before it is trained, e.g. 4:200")
+    sl.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
+    sl.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sl.set_defaults(func=cmd_scaling)
+    rc = sub.add_parser(
+        "report",
+        help="a run's report card: environment, data, tokenizer, loss curves, evals, timings (markdown + PNGs)",
+        formatter_class=FMT,
+        description="""Collects what a run left behind into one markdown page with plots; a missing piece is a line
+saying so, never an error.
+
+  llmstack report                          # runs/tiny -> runs/tiny/report/report.md
+  llmstack report --run runs/d12 --out /tmp/card""",
+    )
+    rc.add_argument("--run", help="run directory (default: runs/tiny)")
+    rc.add_argument("--out", help="output directory (default: <run>/report)")
+    rc.set_defaults(func=cmd_report)

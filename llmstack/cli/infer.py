@@ -1,0 +1,217 @@
+"""Commands that generate: sample (a base model's dreams, or a simulator), chat, synth (teacher data)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from llmstack.chat.session import ChatSession
+from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
+from llmstack.cli.common import (
+    FMT,
+    add_run_args,
+    load_tokenizer,
+    run_dir,
+    sampling_config,
+)
+from llmstack.inference.sample import SamplingConfig
+from llmstack.inference.simulate import conversation_prompt, few_shot_prompt, sample
+from llmstack.interop.chat import chat_once, repl
+from llmstack.interop.load import load_model
+from llmstack.paths import data_dir
+from llmstack.tokenizer import Tokenizer
+from llmstack.tokenizer.special import TOOL_CALL_START
+from llmstack.tools.registry import default_toolbox
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    source = args.checkpoint or run_dir(args)
+    bundle = load_model(source, args.device)  # ours, or an imported HF / GGUF model with its own tokenizer
+    tok = bundle.tokenizer
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer, args)
+        if bundle.meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+            raise ValueError(
+                f"{source} was trained with tokenizer {str(bundle.meta.get('tokenizer_fingerprint'))[:12]}, "
+                f"but {args.tokenizer} is {tok.fingerprint[:12]}; pass the matching --tokenizer"
+            )
+    sim = None  # a base model as a simulator: a document whose continuation answers the prompt
+    if args.few_shot or args.conversation:
+        if not args.prompt.strip():
+            raise ValueError("--few-shot and --conversation need a --prompt (the question to answer)")
+        sim = few_shot_prompt(args.few_shot, args.prompt) if args.few_shot else conversation_prompt(args.prompt)
+    cfg = sampling_config(args)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        seeded = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + i)
+        if sim is None:
+            sys.stdout.write(args.prompt)
+        for piece in sample(bundle.model, tok, args.prompt, seeded, sim):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _chat_llmstack(bundle, cfg, args: argparse.Namespace) -> int:
+
+    tools = None if args.no_tools else default_toolbox()
+    session = ChatSession(bundle.model, bundle.tokenizer, tools, cfg, system=args.system, show_tokens=args.show_tokens)
+    if args.prompt is not None:
+        for piece in session.ask(args.prompt):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    print("chat: /reset, /system TEXT, /tokens, /quit (or an empty line)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/quit":
+            break
+        reply = session.handle(line)
+        if reply is not None:
+            print(reply)
+            continue
+        for piece in session.ask(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+
+    bundle = load_model(args.model)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+    if isinstance(bundle.tokenizer, Tokenizer) and TOOL_CALL_START in bundle.tokenizer.special_tokens:
+        return _chat_llmstack(bundle, cfg, args)  # our own assistants: tools, /commands, token view
+    if args.prompt is not None:
+        print(chat_once(bundle, args.prompt, cfg, system=args.system))
+        return 0
+    print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
+    repl(bundle, cfg, args.system, sys.stdout)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    questions = read_lines(args.topics or TOPICS)
+    system_file = SYSTEM if args.system is None else args.system
+    system = "\n".join(read_lines(system_file)) if system_file else None
+    out = Path(args.out) if args.out else data_dir() / "synth" / "conversations.jsonl"
+    t0 = time.perf_counter()
+    teacher = load_model(args.teacher)
+    teacher.model.to(args.device or "cpu")
+    teacher.template()  # no chat template: fail before generating anything
+    sampling = sampling_config(args)
+    cfg = SynthConfig(n=args.n, batch_size=args.batch_size, sampling=sampling, min_words=args.min_words)
+    n = len(questions) if args.n is None else args.n
+    with tqdm(total=n, desc="synth", unit="conv", disable=args.no_progress) as bar:
+        result = synthesize(teacher, questions, system, cfg, on_done=bar.update)
+    if not result.conversations:  # leave a file from an earlier run as it is
+        print(f"{result.summary()}; nothing written", file=sys.stderr)
+        return 1
+    write_conversations(out, result.conversations)
+    print(f"{result.summary()} -> {out} ({time.perf_counter() - t0:.0f}s, teacher {args.teacher})")
+    return 0
+
+
+def register(sub) -> None:
+    sp = sub.add_parser(
+        "sample",
+        help="sample text from a checkpoint, streaming (or use a base model as a simulator)",
+        formatter_class=FMT,
+        description="""Continue a prompt with a checkpoint, or make a base model answer through a document.
+
+  llmstack sample --prompt "The os module" --seed 0
+  llmstack sample --few-shot examples.jsonl --prompt "def" --seed 0        # Input:/Output: blocks
+  llmstack sample --conversation --prompt "What is a list?" --seed 0       # Human:/Assistant: document""",
+    )
+    add_run_args(sp)
+    sp.add_argument("--checkpoint", help="checkpoint or run directory (default: <run>)")
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--prompt", default="")
+    sp.add_argument("--max-new-tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=50, help="0 disables")
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    sp.add_argument("--num-samples", type=int, default=1)
+    sp.add_argument("--device", default=None)
+    sim = sp.add_mutually_exclusive_group()
+    sim.add_argument(
+        "--few-shot",
+        metavar="FILE",
+        help='examples before --prompt: .jsonl of {"input": ..., "output": ...} (as "Input: ...\\nOutput: ..." '
+        "blocks), or any other file as verbatim text; prints only the completion, up to the next blank line",
+    )
+    sim.add_argument(
+        "--conversation",
+        action="store_true",
+        help="the conversation document: a base model plays a helpful assistant answering --prompt "
+        "(llmstack/inference/prompts/conversation.txt); stops at the next 'Human:' line",
+    )
+    sp.set_defaults(func=cmd_sample)
+    ch = sub.add_parser(
+        "chat",
+        help="chat with a model using its own chat template (REPL, or one --prompt)",
+        description='Example: llmstack chat --model runs/smollm2 --prompt "What is the capital of France?"',
+    )
+    ch.add_argument("--model", required=True, help="HF directory, .gguf file, or run / checkpoint directory")
+    ch.add_argument("--prompt", help="one user message; print the reply and exit (non-interactive)")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--top-k", type=int, default=50, help="0 disables")
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--no-tools", action="store_true", help="llmstack models: leave tool calls unanswered")
+    ch.add_argument("--show-tokens", action="store_true", help="llmstack models: print each token's id after it")
+    ch.set_defaults(func=cmd_chat)
+    sy = sub.add_parser(
+        "synth",
+        help="synthetic SFT conversations: a teacher model answers seed questions (OpenAI-format JSONL)",
+        formatter_class=FMT,
+        description="""A teacher model (default SmolLM2-135M-Instruct) answers the seed questions with its own chat
+template; truncated, empty, too short and repetitive replies are dropped and counted. The kept
+conversations are written atomically as JSONL ({"messages": [user, assistant]}) for the SFT mixture.
+
+  llmstack synth                                            # 60 seed questions -> data/synth/conversations.jsonl
+  llmstack synth --n 240 --batch-size 16                    # 4 answers per question (seed + i)
+  llmstack synth --teacher runs/smollm2 --topics my_questions.txt --out synth.jsonl
+  llmstack sft --extra-conversations data/synth/conversations.jsonl""",
+    )
+    sy.add_argument("--teacher", default="smollm2", help="smollm2, an HF directory, a .gguf file or a run directory")
+    sy.add_argument(
+        "--topics", help="questions, one a line, # comments (default: llmstack/chat/prompts/synth_topics.txt)"
+    )
+    sy.add_argument(
+        "--system", help="the teacher's system prompt file (default: prompts/synth_system.txt; '' for none)"
+    )
+    sy.add_argument("--out", help="JSONL to write (default: data/synth/conversations.jsonl)")
+    sy.add_argument("--n", type=int, help="conversations to generate (default: one per question; more cycle)")
+    sy.add_argument("--batch-size", type=int, default=8, help="rows decoded together")
+    sy.add_argument("--max-new-tokens", type=int, default=256, help="longer replies are dropped as truncated")
+    sy.add_argument("--temperature", type=float, default=0.7)
+    sy.add_argument("--top-k", type=int, default=50, help="0 disables")
+    sy.add_argument("--top-p", type=float, default=0.9)
+    sy.add_argument("--seed", type=int, default=0, help="conversation i samples with seed + i")
+    sy.add_argument("--min-words", type=int, default=4, help="shorter replies are dropped as too_short")
+    sy.add_argument("--device", default=None)
+    sy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sy.set_defaults(func=cmd_synth)

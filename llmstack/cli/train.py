@@ -1,0 +1,152 @@
+"""Commands that train our models: pretrain, sft, interrogate (teaching "I don't know")."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from llmstack.chat.finetune import run_sft
+from llmstack.chat.interrogate import InterrogateConfig, run_interrogation
+from llmstack.chat.mixture import corpus_words, read_conversations
+from llmstack.cli.common import FMT, add_run_args, add_train_overrides, load_tokenizer, run_dir, train_overrides
+from llmstack.data.shards import ShardIndex
+from llmstack.interop.load import load_trainable
+from llmstack.paths import runs_dir
+from llmstack.security.hierarchy import hierarchy_sets
+from llmstack.training.distributed import DistInfo, pick_device
+from llmstack.training.pretrain import run_pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    run = run_dir(args)
+    tok = load_tokenizer(args.tokenizer, args)
+    shards = ShardIndex.load(Path(args.shards) if args.shards else run / "shards")
+    run_pretrain(run, tok, shards, args.preset, train_overrides(args), args.device, not args.no_resume)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    base = run_dir(args)
+    source = args.checkpoint or base
+    if args.hierarchy < 0:
+        raise ValueError(f"--hierarchy must be >= 0 (got {args.hierarchy})")
+    if args.tokenizer:  # a check only: the tokenizer is always the base model's own
+        _, ours, _ = load_trainable(source)
+        if load_tokenizer(args.tokenizer, args).fingerprint != ours.fingerprint:
+            raise ValueError(f"{source} was trained with another tokenizer than {args.tokenizer}")
+    extra = [c for f in args.extra_conversations for c in read_conversations(f)]  # e.g. from `llmstack synth`
+    pages, held_out_pages = hierarchy_sets(args.hierarchy)
+    out = Path(args.out) if args.out else base / "sft"
+    run_sft(source, out, train_overrides(args), args.device, extra + pages, held_out_pages, not args.no_resume)
+    return 0
+
+
+def cmd_interrogate(args: argparse.Namespace) -> int:
+    model, tok, bundle = load_trainable(args.base or runs_dir() / "tiny" / "sft")
+    assert bundle.checkpoint is not None  # load_trainable opened one of our runs
+    run = bundle.checkpoint.path.parent.parent
+    out = Path(args.out) if args.out else run / "interrogate"
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(InterrogateConfig)}  # one flag a field
+    cfg = InterrogateConfig(**{k: v for k, v in given.items() if v is not None})
+    device = pick_device(args.device)
+    meta = {"base_checkpoint": str(bundle.checkpoint.path)}
+    report = run_interrogation(
+        model.to(device), tok, cfg, out, DistInfo(0, 0, 1, device), corpus_words(), meta,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"held-out questions ({cfg.held_out_unknown} + {cfg.held_out_taught} people)  stage 1 -> stage 3  (95% CI)")
+    for key, r in report.after.results().items():
+        lo, hi = r.interval()
+        was = report.before.results()[key].accuracy
+        print(f"{r.name:<34} {was:6.1%} -> {r.accuracy:6.1%}  [{lo:.1%}, {hi:.1%}]  ({r.correct}/{r.total})")
+    verdict = "met" if report.targets_met else "NOT met"
+    print(f"targets (>= 80% / >= 80%): {verdict}; {report.seconds['total']:.0f}s")
+    print(f"results: {out / 'eval.json'}, {out / 'eval.png'}, {out / 'interrogation.jsonl'}")
+    print(f"models: {out / 'knowledge'} (stage 1), {out / 'interrogated'} (stage 3)")
+    return 0
+
+
+def register(sub) -> None:
+    pt = sub.add_parser(
+        "pretrain",
+        help="pretrain a base model on token shards",
+        formatter_class=FMT,
+        description="""Pretrain a Llama-compatible base model; resumes from <run>/checkpoints if present.
+
+  llmstack pretrain --preset tiny                                         # CPU
+  llmstack pretrain --preset d12 --device cuda                            # one GPU
+  torchrun --standalone --nproc_per_node 8 -m llmstack.cli pretrain --preset d20   # 8 GPUs
+  torchrun --standalone --nproc_per_node 2 -m llmstack.cli pretrain --preset tiny  # 2 CPU procs""",
+    )
+    add_run_args(pt)
+    pt.add_argument("--tokenizer")
+    pt.add_argument("--shards")
+    pt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    add_train_overrides(pt)
+    pt.set_defaults(func=cmd_pretrain)
+    sf = sub.add_parser(
+        "sft",
+        help="supervised finetuning into an assistant (conversations, tool use, identity)",
+        formatter_class=FMT,
+        description="""Finetune a base checkpoint on the SFT mixture (llmstack/chat/mixture.py).
+
+  llmstack sft --run-dir runs/tiny                # base runs/tiny -> runs/tiny/sft
+  llmstack sft --extra-conversations data/synth/conversations.jsonl   # + a teacher's (`llmstack synth`)
+  torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20""",
+    )
+    add_run_args(sf)
+    sf.add_argument("--checkpoint", help="base checkpoint or run directory (default: <run>)")
+    sf.add_argument("--tokenizer")
+    sf.add_argument("--out", help="output run directory (default: <run>/sft)")
+    sf.add_argument("--device", default=None)
+    sf.add_argument(
+        "--extra-conversations",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='JSONL of {"messages": [...]} (OpenAI format, e.g. from `llmstack synth`) added to the training '
+        "mixture; repeatable",
+    )
+    sf.add_argument(
+        "--hierarchy",
+        type=int,
+        default=400,
+        metavar="N",
+        help="instruction-hierarchy conversations added to the mixture (llmstack/security/hierarchy.py): pages, "
+        "often datamarked, whose injected instructions the assistant answers around instead of following "
+        "(default 400; 0 leaves them out); `llmstack redteam` measures the effect",
+    )
+    add_train_overrides(sf)
+    sf.set_defaults(func=cmd_sft)
+    it = sub.add_parser(
+        "interrogate",
+        help="hallucinations: teach a model to say it does not know (interrogation, Llama 3's recipe), measured",
+        formatter_class=FMT,
+        description="""Stage 1 teaches the model facts about fictional people; stage 2 asks it about them and about
+people it was never taught; stage 3 trains "I don't know ..." where it answered wrong and keeps its
+own answers where it was right. Printed: on people never interrogated, how often it says it does not
+know about those it was never taught, and how often it still answers what it knew. A finished stage
+in --out is loaded, not retrained.
+
+  llmstack interrogate                                  # runs/tiny/sft -> runs/tiny/sft/interrogate
+  llmstack interrogate --base runs/tiny --out /tmp/idk --unknown 300 --refusal-steps 400
+  OMP_NUM_THREADS=1 llmstack interrogate                # on a CPU shared with other jobs
+  llmstack chat --model runs/tiny/sft/interrogate/interrogated --prompt "Where does Kalomir live?\"""",
+    )
+    it.add_argument("--base", help="run or checkpoint directory to start from (default: runs/tiny/sft)")
+    it.add_argument("--out", help="output directory (default: <run of --base>/interrogate)")
+    it.add_argument("--taught", type=int, help="people whose facts stage 1 teaches (default 60)")
+    it.add_argument("--unknown", type=int, help="people never taught (default 400)")
+    it.add_argument("--held-out-taught", type=int, help="taught people never interrogated: the eval's (default 30)")
+    it.add_argument("--held-out-unknown", type=int, help="never-taught people never interrogated (default 100)")
+    it.add_argument("--knowledge-steps", type=int, help="stage 1 optimizer steps (default 400)")
+    it.add_argument("--refusal-steps", type=int, help="stage 3 optimizer steps (default 500)")
+    it.add_argument("--batch-size", type=int, help="conversations per step (default 32)")
+    it.add_argument("--lr", type=float, help="stage 1 peak learning rate (default 3e-3)")
+    it.add_argument("--refusal-lr", type=float, help="stage 3 peak learning rate (default 1e-3)")
+    it.add_argument("--mixture", type=int, help="assistant-mixture conversations kept in each stage (default 200)")
+    it.add_argument("--seed", type=int, help="the knowledge source, data order and splits (default 0)")
+    it.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
+    it.add_argument("--no-progress", action="store_true", help="no progress bars")
+    it.set_defaults(func=cmd_interrogate)

