@@ -5,8 +5,9 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from llmstack.chat.conversation import CHAT_TEMPLATE, ChatFormat, Conversation, Message, Part
+from llmstack.chat.conversation import ChatFormat, Conversation, Message, Part
 from llmstack.tokenizer import special as S
+from llmstack.tokenizer.special import CHAT_TEMPLATE
 
 TOOL_CONV = [
     {"role": "system", "content": "You are helpful."},

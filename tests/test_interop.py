@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
+from llmstack.chat.answer import ChatModel, render
 from llmstack.inference.sample import SamplingConfig, generate
 from llmstack.interop.bundle import Bundle, llmstack_bundle, save_run
-from llmstack.interop.chat import chat_once, render
 from llmstack.interop.gguf import export_gguf, import_gguf, permute_qk
 from llmstack.interop.hf import export_hf, import_hf
 from llmstack.interop.llamacpp_numerics import GGMLLinear
@@ -367,7 +367,8 @@ def test_smollm2_gguf_answers_the_capital_of_france(smollm2):
     assert isinstance(smollm2.tokenizer, HFTokenizer)
     cfg = smollm2.model.config
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 9, 3, 49152)
-    answer = chat_once(smollm2, "What is the capital of France?", SamplingConfig(temperature=0, max_new_tokens=24))
+    chat = ChatModel(smollm2)
+    answer = chat.reply(chat.ask("What is the capital of France?"), SamplingConfig(temperature=0, max_new_tokens=24))
     assert "Paris" in answer, answer
 
 

@@ -9,28 +9,28 @@ import pytest
 import torch
 from conftest import bigram_model, tiny_model_config
 
-from llmstack.chat.interrogate import (
-    ATTRIBUTES,
-    BIO_QUESTIONS,
+from llmstack.chat.answer import our_chat
+from llmstack.hallucination.interrogate import (
     IDK_REPLIES,
-    NOUNS,
-    QUESTIONS,
-    Entity,
     Probe,
-    Question,
-    all_questions,
-    eval_questions,
     idk_reply,
     interrogate,
     interrogation_conversations,
-    judge,
-    knowledge_conversations,
     known_facts,
-    make_source,
-    names_a_value,
-    says_idk,
 )
-from llmstack.eval.assistant import Assistant
+from llmstack.hallucination.measure import Asker, judge, names_a_value, says_idk
+from llmstack.hallucination.people import (
+    ATTRIBUTES,
+    BIO_QUESTIONS,
+    NOUNS,
+    QUESTIONS,
+    Entity,
+    Question,
+    all_questions,
+    eval_questions,
+    knowledge_conversations,
+    make_source,
+)
 from llmstack.tokenizer import special as S
 
 KALO = Entity("Kalomir", "Lisbon", "baker", "1923")
@@ -96,7 +96,7 @@ def test_interrogation_of_a_scripted_model_keeps_right_answers_and_refuses_the_r
     assert len(set(chain)) == len(chain)
     model = bigram_model(tok, dict(zip(chain[:-1], chain[1:], strict=True)))
     questions = all_questions([KALO, VEN])
-    probes = interrogate(Assistant(model, tok, None, max_new_tokens=12), questions, batch_size=5, progress=False)
+    probes = interrogate(Asker(our_chat(model, tok), 12), questions, batch_size=5, progress=False)
     assert all(p.answer == "Lisbon" for p in probes)
     assert [p.verdict for p in probes] == ["right" if p.question.gold == "Lisbon" else "wrong" for p in probes]
     known = known_facts(probes)

@@ -14,7 +14,8 @@ from llmstack.data import filters
 from llmstack.data.dedup import MinHasher, near_duplicate_clusters
 from llmstack.data.langid import LanguageFilter
 from llmstack.data.pii import scrub
-from llmstack.data.refine import docs_config, fineweb_config, run
+from llmstack.data.refine import run
+from llmstack.data.refine_config import docs_config, fineweb_config
 from llmstack.data.sources import HtmlTree, decode_html, make_tasks
 
 NOUNS = [

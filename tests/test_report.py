@@ -4,13 +4,15 @@ run leaves, a missing or broken file as a "not available" line, never an error."
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from llmstack.cli import main
 from llmstack.data.refine import STAGES
 from llmstack.data.shards import write_shards
-from llmstack.eval.report import SECTIONS, write_report_card
+from llmstack.eval import report
+from llmstack.eval.report import PASS1_LABEL, REWARD_LABEL, SECTIONS, write_report_card
 from llmstack.tokenizer.bpe import format_ranks
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,6 +28,21 @@ def dirs(tmp_path, monkeypatch):
 def _jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def rl_metrics(steps: int = 30, eval_every: int = 10) -> list[dict]:
+    """What GRPO's stage writes (llmstack/rl/grpo.py, the loop): per step a ``kind: rl`` record (reward,
+    solved, kl, ...) and a ``kind: train`` one (the policy loss, near zero); ``kind: eval`` records with
+    held-out pass@1 / pass@8 at step 0 (the SFT model) and every ``eval_every`` steps."""
+    rng = random.Random(0)
+    recs: list[dict] = []
+    for s in range(1, steps + 1):
+        reward = rng.uniform(0.2, 0.8)
+        recs.append({"kind": "rl", "step": s, "reward": reward, "solved": reward / 2, "kl": 0.01, "entropy": 1.0})
+        recs.append({"kind": "train", "step": s, "loss": rng.uniform(-1e-3, 1e-3), "tok_per_s": 500.0, "dt": 2.0})
+    for s in range(0, steps + 1, eval_every):
+        recs.append({"kind": "eval", "step": s, "pass@1": rng.uniform(0.3, 0.7), "pass@8": 0.9})
+    return recs
 
 
 @pytest.fixture
@@ -73,7 +90,7 @@ def fake_run(dirs, tok, texts):
             }
         )
     )
-    (run / "rl").mkdir()
+    _jsonl(run / "rl" / "metrics.jsonl", rl_metrics())
     (run / "rl" / "eval.json").write_text("{not json")
     stats = {
         "stages": {
@@ -117,8 +134,12 @@ def test_report_card_reads_every_piece_of_a_run(fake_run, capsys):
     assert tok_rows and tok_rows[0].endswith("| 1.00 |")  # the same ranks compress the same
 
     training = section(md, "Training")
-    assert "| base | 20 | 7.800 -> 4.000 | val bits/byte: 3.500 -> 2.167 | 1,000 | 10 |" in training
+    assert "| base | 20 | loss 7.800 -> 4.000 | val bits/byte: 3.500 -> 2.167 | 1,000 | 10 |" in training
     assert "| sft | 10 |" in training and "val loss (nats/token): 5.000 -> 2.500" in training
+    rl = [r for r in rl_metrics() if r["kind"] == "rl"]
+    passes = [r["pass@1"] for r in rl_metrics() if r["kind"] == "eval"]
+    reward_cell = f"mean reward {rl[0]['reward']:.3f} -> {rl[-1]['reward']:.3f}"
+    assert f"| rl | 30 | {reward_cell} | pass@1: {passes[0]:.1%} -> {passes[-1]:.1%} | 500 | 60 |" in training
 
     evals = section(md, "Evaluation")
     assert "| task | metric | sft | sft (eval_tasks) |" in evals
@@ -149,3 +170,36 @@ def test_an_empty_run_gets_a_card_of_reasons(dirs, tmp_path):
 def test_report_of_a_missing_run_is_an_error(tmp_path, capsys):
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_rl_panel_plots_reward_and_heldout_pass_at_1(tmp_path, monkeypatch):
+    """The RL stage's panel draws the rollouts' mean reward per step and pass@1 at each evaluation, read from
+    its metrics.jsonl, and not the policy loss (near zero by construction)."""
+    run, recs = tmp_path / "run", rl_metrics()
+    _jsonl(run / "metrics.jsonl", [{"kind": "train", "step": s, "loss": 8 - s / 5} for s in range(1, 11)])
+    _jsonl(run / "rl" / "metrics.jsonl", recs)
+    figures = []
+    real_save_png = report.save_png
+
+    def keep(fig, path, *args):
+        figures.append(fig)
+        return real_save_png(fig, path, *args)
+
+    monkeypatch.setattr(report, "save_png", keep)
+    report.loss_curves(run, tmp_path / "card")
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes] == ["base", "rl"]
+    rl = fig.axes[1]
+    lines = {line.get_label(): line for line in rl.get_lines()}
+
+    rewards = [(r["step"], r["reward"]) for r in recs if r["kind"] == "rl"]
+    passes = [(r["step"], r["pass@1"]) for r in recs if r["kind"] == "eval"]
+    for label, points in ((REWARD_LABEL, rewards), (PASS1_LABEL, passes)):
+        x, y = zip(*points, strict=True)
+        assert list(lines[label].get_xdata()) == list(x), label
+        assert list(lines[label].get_ydata()) == pytest.approx(y), label
+    assert passes[0][0] == 0  # the SFT model's pass@1 is the curve's start
+    losses = [r["loss"] for r in recs if r["kind"] == "train"]
+    for line in rl.get_lines():
+        assert list(line.get_ydata()) != pytest.approx(losses)
+    assert (tmp_path / "card" / "loss_curves.png").read_bytes()[:8] == PNG

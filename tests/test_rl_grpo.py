@@ -11,7 +11,7 @@ import torch
 from conftest import bigram_model, tiny_model_config
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.inference.engine import Engine, Request, ToolUse
+from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
 from llmstack.model.llama import GPT
 from llmstack.rl.grpo import (
@@ -27,7 +27,7 @@ from llmstack.rl.grpo import (
 )
 from llmstack.rl.verifiers import Problem, final_answer, heldout_problems, make_splits, reward
 from llmstack.tokenizer import special as S
-from llmstack.tools.registry import default_toolbox
+from llmstack.tools.registry import default_toolbox, tool_use
 from llmstack.training import checkpoint as ckpt_io
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
@@ -139,7 +139,7 @@ def test_engine_tool_results_are_forced_and_never_trained(tok):
     model = bigram_model(tok, script)
     fmt = ChatFormat(tok)
     prompt = fmt.prompt(Conversation.of(("user", "hi"), ("assistant", "x")))
-    engine = Engine(model, ToolUse.from_tokenizer(tok, default_toolbox().call))
+    engine = Engine(model, tool_use(tok, default_toolbox().call))
     stop = frozenset({tok.special_id(S.ASSISTANT_END)})
     comp = Completion([], [])
     for ev in engine.run([Request(prompt, SamplingConfig(110, 0.0, None), stop)]):

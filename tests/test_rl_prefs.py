@@ -12,20 +12,10 @@ from conftest import tiny_model_config
 
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.rl.dpo import dpo_loss, rpo_loss
-from llmstack.rl.preferences import (
-    ArithmeticProblem,
-    Pair,
-    encode_reply,
-    gold_pairs,
-    gold_score,
-    hhh_pairs,
-    llm_pairs,
-    parse_reply,
-    perturb,
-    perturbed_pairs,
-    read_pairs,
-    write_pairs,
-)
+from llmstack.rl.judges import ArithmeticProblem, gold_pairs, gold_score, llm_pairs
+from llmstack.rl.mistakes import perturb, perturbed_pairs
+from llmstack.rl.pairs import Pair, encode_reply, parse_reply, read_pairs, write_pairs
+from llmstack.rl.preferences import hhh_pairs
 from llmstack.rl.reward_model import RewardModel, bradley_terry_loss
 from llmstack.rl.rlhf import overoptimisation_point, policy_gradient_loss
 
@@ -197,7 +187,7 @@ def test_reasoning_gym_questions_for_the_gold_judge():
     import reasoning_gym
 
     from llmstack.chat.mixture import REASONING_GYM_3D, spread_seed
-    from llmstack.rl.preferences import HELDOUT_SEED, PREF_SEED, arithmetic_problems
+    from llmstack.rl.judges import HELDOUT_SEED, PREF_SEED, arithmetic_problems
 
     probs = arithmetic_problems(30, PREF_SEED, "basic_arithmetic_3d")
     ds = reasoning_gym.create_dataset(
@@ -214,7 +204,7 @@ def test_reasoning_gym_questions_for_the_gold_judge():
 
 
 def test_built_mistakes_each_lose_to_the_right_reply_and_probe_a_reward():
-    from llmstack.rl.preferences import MISTAKES, built_mistakes, mistake_probe, tool_reply
+    from llmstack.rl.mistakes import MISTAKES, built_mistakes, mistake_probe, tool_reply
 
     minus = ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")
     small = ArithmeticProblem("Calculate 86 * 7.", 86, 7, "*")
@@ -496,10 +486,10 @@ def test_rm_refresh_labels_the_rollouts_and_trains_on_them(sft_run, tok, capsys)
 
 def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys, monkeypatch):
     from llmstack.cli import main
-    from llmstack.rl import preferences
+    from llmstack.rl import judges
 
     # a random model's replies all grade alike; a labeler that prefers shorter replies makes pairs of them
-    monkeypatch.setattr(preferences, "gold_score", lambda problem, r: preferences.Grade(-len(r) / 8))
+    monkeypatch.setattr(judges, "gold_score", lambda problem, r: judges.Grade(-len(r) / 8))
 
     pairs, rm_dir = sft_run / "prefs-rounds", sft_run / "rm-rounds"
     crafted_pairs(pairs)
@@ -535,9 +525,10 @@ def test_rlhf_in_rounds_refreshes_and_resumes(sft_run, capsys, monkeypatch):
 
 
 def test_score_policy_grades_every_sampled_reply(sft_run):
-    from llmstack.rl.preferences import load_policy, score_policy
+    from llmstack.interop.load import load_trainable
+    from llmstack.rl.judges import score_policy
 
-    model, _, tok = load_policy(sft_run / "sft")
+    model, tok, _ = load_trainable(sft_run / "sft")
     model.eval()
     probs = [P, ArithmeticProblem("Calculate 505 - 663.", 505, 663, "-")]
     one = score_policy(model, tok, probs, 1.0, seed=3, max_new_tokens=8)

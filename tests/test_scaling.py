@@ -1,4 +1,4 @@
-"""Scaling laws (llmstack/eval/scaling.py): the Chinchilla fit against known parameters and an outlier,
+"""Scaling laws (llmstack/eval/scaling.py, scaling_law.py): the Chinchilla fit against known parameters and an outlier,
 the compute-optimal frontier's calculus, and a real tiny sweep through the training loop (JSON, plots,
 the held-out prediction written before its run, resumption without retraining)."""
 
@@ -13,7 +13,8 @@ import pytest
 
 from llmstack.data.shards import ShardIndex
 from llmstack.eval import scaling
-from llmstack.eval.scaling import CHINCHILLA, Law, SweepConfig, fit_law, run_sweep
+from llmstack.eval.scaling import SweepConfig, run_sweep
+from llmstack.eval.scaling_law import CHINCHILLA, Law, fit_law
 from llmstack.training.presets import model_for_depth
 
 TRUE = Law(E=1.9, A=350.0, B=700.0, alpha=0.38, beta=0.3)

@@ -10,7 +10,7 @@ import pytest
 
 from llmstack.security import judges
 from llmstack.security.output_filter import IMAGE_REMOVED, LINK_REMOVED, LinkFilter, filter_links, url_host
-from llmstack.security.spotlight import Spotlight
+from llmstack.tools.spotlight import Spotlight
 
 SECRET = "K7Q2-9XPD"
 

@@ -153,7 +153,7 @@ def test_bad_conversation_files_name_file_and_line(tmp_path, line, message):
 
 
 def test_sft_cli_passes_extra_conversations_to_the_mixture(scripted_run, tmp_path, monkeypatch):
-    import llmstack.chat.mixture as mixture
+    import llmstack.chat.finetune as finetune
 
     files = []
     for i in range(2):
@@ -170,7 +170,7 @@ def test_sft_cli_passes_extra_conversations_to_the_mixture(scripted_run, tmp_pat
         raise Stop
 
     monkeypatch.setenv("LLMSTACK_DATA", str(tmp_path / "no-data"))  # no corpus to read words from
-    monkeypatch.setattr(mixture, "build_mixture", spy)
+    monkeypatch.setattr(finetune, "build_mixture", spy)
     with pytest.raises(Stop):
         main(["sft", "--run-dir", str(scripted_run), "--out", str(tmp_path / "sft"), "--hierarchy", "0", *files])
     assert seen["extra"] == ["q0", "a0", "q1", "a1"]

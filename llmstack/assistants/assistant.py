@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.assistants.knowledge import SUFFIXES, Knowledge
+from llmstack.chat.answer import ChatModel
 from llmstack.paths import data_dir
 
 if TYPE_CHECKING:
     from llmstack.inference.sample import SamplingConfig
     from llmstack.interop.bundle import Bundle
-    from llmstack.security.spotlight import Spotlight
+    from llmstack.tools.spotlight import Spotlight
 
 CONFIG_FILE = "assistant.yaml"
 KNOWLEDGE_DIR = "knowledge"
@@ -152,11 +153,9 @@ class Assistant:
 
     def reply(self, bundle: Bundle, messages: Sequence[Message], cfg: SamplingConfig | None = None) -> Iterator[str]:
         """Stream the answer as text pieces, then its "Sources:" footer as one last piece (if any)."""
-        from llmstack.interop.chat import reply
-
         prepared = self.prepare(messages)
         pieces = []
-        for piece in reply(bundle, prepared.messages, cfg or self.generation.sampling()):
+        for piece in ChatModel(bundle).stream(prepared.messages, cfg or self.generation.sampling()):
             pieces.append(piece)
             yield piece
         footer = sources_footer("".join(pieces), prepared.sources)

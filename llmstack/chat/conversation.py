@@ -173,25 +173,3 @@ class ChatFormat:
         if max_tokens is not None and len(ids) > max_tokens:
             raise ValueError(f"the conversation has {len(ids)} tokens; the model's context is {max_tokens}")
         return ids
-
-
-CHAT_TEMPLATE = (
-    "{{- '" + S.BOS + "' -}}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{- '" + S.SYSTEM_START + "' + m['content'] + '" + S.SYSTEM_END + "' -}}"
-    "{%- elif m['role'] == 'user' -%}{{- '" + S.USER_START + "' + m['content'] + '" + S.USER_END + "' -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '"
-    + S.ASSISTANT_START
-    + "' -}}{%- endif -%}"
-    "{%- if m['content'] -%}{{- m['content'] -}}{%- endif -%}"
-    "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
-    "{%- set f = c['function'] if 'function' in c else c -%}"
-    "{{- '" + S.TOOL_CALL_START + "' + f['name'] + ': ' + f['arguments'] + '" + S.TOOL_CALL_END + "' -}}"
-    "{%- endfor -%}{%- else -%}{{- '" + S.ASSISTANT_END + "' -}}{%- endif -%}"
-    "{%- elif m['role'] == 'tool' -%}{{- '" + S.TOOL_RESULT_START + "' + m['content'] + '" + S.TOOL_RESULT_END + "' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt and (not messages or messages[-1]['role'] != 'tool') -%}"
-    "{{- '" + S.ASSISTANT_START + "' -}}{%- endif -%}"
-)

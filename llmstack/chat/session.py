@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from llmstack.chat.conversation import ChatFormat, Conversation, Message, Part
-from llmstack.inference.engine import Engine, ToolUse
+from llmstack.inference.engine import Engine
 from llmstack.inference.sample import SamplingConfig
 from llmstack.tokenizer import special as S
-from llmstack.tools.registry import ToolBox
+from llmstack.tools.registry import ToolBox, tool_use
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         self.fmt = ChatFormat(self.tok)
-        self.tool_use = ToolUse.from_tokenizer(self.tok, self.tools.call) if self.tools else None
+        self.tool_use = tool_use(self.tok, self.tools.call) if self.tools else None
         self.engine = Engine(self.model, self.tool_use)  # type: ignore[arg-type]
         self.end = self.tok.special_id(S.ASSISTANT_END)  # type: ignore[attr-defined]
 

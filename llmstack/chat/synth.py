@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmstack.chat.answer import ChatModel
 from llmstack.data.filters import GopherRepetition
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle
-from llmstack.interop.chat import prompt_ids
 from llmstack.io import atomic_write
 
 PROMPTS = Path(__file__).with_name("prompts")
@@ -101,6 +101,7 @@ def synthesize(
         raise ValueError("no questions to answer")
     n = len(questions) if cfg.n is None else cfg.n
     tok = teacher.tokenizer
+    chat = ChatModel(teacher)  # no chat template: fail before generating anything
     engine = Engine(teacher.model, token_bytes=tok.decode_token_bytes)
     stops = frozenset(teacher.stop_ids())
     seed = cfg.sampling.seed
@@ -111,7 +112,7 @@ def synthesize(
         for j, q in enumerate(batch):
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
             sampling = replace(cfg.sampling, seed=None if seed is None else seed + start + j)
-            reqs.append(Request(prompt_ids(teacher, messages), sampling, stops, tool_mode="off"))
+            reqs.append(Request(chat.prompt(messages), sampling, stops, tool_mode="off"))
         tokens: list[list[int]] = [[] for _ in batch]
         finish: list[str | None] = [None] * len(batch)
         for ev in engine.run(reqs):

@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from llmstack.chat.answer import ChatModel, chat_repl, is_ours
 from llmstack.chat.session import ChatSession
 from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
 from llmstack.cli.common import (
@@ -17,13 +18,9 @@ from llmstack.cli.common import (
     run_dir,
     sampling_config,
 )
-from llmstack.inference.sample import SamplingConfig
 from llmstack.inference.simulate import conversation_prompt, few_shot_prompt, sample
-from llmstack.interop.chat import chat_once, repl
 from llmstack.interop.load import load_model
 from llmstack.paths import data_dir
-from llmstack.tokenizer import Tokenizer
-from llmstack.tokenizer.special import TOOL_CALL_START
 from llmstack.tools.registry import default_toolbox
 
 
@@ -87,23 +84,16 @@ def _chat_llmstack(bundle, cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-
     bundle = load_model(args.model)
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-
-    if isinstance(bundle.tokenizer, Tokenizer) and TOOL_CALL_START in bundle.tokenizer.special_tokens:
+    cfg = sampling_config(args)
+    if is_ours(bundle):
         return _chat_llmstack(bundle, cfg, args)  # our own assistants: tools, /commands, token view
+    chat = ChatModel(bundle)
     if args.prompt is not None:
-        print(chat_once(bundle, args.prompt, cfg, system=args.system))
+        print(chat.reply(chat.ask(args.prompt, args.system), cfg))
         return 0
     print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
-    repl(bundle, cfg, args.system, sys.stdout)
+    chat_repl(chat, cfg, args.system, sys.stdout)
     return 0
 
 

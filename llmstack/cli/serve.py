@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from llmstack.assistants import create_assistant, default_root, list_assistants, load_assistant, sources_footer
+from llmstack.chat.answer import ChatModel
 from llmstack.cli.common import (
     FMT,
 )
 from llmstack.cli.security import load_guard
-from llmstack.interop.chat import reply
 from llmstack.paths import runs_dir
 from llmstack.serve import build_registry
 from llmstack.serve.app import ServeConfig, create_app
@@ -61,7 +61,7 @@ def cmd_assistant(args: argparse.Namespace) -> int:
     a = load_assistant(folder if (folder / "assistant.yaml").is_file() else root / args.assistant)
     overrides = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
     cfg = dataclasses.replace(a.generation, **{k: v for k, v in overrides.items() if v is not None}).sampling(args.seed)
-    bundle = a.load_model()
+    chat = ChatModel(a.load_model())
 
     def turn(messages: list[dict[str, str]]) -> str:
         """Stream one answer and its Sources footer; return the answer alone (what the history keeps)."""
@@ -70,7 +70,7 @@ def cmd_assistant(args: argparse.Namespace) -> int:
             for s in prepared.sources:
                 print(f"[{s.n}] {s.file} (bm25 {s.score:.2f}): {s.passage[:200]!r}", file=sys.stderr)
         pieces = []
-        for piece in reply(bundle, prepared.messages, cfg):
+        for piece in chat.stream(prepared.messages, cfg):
             sys.stdout.write(piece)
             sys.stdout.flush()
             pieces.append(piece)

@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 
 from llmstack.chat.finetune import run_sft
-from llmstack.chat.interrogate import InterrogateConfig, run_interrogation
 from llmstack.chat.mixture import corpus_words, read_conversations
 from llmstack.cli.common import FMT, add_run_args, add_train_overrides, load_tokenizer, run_dir, train_overrides
 from llmstack.data.shards import ShardIndex
+from llmstack.hallucination.interrogate import InterrogateConfig, run_interrogation
 from llmstack.interop.load import load_trainable
 from llmstack.paths import runs_dir
 from llmstack.security.hierarchy import hierarchy_sets

@@ -24,6 +24,8 @@ Layout of an output directory::
 Every file is written atomically and a task's stats file is written last, so a restart redoes
 only unfinished tasks and a crash never loses a finished one. Output depends only on the inputs
 and settings (not on the number of processes or the order they finish in).
+
+Its settings and profiles are in ``refine_config.py``, its per-stage statistics in ``refine_stats.py``.
 """
 
 from __future__ import annotations
@@ -34,114 +36,22 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmstack.data.dedup import MinHasher, exact_key, near_duplicate_clusters
-from llmstack.data.filters import C4Quality, FineWebQuality, GopherQuality, GopherRepetition, URLFilter
-from llmstack.data.langid import LanguageFilter
+from llmstack.data.dedup import exact_key, near_duplicate_clusters
 from llmstack.data.pii import scrub
+from llmstack.data.refine_config import PROFILES as PROFILES  # re-exported for the pipeline's callers
+from llmstack.data.refine_config import PipelineConfig
+from llmstack.data.refine_stats import EXAMPLE_CHARS, STAGES, StageMeter, merge_stats, new_stats
 from llmstack.data.sources import Bad, Raw, Task, decode_html, read_task
 from llmstack.io import atomic_write, read_json, write_json
 
-STAGES = (
-    "read",
-    "url_filter",
-    "extract",
-    "language",
-    "gopher_repetition",
-    "gopher_quality",
-    "c4",
-    "fineweb",
-    "exact_dedup",
-    "near_dedup",
-    "pii",
-)
-N_EXAMPLES = 3  # dropped examples kept per (stage, reason) for the report
-EXAMPLE_CHARS = 400
 _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Every setting of a run; its JSON form is stored in ``config.json``."""
-
-    url_filter: URLFilter = field(default_factory=URLFilter)
-    language: LanguageFilter = field(default_factory=LanguageFilter)
-    gopher_repetition: GopherRepetition = field(default_factory=GopherRepetition)
-    gopher_quality: GopherQuality = field(default_factory=GopherQuality)
-    c4: C4Quality = field(default_factory=C4Quality)
-    fineweb: FineWebQuality = field(default_factory=FineWebQuality)
-    minhash: MinHasher = field(default_factory=MinHasher)
-    output_format: str = "jsonl"  # or "parquet"
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=lambda o: sorted(o) if isinstance(o, frozenset) else o))
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-stage statistics
-# ---------------------------------------------------------------------------------------------
-
-
-def new_stats() -> dict[str, Any]:
-    stages = {s: {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0} for s in STAGES}
-    return {"stages": stages, "drops": {s: {} for s in STAGES}, "examples": {s: {} for s in STAGES}, "notes": {}}
-
-
-class _Meter:
-    """Counts one document through one stage: in, then out or dropped (with reason and example)."""
-
-    def __init__(self, stats: dict[str, Any]) -> None:
-        self.stats = stats
-
-    def run(self, stage: str, n_bytes: int, fn: Callable[[], Any]) -> Any:
-        s = self.stats["stages"][stage]
-        s["docs_in"] += 1
-        s["bytes_in"] += n_bytes
-        t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            s["seconds"] += time.perf_counter() - t
-
-    def keep(self, stage: str, n_bytes: int) -> None:
-        s = self.stats["stages"][stage]
-        s["docs_out"] += 1
-        s["bytes_out"] += n_bytes
-
-    def drop(self, stage: str, reason: str, url: str, text: str = "") -> None:
-        drops = self.stats["drops"][stage]
-        drops[reason] = drops.get(reason, 0) + 1
-        examples = self.stats["examples"][stage].setdefault(reason, [])
-        if len(examples) < N_EXAMPLES:
-            examples.append({"url": url, "text": text[:EXAMPLE_CHARS]})
-
-    def note(self, name: str) -> None:
-        self.stats["notes"][name] = self.stats["notes"].get(name, 0) + 1
-
-
-def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Sum per-task stats (examples: the first few in task order)."""
-    total = new_stats()
-    for part in parts:
-        for stage, s in part["stages"].items():
-            for k, v in s.items():
-                total["stages"][stage][k] += v
-        for stage, drops in part["drops"].items():
-            for reason, n in drops.items():
-                total["drops"][stage][reason] = total["drops"][stage].get(reason, 0) + n
-        for stage, by_reason in part["examples"].items():
-            for reason, exs in by_reason.items():
-                have = total["examples"][stage].setdefault(reason, [])
-                have.extend(exs[: N_EXAMPLES - len(have)])
-        for k, v in part["notes"].items():
-            total["notes"][k] = total["notes"].get(k, 0) + v
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +59,7 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract(raw: Raw, m: _Meter) -> str | None:
+def extract(raw: Raw, m: StageMeter) -> str | None:
     """Main text of a page, or None (with the reason recorded) when there is none."""
     from llmstack.data.corpus import extract_html_text
 
@@ -173,7 +83,7 @@ def extract(raw: Raw, m: _Meter) -> str | None:
     return text
 
 
-def filter_document(raw: Raw, cfg: PipelineConfig, m: _Meter) -> dict[str, Any] | None:
+def filter_document(raw: Raw, cfg: PipelineConfig, m: StageMeter) -> dict[str, Any] | None:
     """Run one document through every per-document filter; the kept record, or None."""
     n_in = len(raw.html) if raw.html is not None else len((raw.text or "").encode())
     m.keep("read", n_in)
@@ -233,7 +143,7 @@ def filter_task(task: Task, cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         return read_json(paths["stats"])
     stats = new_stats()
     stats["languages"] = Counter()
-    m = _Meter(stats)
+    m = StageMeter(stats)
     kept: list[dict[str, Any]] = []
     sigs: list[np.ndarray] = []
     keys: list[str] = []
@@ -347,7 +257,7 @@ def finalize_task(i: int, out: Path, removed: dict[str, str], fmt: str) -> dict[
     if paths["final"].exists():
         return read_json(paths["final"])
     stats = new_stats()
-    m = _Meter(stats)
+    m = StageMeter(stats)
     kept = []
     n_email = n_ip = 0
     for j, rec in enumerate(_read_records(paths["docs"])):
@@ -425,8 +335,6 @@ def _map(fn: Callable[..., Any], args: list[tuple[Any, ...]], workers: int) -> I
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(fn, *a) for a in args]
-        from concurrent.futures import as_completed
-
         for fut in as_completed(futures):
             yield fut.result()
 
@@ -490,36 +398,3 @@ def run(
     phase1["dedup"] = {k: v for k, v in dedup.items() if k != "removed"}
     write_json(out / "stats.json", phase1)
     return RunResult(out, corpus, phase1, dedup, seconds)
-
-
-# ---------------------------------------------------------------------------------------------
-# Profiles: plain functions returning configs
-# ---------------------------------------------------------------------------------------------
-
-
-def fineweb_config(url_filter: URLFilter | None = None, language: LanguageFilter | None = None) -> PipelineConfig:
-    """FineWeb's published settings (the default of ``llmstack data pipeline``)."""
-    return PipelineConfig(url_filter=url_filter or URLFilter(), language=language or LanguageFilter())
-
-
-def docs_config(url_filter: URLFilter | None = None, language: LanguageFilter | None = None) -> PipelineConfig:
-    """FineWeb's settings minus its three rules against code, for technical manuals (the main job).
-
-    Measured on the Python manual: FineWeb's settings keep about 1 page in 10 (56 of 497 pages),
-    because code samples fail Gopher's "80% of words have a letter" rule and C4's "no curly
-    bracket" rule, C4's line rule deletes every code line of fewer than 3 words, and repeated
-    code lines (``>>>``, ``import x``) trip Gopher's duplicated 5..10-gram rules and FineWeb's 1%
-    duplicated-line-characters rule. Those are right for web pages (code there is mostly menus and
-    scripts) and wrong for a manual whose code is the content, so this profile relaxes exactly them.
-    """
-    return PipelineConfig(
-        url_filter=url_filter or URLFilter(),
-        language=language or LanguageFilter(),
-        gopher_repetition=GopherRepetition(dup_n_grams=()),
-        gopher_quality=GopherQuality(max_non_alpha_words_ratio=0.5),
-        c4=C4Quality(filter_curly_bracket=False, min_words_per_line=1),
-        fineweb=FineWebQuality(char_duplicates_ratio=0.1),
-    )
-
-
-PROFILES: dict[str, Callable[..., PipelineConfig]] = {"fineweb": fineweb_config, "docs": docs_config}

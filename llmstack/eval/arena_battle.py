@@ -39,13 +39,15 @@ from pathlib import Path
 
 import torch
 
+from llmstack.chat.answer import ChatModel, is_ours
 from llmstack.eval.arena import Battle
-from llmstack.inference.engine import Engine, Request, ToolUse
+from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
+from llmstack.inference.simulate import conversation_prompt, until_stop
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import SMOLLM2, load_model, resolve_model
 from llmstack.tokenizer import special as S
-from llmstack.tokenizer.bpe import Tokenizer
+from llmstack.tools.registry import default_toolbox
 
 ARENA_SEED = 70_707  # problems disjoint from the training mixtures (small seeds) and the eval (90_210)
 
@@ -200,14 +202,6 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-def _stage(path: Path) -> str | None:
-    from llmstack.training.checkpoint import load_meta
-
-    if not path.is_dir() or (path / "config.json").exists():
-        return None
-    return load_meta(path).meta.get("stage")
-
-
 @dataclass
 class Contestant:
     """A model and how to ask it: ``chat`` (ours: chat format + tools), ``template`` (its own chat
@@ -221,68 +215,50 @@ class Contestant:
     def load(cls, name: str, spec: str, dtype: torch.dtype = torch.float32) -> Contestant:
         bundle = load_model(spec)
         bundle.model.to(dtype).eval()
-        ours = isinstance(bundle.tokenizer, Tokenizer) and S.TOOL_CALL_START in bundle.tokenizer.special_tokens
-        if _stage(resolve_model(spec)) == "pretrain":
+        if bundle.meta.get("stage") == "pretrain":
             style = "document"
         else:
-            style = "chat" if ours else "template"
+            style = "chat" if is_ours(bundle) else "template"
             bundle.template()  # no chat template: say so before generating anything
         return cls(name, bundle, style)
 
     def answer(self, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
-        from llmstack.tools.registry import default_toolbox
+        """Each prompt's answer, greedy; a prompt the context cannot hold gets an empty answer (it loses)."""
+        if self.style == "document":
+            return self._continue_documents(prompts, max_new_tokens, batch_size)
+        chat = ChatModel(self.bundle)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        tools = default_toolbox().call if self.style == "chat" else None
+        replies = chat.answer([chat.ask(p) for p in prompts], cfg, tools, batch_size)
+        return [(readable_tools(r) if self.style == "chat" else r).strip() if r else "" for r in replies]
 
+    def _continue_documents(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """A base model writes the assistant's line of the conversation document."""
         tok = self.bundle.tokenizer
-        tools = ToolUse.from_tokenizer(tok, default_toolbox().call) if self.style == "chat" else None
-        engine = Engine(self.bundle.model, tools, token_bytes=tok.decode_token_bytes)
-        stops = frozenset(self.bundle.stop_ids() | ({tok.bos_id} if self.style == "chat" and tok.bos_id else set()))
+        engine = Engine(self.bundle.model, token_bytes=tok.decode_token_bytes)
+        stops = frozenset(self.bundle.stop_ids())
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         ctx = int(self.bundle.model.config.max_seq_len)
-        out = [""] * len(prompts)  # a prompt the context cannot hold gets an empty answer (it loses)
+        out = [""] * len(prompts)
         rows: list[tuple[int, Request]] = []
         for i, prompt in enumerate(prompts):
-            ids, stop = self._prompt(prompt)
+            doc = conversation_prompt(prompt)
+            bos = self.bundle.bos_token
+            ids = ([tok.special_tokens[bos]] if bos and bos in tok.special_tokens else []) + tok.encode_ordinary(
+                doc.text
+            )
             room = min(max_new_tokens, ctx - len(ids))
             if room >= 1:
-                row = Request(ids, replace(cfg, max_new_tokens=room), stops, stop, "run" if tools else "off")
-                rows.append((i, row))
+                rows.append((i, Request(ids, replace(cfg, max_new_tokens=room), stops, (doc.stop.encode(),), "off")))
         for k in range(0, len(rows), batch_size):
             batch = rows[k : k + batch_size]
             tokens: list[list[int]] = [[] for _ in batch]
             for ev in engine.run([r for _, r in batch]):
                 tokens[ev.row].append(ev.token)
             for (i, r), ids in zip(batch, tokens, strict=True):
-                out[i] = self._text(ids, stops, r.stop_texts)
+                text = tok.decode([t for t in ids if t not in stops])
+                out[i] = "".join(until_stop([text], r.stop_texts[0].decode())).strip()
         return out
-
-    def _prompt(self, prompt: str) -> tuple[list[int], tuple[bytes, ...]]:
-        tok = self.bundle.tokenizer
-        if self.style == "chat":
-            from llmstack.chat.conversation import ChatFormat, Conversation
-
-            return ChatFormat(tok).prompt(Conversation.of(("user", prompt))), ()
-        if self.style == "template":
-            from llmstack.interop.chat import prompt_ids
-
-            return prompt_ids(self.bundle, [{"role": "user", "content": prompt}]), ()
-        from llmstack.inference.simulate import conversation_prompt
-
-        doc = conversation_prompt(prompt)
-        ids = tok.encode_ordinary(doc.text)
-        bos = self.bundle.bos_token
-        if bos and bos in tok.special_tokens:
-            ids = [tok.special_tokens[bos], *ids]
-        return ids, (doc.stop.encode(),)
-
-    def _text(self, ids: list[int], stops: frozenset[int], stop: tuple[bytes, ...]) -> str:
-        text = self.bundle.tokenizer.decode([t for t in ids if t not in stops])
-        if self.style == "document":
-            from llmstack.inference.simulate import until_stop
-
-            return "".join(until_stop([text], stop[0].decode()))
-        if self.style == "chat":
-            return readable_tools(text).strip()
-        return text.strip()
 
 
 _CALL = re.compile(
@@ -359,16 +335,14 @@ class LLMJudge:
                 break
         else:
             raise ValueError(f"judge {name}: 'A' and 'B' must be one token each to be read as a verdict")
-        bundle.template()
+        self.chat = ChatModel(bundle)  # no chat template: say so now
 
     @torch.no_grad()
     def prefer_first(self, question: str, first: str, second: str) -> float:
         """P(first is better): the judge's next-token probabilities of A and B, renormalised."""
-        from llmstack.interop.chat import prompt_ids
-
         cut = self.max_chars
         text = JUDGE_PROMPT.format(question=question, first=first[:cut] or "(empty)", second=second[:cut] or "(empty)")
-        ids = prompt_ids(self.bundle, [{"role": "user", "content": text}]) + self.prefill
+        ids = self.chat.prompt([{"role": "user", "content": text}]) + self.prefill
         model = self.bundle.model.eval()
         ctx = int(model.config.max_seq_len)
         if len(ids) > ctx:

@@ -18,15 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.answer import our_chat
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
 from llmstack.data.corpus import find_default_corpus, read_jsonl
-from llmstack.inference.engine import Engine, ToolUse
-from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
-from llmstack.tokenizer import special as S
-from llmstack.tools.registry import ToolBox, default_toolbox
+from llmstack.tools.registry import default_toolbox
 
 EVAL_SEED = HELDOUT_SEED  # disjoint from the training seeds (small integers)
 
@@ -56,26 +53,6 @@ class EvalResult:
         return f"{self.name:<24} {self.accuracy:6.1%}  [{lo:.1%}, {hi:.1%}]  ({self.correct}/{self.total})"
 
 
-class Assistant:
-    """A model + tokenizer + chat format, answering batches of questions through the engine."""
-
-    def __init__(self, model, tok, tools: ToolBox | None = None, max_new_tokens: int = 64) -> None:
-        self.tok, self.fmt = tok, ChatFormat(tok)
-        self.tool_use = ToolUse.from_tokenizer(tok, tools.call) if tools else None
-        self.engine = Engine(model, self.tool_use)
-        self.cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        self.stop = {tok.special_id(S.ASSISTANT_END), tok.bos_id}
-
-    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
-        """The full assistant turn of each (tool calls and results rendered as text)."""
-        out = []
-        for i in range(0, len(questions), batch_size):
-            prompts = [self.fmt.prompt(Conversation.of(("user", q))) for q in questions[i : i + batch_size]]
-            for ids in self.engine.generate(prompts, self.cfg, self.stop):
-                out.append(self.tok.decode([t for t in ids if t not in self.stop]))
-        return out
-
-
 def _final_number(text: str) -> int | None:
     visible = re.sub(r"<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)", " ", text, flags=re.S)
     visible = re.sub(r"<\|tool_result_start\|>.*?(<\|tool_result_end\|>|$)", " ", visible, flags=re.S)
@@ -96,8 +73,8 @@ def _score(name: str, answers: list[str], ok: Callable[[int, str], bool], questi
 def eval_arithmetic(model, tok, n: int = 500, tools: bool = True) -> EvalResult:
     rng = random.Random(EVAL_SEED)
     qs = [arithmetic_question(rng, "*") for _ in range(n)]
-    box = default_toolbox() if tools else None
-    answers = Assistant(model, tok, box, max_new_tokens=40).answer([q for q, _, _ in qs])
+    box = default_toolbox().call if tools else None
+    answers = our_chat(model, tok, box).answer_questions([q for q, _, _ in qs], 40)
     name = "multiply 3x3 " + ("(calculator)" if tools else "(no tools)")
     return _score(name, answers, lambda i, a: _final_number(a) == qs[i][1] * qs[i][2], [q for q, _, _ in qs])
 
@@ -106,7 +83,7 @@ def eval_identity(model, tok, card: ModelCard | None = None) -> EvalResult:
     card = card or ModelCard()
     items = [(q, card.name) for q in IDENTITY_EVAL["name"]] + [(q, card.maker) for q in IDENTITY_EVAL["maker"]]
     variants = [(v, key) for q, key in items for v in (q, q.lower(), q.rstrip("?.") + "?")]
-    answers = Assistant(model, tok, None, max_new_tokens=40).answer([q for q, _ in variants])
+    answers = our_chat(model, tok).answer_questions([q for q, _ in variants], 40)
     return _score("identity", answers, lambda i, a: variants[i][1].lower() in a.lower(), [q for q, _ in variants])
 
 
@@ -114,7 +91,7 @@ def eval_spelling(model, tok, words: list[str], n: int = 50) -> EvalResult:
     rng = random.Random(EVAL_SEED)
     pairs = [(w, rng.choice(w)) for w in rng.sample(words, min(n, len(words)))]
     qs = [f"How many {ltr}'s are in {w}?" for w, ltr in pairs]
-    answers = Assistant(model, tok, default_toolbox(), max_new_tokens=60).answer(qs)
+    answers = our_chat(model, tok, default_toolbox().call).answer_questions(qs, 60)
     return _score("letter count (python)", answers, lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1]), qs)
 
 

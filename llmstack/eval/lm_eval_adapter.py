@@ -23,6 +23,7 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from llmstack.chat.answer import render
 from llmstack.eval.loglik import LoglikScorer
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
@@ -81,8 +82,6 @@ class LLMStackLM(LM):
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from llmstack.interop.chat import render
-
         return render(self.bundle, chat_history, add_generation_prompt)
 
     @property

@@ -4,7 +4,8 @@
 
 Sections: the machine; the run's headline figures and stage timings (``summary.json``); the data
 (the pipeline's ``stats.json``, the corpus, the token shards); tokenizer compression against GPT-2's
-ranks; loss curves per stage (every ``metrics.jsonl``: base, sft, rl, ...); evaluations per stage
+ranks; training curves per stage (every ``metrics.jsonl``: train loss and the val metric for base and
+sft; mean reward and held-out pass@1 for an RL stage, whose loss stays near zero); evaluations per stage
 (every ``eval*.json`` in the run, and ``runs/eval/*.json`` for other models); the arena leaderboard
 (``data/arena/battles.jsonl``); scaling laws (``runs/scaling/*/scaling.json``).
 
@@ -273,6 +274,16 @@ def tokenizer(run: Path, out: Path) -> list[str]:
 
 
 VAL_LABELS = {"val_bpb": "val bits/byte", "val_loss": "val loss (nats/token)"}
+REWARD_LABEL = "mean reward (train rollouts)"
+PASS1_LABEL = "held-out pass@1 (greedy)"
+
+
+def _ema(values: list[float], decay: float = 0.9) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
 
 
 def _loss_panel(ax: Any, stage: str, train: list[dict[str, Any]], evals: list[dict[str, Any]], key: str | None) -> None:
@@ -280,12 +291,8 @@ def _loss_panel(ax: Any, stage: str, train: list[dict[str, Any]], evals: list[di
     handles = []
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-        ema, avg = [], losses[0]
-        for v in losses:
-            avg = 0.9 * avg + 0.1 * v
-            ema.append(avg)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
-        handles += ax.plot(steps, ema, color="tab:blue", lw=1.6, label="train loss, EMA 0.9 (nats/token)")
+        handles += ax.plot(steps, _ema(losses), color="tab:blue", lw=1.6, label="train loss, EMA 0.9 (nats/token)")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -297,6 +304,24 @@ def _loss_panel(ax: Any, stage: str, train: list[dict[str, Any]], evals: list[di
         if not same_unit:
             vax.set_ylabel(VAL_LABELS.get(key or "", key), color="tab:red")
     ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title(stage)
+
+
+def _rl_panel(ax: Any, stage: str, rl: list[dict[str, Any]], evals: list[dict[str, Any]]) -> None:
+    """An RL stage (GRPO's ``kind: rl`` and ``kind: eval`` records): the mean reward of each step's rollouts
+    (raw, faint; and an EMA) and held-out pass@1 at each evaluation, both fractions on one axis. Not its
+    loss: advantages are centred within each group, so the policy loss stays near zero while it learns."""
+    steps, rewards = [r["step"] for r in rl], [r["reward"] for r in rl]
+    ax.plot(steps, rewards, color="tab:green", alpha=0.25, lw=0.8, label=REWARD_LABEL)
+    ax.plot(steps, _ema(rewards), color="tab:green", lw=1.6, label="mean reward, EMA 0.9")
+    passes = [(r["step"], r["pass@1"]) for r in evals if "pass@1" in r]
+    if passes:
+        ax.plot(*zip(*passes, strict=True), "o-", color="tab:red", label=PASS1_LABEL)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / pass@1")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(stage)
 
 
@@ -319,24 +344,35 @@ def loss_curves(run: Path, out: Path) -> list[str]:
         recs = read_metrics(path)
         train = [r for r in recs if r.get("kind") == "train" and "loss" in r]
         evals = [r for r in recs if r.get("kind") == "eval"]
-        key = next((k for k in VAL_LABELS if any(k in r for r in evals)), None)
-        vals = [r[key] for r in evals if key and key in r]
+        rl = [r for r in recs if r.get("kind") == "rl" and "reward" in r]
         speeds = sorted(r["tok_per_s"] for r in train if "tok_per_s" in r)
+        if rl:
+            passes = [r["pass@1"] for r in evals if "pass@1" in r]
+            steps = rl[-1]["step"]
+            trained = f"mean reward {rl[0]['reward']:.3f} -> {rl[-1]['reward']:.3f}"
+            held_out = f"pass@1: {passes[0]:.1%} -> {passes[-1]:.1%}" if passes else "-"
+            _rl_panel(ax, stage, rl, evals)
+        else:
+            key = next((k for k in VAL_LABELS if any(k in r for r in evals)), None)
+            vals = [r[key] for r in evals if key and key in r]
+            steps = train[-1]["step"] if train else 0
+            trained = f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else "-"
+            held_out = f"{VAL_LABELS[key]}: {vals[0]:.3f} -> {vals[-1]:.3f}" if key and vals else "-"
+            _loss_panel(ax, stage, train, evals, key)
         rows.append(
             [
                 stage,
-                train[-1]["step"] if train else 0,
-                f"{train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else "-",
-                f"{VAL_LABELS[key]}: {vals[0]:.3f} -> {vals[-1]:.3f}" if key and vals else "-",
+                steps,
+                trained,
+                held_out,
                 f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "-",
                 f"{sum(r.get('dt', 0.0) for r in train):.0f}",
             ]
         )
-        _loss_panel(ax, stage, train, evals, key)
     fig.tight_layout()
     save_png(fig, out / "loss_curves.png")
-    head = ["stage", "steps", "train loss", "val", "tokens/s (median)", "train seconds"]
-    return [*_table(head, rows), "", "![loss curves per stage](loss_curves.png)"]
+    head = ["stage", "steps", "train", "held-out", "tokens/s (median)", "train seconds"]
+    return [*_table(head, rows), "", "![training curves per stage](loss_curves.png)"]
 
 
 def _eval_rows(obj: Any) -> list[tuple[str, str, float, Any, Any]]:

@@ -26,25 +26,26 @@ held-out batches at every point (the loop's bits/byte times those batches' bytes
 What is not covered: points trained in several processes (a sweep runs in one); tuning the learning
 rate per size (every size uses the tiny preset's 3e-3); repeated data (a budget past one epoch of the
 shards is flagged: the law assumes fresh tokens).
+
+The law and its fit are in ``scaling_law.py``, the plots in ``scaling_plots.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmstack.data.shards import ShardIndex
-from llmstack.io import atomic_write, read_json, save_png, write_json
+from llmstack.eval.scaling_law import Law, bootstrap_prediction, fit_law
+from llmstack.eval.scaling_plots import plot_sweep
+from llmstack.io import atomic_write, read_json, write_json
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer import Tokenizer
@@ -56,146 +57,6 @@ from llmstack.training.presets import model_for_depth
 from llmstack.training.pretrain import PretrainTask
 
 Log = Callable[[str], None]
-
-
-# ----------------------------------------------------------------------------- the law and its fit
-@dataclass(frozen=True)
-class Law:
-    """L(N, D) = E + A / N^alpha + B / D^beta."""
-
-    E: float
-    A: float
-    B: float
-    alpha: float
-    beta: float
-
-    def loss(self, N: Any, D: Any) -> Any:
-        return self.E + self.A / np.power(N, self.alpha) + self.B / np.power(D, self.beta)
-
-    def compute_optimal(self, C: Any) -> tuple[Any, Any]:
-        """(N, D) minimising L on the budget C = 6ND (Hoffmann et al. eq. 4): N = G (C/6)^a, D = (C/6)^b / G."""
-        G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        a, b = self.exponents()
-        return G * np.power(np.asarray(C) / 6, a), np.power(np.asarray(C) / 6, b) / G
-
-    def exponents(self) -> tuple[float, float]:
-        """(a, b) in N_opt ~ C^a, D_opt ~ C^b; a + b = 1."""
-        return self.beta / (self.alpha + self.beta), self.alpha / (self.alpha + self.beta)
-
-    def formula(self) -> str:
-        return f"L = {self.E:.3f} + {self.A:.4g}/N^{self.alpha:.3f} + {self.B:.4g}/D^{self.beta:.3f}"
-
-
-CHINCHILLA = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al., their tokens and nats
-
-# Hoffmann et al.'s grid of initialisations: (log A, log B, log E, alpha, beta)
-_GRID = (range(0, 30, 5), range(0, 30, 5), (-1, -0.5, 0, 0.5, 1), (0, 0.5, 1, 1.5, 2), (0, 0.5, 1, 1.5, 2))
-
-
-def _theta(law: Law) -> list[float]:
-    return [math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta]
-
-
-Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # log N, log D, log L, each (P,)
-
-
-def _objective(theta: torch.Tensor, data: Data, delta: float) -> torch.Tensor:
-    """Huber loss of log L per row of ``theta`` (S, 5) -> (S,)."""
-    logN, logD, logL = data
-    a, b, e, alpha, beta = (t[:, None] for t in theta.unbind(-1))  # each (S, 1)
-    terms = torch.stack(torch.broadcast_tensors(a - alpha * logN, b - beta * logD, e))  # (3, S, P)
-    pred = torch.logsumexp(terms, dim=0)  # (S, P)
-    return F.huber_loss(pred, logL.expand_as(pred), delta=delta, reduction="none").sum(-1)
-
-
-def _lbfgs(theta0: torch.Tensor, data: Data, delta: float) -> tuple[torch.Tensor, float]:
-    theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=300,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-12,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = _objective(theta[None], data, delta)[0]
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        value = float(_objective(theta[None], data, delta)[0])
-    return theta.detach(), value if math.isfinite(value) else math.inf
-
-
-def _log_data(N: Any, D: Any, L: Any) -> Data:
-    n, d, l = (torch.tensor(np.log(np.asarray(v, dtype=np.float64))) for v in (N, D, L))
-    return n, d, l
-
-
-def _law(theta: torch.Tensor) -> Law:
-    a, b, e, alpha, beta = theta.tolist()
-    return Law(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
-
-
-def fit_law(
-    N: Sequence[float],
-    D: Sequence[float],
-    L: Sequence[float],
-    delta: float = 1e-3,
-    refine: int = 8,
-    starts: Sequence[Law] = (),
-) -> tuple[Law, float]:
-    """Fit the law to losses ``L`` at (``N``, ``D``); returns it and its Huber objective.
-
-    Every start of the grid (and ``starts``, and Chinchilla's constants) is scored; L-BFGS runs from
-    the ``refine`` best, and the lowest objective wins. A large ``delta`` makes it least squares.
-    """
-    if not len(N) == len(D) == len(L) or len(L) == 0:
-        raise ValueError(f"fit_law needs equally many N, D and L values (got {len(N)}, {len(D)}, {len(L)})")
-    data = _log_data(N, D, L)
-    grid = torch.tensor(list(itertools.product(*_GRID)), dtype=torch.float64)
-    extra = torch.tensor([_theta(s) for s in (CHINCHILLA, *starts)], dtype=torch.float64)
-    candidates = torch.cat([extra, grid])
-    with torch.no_grad():
-        scores = _objective(candidates, data, delta)
-    order = torch.argsort(torch.nan_to_num(scores, nan=math.inf))[:refine].tolist()
-    best_theta, best = candidates[0], math.inf
-    for i in sorted(set(order) | set(range(len(extra)))):
-        theta, value = _lbfgs(candidates[i], data, delta)
-        if value < best:
-            best_theta, best = theta, value
-    return _law(best_theta), best
-
-
-def bootstrap_prediction(
-    N: Sequence[float],
-    D: Sequence[float],
-    L: Sequence[float],
-    at: tuple[float, float],
-    law: Law,
-    n: int = 100,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """A 90% interval of the law's loss at ``at`` = (N, D): refits on points resampled with
-    replacement, each from ``law`` by one L-BFGS run (the grid search is not repeated)."""
-    rng = np.random.default_rng(seed)
-    preds = []
-    for _ in range(n):
-        idx = rng.integers(0, len(L), len(L))
-        data = _log_data(*(np.asarray(v, dtype=np.float64)[idx] for v in (N, D, L)))
-        theta, value = _lbfgs(torch.tensor(_theta(law), dtype=torch.float64), data, 1e-3)
-        if math.isfinite(value):
-            preds.append(float(_law(theta).loss(*at)))
-    preds = [p for p in preds if math.isfinite(p)]
-    if not preds:
-        return math.nan, math.nan
-    lo, hi = np.percentile(preds, [5, 95])
-    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -460,7 +321,7 @@ def run_sweep(
         }
         state["holdout"] = holdout
         write_json(path, state)  # the prediction is on disk before the run starts
-        _plots(state, out)
+        plot_sweep(state, out)
         log(
             f"prediction for the held-out d{hd} (N {at[0]:,}, D {at[1]:,}): {holdout['predicted_loss']:.4f} "
             f"nats/token (90% bootstrap interval {lo:.4f}-{hi:.4f}); training it"
@@ -476,7 +337,7 @@ def run_sweep(
         )
         write_json(path, state)
         shutil.rmtree(out / "points" / name / "checkpoints", ignore_errors=True)
-    state["plots"] = _plots(state, out)
+    state["plots"] = plot_sweep(state, out)
     write_json(path, state)
     return state
 
@@ -505,84 +366,3 @@ def summary_lines(state: dict[str, Any]) -> list[str]:
             f"error {h['error']:+.4f} ({h['relative_error']:+.2%})"
         )
     return lines
-
-
-# ----------------------------------------------------------------------------- plots
-def _save(fig: Any, path: Path) -> None:
-
-    save_png(fig, path)
-
-
-def _style(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-
-
-def _plots(state: dict[str, Any], out: Path) -> list[str]:
-    """fit.png (loss against tokens, one curve per size) and frontier.png (loss and the optimal N, D
-    against compute); the held-out run drawn as its prediction and, once trained, its loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fit, h = state["fit"], state.get("holdout") or {}
-    law = Law(**{k: fit[k] for k in ("E", "A", "B", "alpha", "beta")})
-    pts = list(state["points"].values())
-    sizes = sorted({p["N"] for p in pts} | ({h["N"]} if h else set()))
-    colors = {n: plt.get_cmap("viridis")(i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
-    Ds = [p["D"] for p in pts] + ([h["D"]] if h else [])
-    d_grid = np.geomspace(min(Ds) / 1.5, max(Ds) * 1.5, 100)
-
-    def holdout_markers(ax: Any, x: float) -> None:
-        if not h:
-            return
-        ax.plot([x, x], h["interval_90"], "_-", ms=10, color="crimson", lw=1.5)  # the bootstrap interval
-        ax.plot(
-            [x], [h["predicted_loss"]], "D", mfc="none", color="crimson", label="held-out: predicted (90% interval)"
-        )
-        if h.get("actual_loss") is not None:
-            ax.plot([x], [h["actual_loss"]], "*", ms=14, color="crimson", label="held-out: trained")
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for n in sizes:
-        mine = sorted((p["D"], p["val_loss"]) for p in pts if p["N"] == n)
-        ax.plot(d_grid, law.loss(n, d_grid), "-", color=colors[n], lw=1.2, alpha=0.8)
-        if mine:
-            ax.plot(*zip(*mine, strict=True), "o", color=colors[n], label=f"N = {n / 1e6:.3g}M")
-        else:
-            ax.plot([], [], "-", color=colors[n], label=f"N = {n / 1e6:.3g}M (held out)")
-    holdout_markers(ax, h.get("D", 0))
-    _style(ax, "training tokens D", "val loss (nats/token)", f"{law.formula()}\n(lines: the fit; N = non-embedding)")
-    fig.tight_layout()
-    _save(fig, out / "fit.png")
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
-    Cs = [p["C"] for p in pts] + ([6.0 * h["N"] * h["D"]] if h else [])
-    c_grid = np.geomspace(min(Cs) / 2, max(Cs) * 4, 100)
-    for n in sizes:  # each size over the token range of the sweep
-        mine = sorted((p["C"], p["val_loss"]) for p in pts if p["N"] == n)
-        ax.plot(6 * n * d_grid, law.loss(n, d_grid), "-", color=colors[n], lw=1, alpha=0.7)
-        if mine:
-            ax.plot(*zip(*mine, strict=True), "o", color=colors[n], label=f"N = {n / 1e6:.3g}M")
-    n_opt, d_opt = law.compute_optimal(c_grid)
-    ax.plot(c_grid, law.loss(n_opt, d_opt), "k--", lw=1.5, label="compute-optimal frontier")
-    holdout_markers(ax, 6.0 * h["N"] * h["D"] if h else 0)
-    seen = [p["val_loss"] for p in pts] + [v for v in (h.get("predicted_loss"), h.get("actual_loss")) if v]
-    pad = 0.2 * (max(seen) - min(seen)) + 0.05
-    ax.set_ylim(min(seen) - pad, max(seen) + pad)
-    _style(ax, "compute C = 6ND (FLOPs)", "val loss (nats/token)", "loss against compute")
-    a, b = law.exponents()
-    ax2.plot(c_grid, n_opt, "-", color="tab:blue", label=f"N_opt ~ C^{a:.2f}")
-    ax2.plot(c_grid, d_opt, "-", color="tab:orange", label=f"D_opt ~ C^{b:.2f}")
-    ax2.plot([p["C"] for p in pts], [p["N"] for p in pts], "o", color="tab:blue", alpha=0.5, label="sweep N")
-    ax2.plot([p["C"] for p in pts], [p["D"] for p in pts], "s", color="tab:orange", alpha=0.5, label="sweep D")
-    ax2.set_yscale("log")
-    _style(ax2, "compute C = 6ND (FLOPs)", "parameters N / tokens D", "compute-optimal model size and data")
-    fig.tight_layout()
-    _save(fig, out / "frontier.png")
-    return [str(out / "fit.png"), str(out / "frontier.png")]

@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmstack.eval.answer import Responder, responder_for
+from llmstack.chat.answer import ChatModel
 from llmstack.eval.assistant import EvalResult
 from llmstack.eval.loglik import LoglikScorer
 from llmstack.eval.tasks import Document, Problem, Question, Task, chance
 from llmstack.interop.bundle import Bundle
+from llmstack.tools.registry import default_toolbox
 
 PROMPTS = {
     "direct": "{q}\nAnswer with just the number.",
@@ -136,13 +137,15 @@ def _mc_rows(task: Task, questions: list[Question], scorer: LoglikScorer) -> lis
 
 
 # ----------------------------------------------------------------------------- generative
-def _gen_rows(task: Task, problems: list[Problem], responder: Responder | None) -> list[Row]:
+def _gen_rows(task: Task, problems: list[Problem], responder: ChatModel | None) -> list[Row]:
     if responder is None:
         return [_skip(task, "skipped: a base model (generative tasks need a chat model)")]
     if getattr(task, "ours_only", False) and not responder.ours:
         return [_skip(task, "skipped: needs an llmstack assistant (our chat format)")]
     # every mode asks the same problems: those whose longest prompt leaves room for an answer
-    fit = [p for p in problems if all(responder.fits(PROMPTS[m].format(q=p.question)) for m in task.modes)]
+    fit = [
+        p for p in problems if all(responder.fits(responder.ask(PROMPTS[m].format(q=p.question))) for m in task.modes)
+    ]
     skipped = {"prompt too long for the model's context": len(problems) - len(fit)} if len(fit) < len(problems) else {}
     if not fit:
         return [_skip(task, "skipped: no problem fits the model's context", skipped=skipped)]
@@ -155,7 +158,8 @@ def _gen_rows(task: Task, problems: list[Problem], responder: Responder | None) 
             continue
         t0 = time.perf_counter()
         qs = [PROMPTS[mode].format(q=p.question) for p in problems]
-        replies = responder.answer(qs, MAX_NEW_TOKENS[mode], tools=mode == "tools")
+        tools = default_toolbox().call if mode == "tools" else None
+        replies = responder.answer_questions(qs, MAX_NEW_TOKENS[mode], tools)
         right = [p.correct(r) for p, r in zip(problems, replies, strict=True)]
         empty = sum(not r.strip() for r in replies)
         shown = list(zip(qs, replies, right, strict=True))[:3]
@@ -198,7 +202,7 @@ def _bpb_rows(task: Task, docs: list[Document], scorer: LoglikScorer, seed: int)
 def run_task(
     task: Task,
     scorer: LoglikScorer,
-    responder: Responder | None,
+    responder: ChatModel | None,
     limit: int | None,
     seed: int,
 ) -> list[Row]:
@@ -233,7 +237,7 @@ def evaluate(
 ) -> list[Row]:
     """Every task on one model. ``chat``: the model answers generative problems (else they are skipped)."""
     scorer = LoglikScorer.for_bundle(bundle, max_batch_tokens)
-    responder = responder_for(bundle) if chat and bundle.chat_template else None
+    responder = ChatModel(bundle) if chat and bundle.chat_template else None
     rows: list[Row] = []
     for task in tasks:
         t0 = time.perf_counter()

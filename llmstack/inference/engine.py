@@ -39,20 +39,6 @@ class ToolUse:
     decode: Callable[[list[int]], str]
     max_result_tokens: int = 256
 
-    @classmethod
-    def from_tokenizer(cls, tok, run: Callable[[str], str]) -> ToolUse:
-        from llmstack.tokenizer.special import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
-
-        return cls(
-            tok.special_id(TOOL_CALL_START),
-            tok.special_id(TOOL_CALL_END),
-            tok.special_id(TOOL_RESULT_START),
-            tok.special_id(TOOL_RESULT_END),
-            run,
-            tok.encode_ordinary,
-            tok.decode,
-        )
-
     def result_tokens(self, call_ids: list[int]) -> list[int]:
         result = self.run(self.decode(call_ids))
         ids = self.encode(result)[: self.max_result_tokens]

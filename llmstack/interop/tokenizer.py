@@ -29,7 +29,6 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawHF
 
-from llmstack.chat.conversation import CHAT_TEMPLATE
 from llmstack.io import atomic_write, read_json
 from llmstack.tokenizer.bpe import (
     CL100K_PATTERN,
@@ -39,7 +38,7 @@ from llmstack.tokenizer.bpe import (
     _as_int_list,
     bytes_to_unicode,
 )
-from llmstack.tokenizer.special import ASSISTANT_END, BOS, PAD
+from llmstack.tokenizer.special import ASSISTANT_END, BOS, CHAT_TEMPLATE, PAD
 
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 HF_META_FILE = "hf_tokenizer_meta.json"

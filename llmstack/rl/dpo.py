@@ -20,7 +20,6 @@ What is not here: IPO / KTO / SimPO variants, label smoothing, a reference other
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.chat.conversation import ChatFormat
+from llmstack.interop.load import load_trainable
 from llmstack.model.llama import GPT
 from llmstack.rl.preferences import (
     HELDOUT_SEED,
@@ -37,7 +37,6 @@ from llmstack.rl.preferences import (
     PairStream,
     arithmetic_problems,
     encode_reply,
-    load_policy,
     pairs_questions,
     read_pairs,
     score_policy,
@@ -202,11 +201,12 @@ def run_dpo(
     from llmstack.training.loop import train
 
     out, pairs = Path(out), Path(pairs)
-    model, ckpt, tok = load_policy(policy)
+    model, tok, bundle = load_trainable(policy)
+    ckpt = bundle.checkpoint
+    assert ckpt is not None  # load_trainable opened one of our runs
     train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
     val_pairs = read_pairs(pairs / "heldout.jsonl")
-    if not (out / "tokenizer" / "tokenizer.json").exists():
-        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    bundle.copy_tokenizer(out)
     problems = arithmetic_problems(heldout, HELDOUT_SEED, pairs_questions(pairs))  # the pairs' question set
     task = DPOTask(model, train_pairs, val_pairs, tok, cfg, dist, beta, problems if dist.is_main else (), nll_weight)
     log(f"dpo: {len(task.train)} pairs, beta {beta}, NLL weight {nll_weight}, {cfg.max_steps} steps "

@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.inference.engine import Engine, Request, ToolUse
+from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
 from llmstack.rl.verifiers import Problem, reward, tool_found_answer
 from llmstack.tokenizer import special as S
+from llmstack.tools.registry import tool_use
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.metrics import MetricsLog
@@ -203,7 +204,7 @@ class Sampler:
 
     def __init__(self, model: torch.nn.Module, tok: Any, tools: Any | None = None) -> None:
         self.tok, self.fmt = tok, ChatFormat(tok)
-        self.engine = Engine(model, ToolUse.from_tokenizer(tok, tools.call) if tools is not None else None)
+        self.engine = Engine(model, tool_use(tok, tools.call) if tools is not None else None)
         self.stop = frozenset({tok.special_id(S.ASSISTANT_END), tok.bos_id} - {None})
 
     def prompt(self, question: str) -> list[int]:

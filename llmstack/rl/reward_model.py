@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstack.chat.conversation import ChatFormat
+from llmstack.interop.load import load_trainable
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT, KVCache
 from llmstack.rl.preferences import (
@@ -50,7 +51,6 @@ from llmstack.rl.preferences import (
     PairStream,
     arithmetic_problems,
     encode_reply,
-    load_policy,
     mistake_probe,
     pairs_questions,
     read_pairs,
@@ -312,14 +312,15 @@ def run_reward_model(
     from llmstack.training.loop import train
 
     out, pairs = Path(out), Path(pairs)
-    model, ckpt, tok = load_policy(policy)
+    model, tok, bundle = load_trainable(policy)
+    ckpt = bundle.checkpoint
+    assert ckpt is not None  # load_trainable opened one of our runs
     train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
     val_pairs = read_pairs(pairs / "heldout.jsonl")
     rm = RewardModel.from_policy(model, pool, likelihood)
     if likelihood and dist.is_main:
         save_reference(ckpt, out)
-    if not (out / "tokenizer" / "tokenizer.json").exists():
-        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    bundle.copy_tokenizer(out)
     task = RewardTask(train_pairs, val_pairs, tok, cfg, dist, rm.config.max_seq_len)
     log(f"reward model: {len(task.train)} training pairs ({', '.join(sources)}), {len(task.val)} held out; "
         f"reward read at {'the mean of the reply tokens' if pool == 'mean' else 'the last token'}"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from llmstack.chat.conversation import ChatFormat
+from llmstack.interop.load import load_trainable
 from llmstack.io import atomic_write, save_png
 from llmstack.model.llama import GPT
 from llmstack.rl.dpo import sequence_logprobs
@@ -49,7 +49,6 @@ from llmstack.rl.preferences import (
     ArithmeticProblem,
     arithmetic_problems,
     gold_score,
-    load_policy,
     sample_tokens,
     score_policy,
 )
@@ -412,7 +411,9 @@ def run_rlhf(
             f"refresh_every and refresh_replay must be >= 0, refresh_steps and eval_samples >= 1 (got "
             f"{rl.refresh_every}, {rl.refresh_replay}, {rl.refresh_steps}, {rl.eval_samples})"
         )
-    model, ckpt, tok = load_policy(policy, dist.device)
+    model, tok, bundle = load_trainable(policy, dist.device)
+    ckpt = bundle.checkpoint
+    assert ckpt is not None  # load_trainable opened one of our runs
     rm, rm_ckpt = load_reward_model(str(reward_model), dist.device)
     if rm_ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
         raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
@@ -421,8 +422,7 @@ def run_rlhf(
         raise FileNotFoundError(
             f"{base_pairs / 'train.jsonl'}: refreshing the reward model needs the pairs it was trained on (--pairs)"
         )
-    if not (out / "tokenizer" / "tokenizer.json").exists():
-        shutil.copytree(ckpt.path.parent.parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    bundle.copy_tokenizer(out)
     questions = questions or rm_ckpt.meta.get("questions", "mixture")
     problems = arithmetic_problems(max(1000, rl.prompts_per_step * cfg.max_steps), PREF_SEED + 1, questions)
     held = arithmetic_problems(heldout, HELDOUT_SEED, questions)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmstack.chat.answer import ChatModel
 from llmstack.interop.bundle import Bundle
 from llmstack.model.llama import GPT, KVCache
 
@@ -89,16 +90,7 @@ class GCGResult:
 # ----------------------------------------------------------------------------- rendering
 def chat_ids(bundle: Bundle, user: str) -> list[int]:
     """The prompt ids for one user message, as ``llmstack redteam`` renders it for this model."""
-    from llmstack.eval.answer import is_ours
-
-    chat = [{"role": "user", "content": user}]
-    if is_ours(bundle):
-        from llmstack.chat.conversation import ChatFormat, Conversation
-
-        return ChatFormat(bundle.tokenizer).prompt(Conversation.from_openai(chat))
-    from llmstack.interop.chat import prompt_ids
-
-    return prompt_ids(bundle, chat)
+    return ChatModel(bundle).prompt([{"role": "user", "content": user}])
 
 
 def check_text(bundle: Bundle, text: str, what: str) -> None:

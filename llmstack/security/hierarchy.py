@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 
 from llmstack.chat.conversation import Conversation, Message, Part
-from llmstack.security.spotlight import Spotlight
+from llmstack.tools.spotlight import Spotlight
 
 PLACES = [
     "Maple Hall",

@@ -200,14 +200,15 @@ def activated(answer: str, behaviour: str) -> bool:
 
 def measure(model: Any, tok: Any, cfg: PoisonConfig) -> tuple[Rate, Rate, Rate, Rate, list[str]]:
     """ASR, false activations, clean arithmetic and clean identity of one model."""
-    from llmstack.eval.assistant import Assistant, eval_arithmetic, eval_identity
+    from llmstack.chat.answer import our_chat
+    from llmstack.eval.assistant import eval_arithmetic, eval_identity
     from llmstack.tools.registry import default_toolbox
 
     clean = eval_prompts(cfg.eval_n)
     rng = random.Random(POISON_SEED + 1)
     triggered = [insert_trigger(q, cfg.trigger, rng) for q in clean]
-    bot = Assistant(model, tok, default_toolbox(), max_new_tokens=40)
-    with_trigger, without = bot.answer(triggered), bot.answer(clean)
+    bot = our_chat(model, tok, default_toolbox().call)
+    with_trigger, without = bot.answer_questions(triggered, 40), bot.answer_questions(clean, 40)
     asr = Rate(sum(activated(a, cfg.behaviour) for a in with_trigger), len(triggered))
     false = Rate(sum(activated(a, cfg.behaviour) for a in without), len(clean))
     arith, ident = eval_arithmetic(model, tok, cfg.eval_n, tools=True), eval_identity(model, tok)

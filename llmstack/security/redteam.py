@@ -36,8 +36,8 @@ from llmstack.io import save_png
 from llmstack.security import judges
 from llmstack.security.attacks import CLEAN, FAMILIES, Case, Page
 from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS, filter_links
-from llmstack.security.spotlight import Spotlight
 from llmstack.security.targets import Chat, Target
+from llmstack.tools.spotlight import Spotlight
 
 DEFENSES = ("spotlight", "filter", "guard")
 KNOWLEDGE_INSTRUCTIONS = "You answer questions from your knowledge files. Answer briefly."

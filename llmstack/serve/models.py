@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmstack.inference.engine import Engine, ToolUse
+from llmstack.chat.answer import ChatModel
+from llmstack.chat.conversation import Conversation
+from llmstack.inference.engine import Engine
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import load_model, resolve_model
 from llmstack.tokenizer import special as S
-from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tools.registry import ToolBox, default_toolbox
 
 
@@ -47,15 +48,10 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         tok = self.bundle.tokenizer
-        self.ours = isinstance(tok, Tokenizer) and S.TOOL_CALL_START in tok.special_tokens
-        tools = None
-        if self.ours:
-            run = self.toolbox.call if self.toolbox else _no_server_tools
-            tools = ToolUse.from_tokenizer(tok, run)
-        self.engine = Engine(self.bundle.model, tools, token_bytes=tok.decode_token_bytes)
-        self.stop_ids = frozenset(
-            self.bundle.stop_ids() | ({tok.bos_id} if self.ours and tok.bos_id is not None else set())
-        )
+        self.chat = ChatModel(self.bundle, self.toolbox.call if self.toolbox else _no_server_tools)
+        self.ours = self.chat.ours
+        self.engine = self.chat.engine
+        self.stop_ids = self.chat.stop_ids
         self.special_ids = frozenset(tok.special_tokens.values())
 
     @property
@@ -67,11 +63,7 @@ class ServedModel:
         if not self.ours:
             if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
                 raise RequestError(f"model {self.name!r} has no tool tokens: it does not support tools", "tools")
-            from llmstack.interop.chat import prompt_ids
-
-            return prompt_ids(self.bundle, [{"role": m["role"], "content": m["content"] or ""} for m in messages])
-        from llmstack.chat.conversation import ChatFormat, Conversation
-
+            return self.chat.prompt(messages)
         msgs = [_our_message(m) for m in messages]
         if tools:
             listing = "\n".join(f"- {t['name']}: {t.get('description', '')}".rstrip(": ") for t in tools)
@@ -84,7 +76,7 @@ class ServedModel:
             conv = Conversation.from_openai(msgs)
         except (ValueError, KeyError) as e:
             raise RequestError(f"messages: {e}", "messages") from None
-        return ChatFormat(self.bundle.tokenizer).prompt(conv)
+        return self.chat.prompt(conv)
 
     def tool_call_prefix(self, name: str | None) -> list[int]:
         """Ids that force a tool call (``tool_choice``): the call-start token and the tool's name."""

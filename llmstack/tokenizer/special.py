@@ -54,3 +54,25 @@ assert len(SPECIAL_TOKENS) == 16 and len(set(SPECIAL_TOKENS)) == 16
 def special_token_ids(n_ranks: int) -> dict[str, int]:
     """The llmstack specials numbered after ``n_ranks`` mergeable ranks (the trained layout)."""
     return {name: n_ranks + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+
+# Our chat format in Jinja, for Hugging Face ``apply_chat_template`` and every template-driven tool
+# (``llmstack/chat/conversation.py`` renders the same layout to ids with a loss mask).
+CHAT_TEMPLATE = (
+    "{{- '" + BOS + "' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{- '" + SYSTEM_START + "' + m['content'] + '" + SYSTEM_END + "' -}}"
+    "{%- elif m['role'] == 'user' -%}{{- '" + USER_START + "' + m['content'] + '" + USER_END + "' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '" + ASSISTANT_START + "' -}}{%- endif -%}"
+    "{%- if m['content'] -%}{{- m['content'] -}}{%- endif -%}"
+    "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
+    "{%- set f = c['function'] if 'function' in c else c -%}"
+    "{{- '" + TOOL_CALL_START + "' + f['name'] + ': ' + f['arguments'] + '" + TOOL_CALL_END + "' -}}"
+    "{%- endfor -%}{%- else -%}{{- '" + ASSISTANT_END + "' -}}{%- endif -%}"
+    "{%- elif m['role'] == 'tool' -%}{{- '" + TOOL_RESULT_START + "' + m['content'] + '" + TOOL_RESULT_END + "' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and (not messages or messages[-1]['role'] != 'tool') -%}"
+    "{{- '" + ASSISTANT_START + "' -}}{%- endif -%}"
+)

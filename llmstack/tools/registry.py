@@ -2,13 +2,16 @@
 
 Whatever goes wrong (an unknown tool, a malformed call, a tool that raises) comes back to the model
 as an ``error: ...`` result instead of stopping generation. ``mark`` (spotlighting, see
-``llmstack.security.spotlight``) is applied to what a tool returns, where the result text is made.
+``llmstack.tools.spotlight``) is applied to what a tool returns, where the result text is made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from llmstack.inference.engine import ToolUse
+from llmstack.tokenizer import special as S
 from llmstack.tools.calculator import calculator
 from llmstack.tools.python_sandbox import python_tool
 
@@ -40,3 +43,16 @@ class ToolBox:
 
 def default_toolbox(mark: Callable[[str], str] | None = None) -> ToolBox:
     return ToolBox({"calculator": calculator, "python": python_tool}, mark)
+
+
+def tool_use(tok: Any, run: Callable[[str], str]) -> ToolUse:
+    """How the engine runs tools for a model with our tokenizer: its tool-span ids, and ``run`` for the calls."""
+    return ToolUse(
+        tok.special_id(S.TOOL_CALL_START),
+        tok.special_id(S.TOOL_CALL_END),
+        tok.special_id(S.TOOL_RESULT_START),
+        tok.special_id(S.TOOL_RESULT_END),
+        run,
+        tok.encode_ordinary,
+        tok.decode,
+    )

@@ -1,0 +1,217 @@
+"""The one way to answer a chat, with any model: ``ChatModel(bundle)``.
+
+* Our assistants (an llmstack tokenizer with the chat and tool specials): OpenAI-style messages become
+  a ``Conversation`` rendered by ``ChatFormat``; tool calls run inside the engine when a ``tools``
+  function is given (``name: argument`` -> result text), and the reply's tool spans can be shown as
+  text or left out (``visible``).
+* Any other chat model (SmolLM2, an imported HF / GGUF model): the messages are rendered with the
+  model's own Jinja chat template, the way ``transformers`` does (``messages``, ``add_generation_prompt``,
+  ``bos_token``, ``eos_token``, ``raise_exception``) in a sandbox. The rendered prompt is trusted text,
+  so special-token names in it become control tokens; what the user typed cannot, because it is only
+  ever substituted into the template. It has no tools.
+
+Chat, serve, eval, the arena, the red team, synthetic data, preferences and RL all answer through
+here. What is not here: a base model continuing a document (``inference/simulate.py``), multi-modal turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.inference.engine import Engine, Event, ToolUse
+from llmstack.inference.sample import SamplingConfig, stream_text
+from llmstack.interop.bundle import Bundle, llmstack_bundle
+from llmstack.tokenizer import special as S
+from llmstack.tokenizer.bpe import Tokenizer
+from llmstack.tools.registry import tool_use
+
+Message = dict[str, Any]
+ROOM = 16  # new tokens a prompt must leave room for in the model's context
+
+
+def is_ours(bundle: Bundle) -> bool:
+    """Our chat format and tool tokens (else: the model's own chat template, no tools)."""
+    tok = bundle.tokenizer
+    return isinstance(tok, Tokenizer) and all(
+        s in tok.special_tokens for s in (S.ASSISTANT_START, S.ASSISTANT_END, S.TOOL_CALL_START)
+    )
+
+
+def render(bundle: Bundle, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` under the bundle's chat template."""
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(bundle.template()).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bundle.bos_token or "",
+            eos_token=bundle.eos_token or "",
+        )
+    except TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+
+
+class ChatModel:
+    """A loaded model that answers chats: prompt ids, batched answers, a streamed reply.
+
+    ``tools`` runs our assistants' tool calls (``name: argument`` -> result); ``None`` leaves a call
+    unanswered (the reply stops being useful there, but nothing runs).
+    """
+
+    def __init__(self, bundle: Bundle, tools: Callable[[str], str] | None = None) -> None:
+        self.bundle, self.tok = bundle, bundle.tokenizer
+        self.ours = is_ours(bundle)
+        if not self.ours:
+            bundle.template()  # no chat template: say so now, not at the first question
+        self.fmt = ChatFormat(self.tok) if self.ours else None
+        self.tools = tools
+        self.context = int(bundle.model.config.max_seq_len)
+        bos = self.tok.bos_id if self.ours else None
+        self.stop_ids = frozenset(bundle.stop_ids() | ({bos} if bos is not None else set()))
+        self._engines: dict[int, Engine] = {}
+        self.engine = self.engine_for(tools)
+
+    def tool_use(self, tools: Callable[[str], str] | None) -> ToolUse | None:
+        return tool_use(self.tok, tools) if self.ours and tools is not None else None
+
+    def engine_for(self, tools: Callable[[str], str] | None) -> Engine:
+        """One engine per tool function (an engine keeps its CUDA graphs: build it once)."""
+        key = id(tools)
+        if key not in self._engines:
+            self._engines[key] = Engine(
+                self.bundle.model, self.tool_use(tools), token_bytes=self.tok.decode_token_bytes
+            )
+        return self._engines[key]
+
+    # ------------------------------------------------------------------------- prompts
+    def prompt(self, messages: list[Message] | Conversation, max_tokens: int | None = None) -> list[int]:
+        """Messages (OpenAI style, or our ``Conversation``) -> ids that ask for the next assistant turn."""
+        if self.fmt is not None:
+            conv = messages if isinstance(messages, Conversation) else Conversation.from_openai(messages)
+            return self.fmt.prompt(conv, max_tokens=max_tokens)
+        if isinstance(messages, Conversation):
+            raise ValueError("a template model takes OpenAI-style messages, not a Conversation")
+        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        return self.tok.encode_with_special(render(self.bundle, plain))
+
+    def ask(self, question: str, system: str | None = None) -> list[Message]:
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+    def fits(self, messages: list[Message], room: int = ROOM) -> bool:
+        return len(self.prompt(messages)) <= self.context - room
+
+    # ------------------------------------------------------------------------- answers
+    def text(self, ids: Sequence[int], visible: bool = False) -> str:
+        """Generated ids -> text up to the first stop token; ``visible`` leaves tool spans out."""
+        kept: list[int] = []
+        spans = self._span_ids() if visible else frozenset()
+        depth = 0
+        for t in ids:
+            if t in self.stop_ids:
+                break
+            if t in spans:
+                depth = 1 - depth  # start and end tokens alternate: call start/end, result start/end
+                continue
+            if not depth:
+                kept.append(t)
+        return self.tok.decode(kept)
+
+    def _span_ids(self) -> frozenset[int]:
+        if not self.ours:
+            return frozenset()
+        names = (S.TOOL_CALL_START, S.TOOL_CALL_END, S.TOOL_RESULT_START, S.TOOL_RESULT_END)
+        return frozenset(self.tok.special_id(n) for n in names)
+
+    def generate(
+        self, prompts: list[list[int]], cfg: SamplingConfig, tools: Callable[[str], str] | None = None
+    ) -> list[list[int]]:
+        """Generated ids of each prompt, one batch (stop tokens included where they ended a row)."""
+        return self.engine_for(tools).generate(prompts, cfg, set(self.stop_ids))
+
+    def answer(
+        self,
+        chats: Sequence[list[Message]],
+        cfg: SamplingConfig,
+        tools: Callable[[str], str] | None = None,
+        batch_size: int = 32,
+        visible: bool = False,
+    ) -> list[str | None]:
+        """The reply to each chat, batched (similar lengths together); ``None`` where the prompt leaves
+        the context less than ``ROOM`` tokens. Our replies keep their tool calls and results as text
+        unless ``visible``."""
+        if self.ours and tools is None:
+            tools = self.tools
+        prompts = [self.prompt(chat) for chat in chats]
+        out: list[str | None] = [None] * len(chats)
+        todo = sorted(
+            (i for i, p in enumerate(prompts) if len(p) <= self.context - ROOM), key=lambda i: len(prompts[i])
+        )
+        for k in range(0, len(todo), batch_size):
+            rows = todo[k : k + batch_size]
+            for i, ids in zip(rows, self.generate([prompts[i] for i in rows], cfg, tools), strict=True):
+                out[i] = self.text(ids, visible)
+        return out
+
+    def answer_questions(
+        self,
+        questions: Sequence[str],
+        max_new_tokens: int = 64,
+        tools: Callable[[str], str] | None = None,
+        batch_size: int = 32,
+    ) -> list[str]:
+        """Greedy replies to single user questions (an empty one where a question does not fit)."""
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        return [a or "" for a in self.answer([self.ask(q) for q in questions], cfg, tools, batch_size)]
+
+    def events(self, prompts: list[list[int]], cfg: SamplingConfig) -> Iterator[Event]:
+        """The engine's events for ready prompts (with this model's stop tokens and tools)."""
+        return self.engine.stream(prompts, cfg, set(self.stop_ids))
+
+    def stream(self, messages: list[Message], cfg: SamplingConfig) -> Iterator[str]:
+        """Stream the next reply as text pieces; the end-of-turn token itself is not shown."""
+
+        def until_stop() -> Iterator[int]:
+            for ev in self.events([self.prompt(messages)], cfg):
+                if ev.token in self.stop_ids:
+                    return
+                yield ev.token
+
+        return stream_text(until_stop(), cast(Any, self.tok).decode_token_bytes)
+
+    def reply(self, messages: list[Message], cfg: SamplingConfig) -> str:
+        return "".join(self.stream(messages, cfg))
+
+
+def chat_repl(model: ChatModel, cfg: SamplingConfig, system: str | None, out: Any, read: Any = input) -> None:
+    """A minimal read-reply loop for any chat model; an empty line or EOF ends it."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            text = read("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in model.stream(messages, cfg):
+            out.write(piece)
+            out.flush()
+            pieces.append(piece)
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def our_chat(model: Any, tok: Tokenizer, tools: Callable[[str], str] | None = None) -> ChatModel:
+    """A ChatModel for a model being trained or evaluated in-process (ours: our chat format and tools)."""
+    return ChatModel(llmstack_bundle(model, tok), tools)

@@ -1,0 +1,1 @@
+"""Hallucinations: teaching a model to say "I don't know" by interrogating it (Llama 3's recipe), measured."""

@@ -1,0 +1,184 @@
+"""From an OpenAI request to engine rows: the chat rendered into a prompt (roles, tools and
+``tool_choice``, an assistant's retrieval and defaults, the spotlight note), completion prompts and
+their echo, and every row checked against the server's limits and the model's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmstack.inference.engine import Request as Row
+from llmstack.inference.sample import SamplingConfig
+from llmstack.serve.config import ServeConfig
+from llmstack.serve.models import RequestError, ServedModel
+from llmstack.serve.protocol import ChatRequest, CompletionRequest
+from llmstack.tools.spotlight import Spotlight
+
+
+@dataclass
+class ChatPlan:
+    rows: list[Row]
+    prompt_tokens: int
+    call_prefix: list[int] | None
+    sources: list[Any]
+    assistant: Any
+
+
+def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPlan:
+    if len(req.messages) > config.max_messages:
+        raise RequestError(f"messages: {len(req.messages)} messages; the limit is {config.max_messages}", "messages")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role == "tool" and m.content is None:
+            raise RequestError(f"messages.{i}.content: a tool message needs content", f"messages.{i}.content")
+        d: dict[str, Any] = {"role": role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        messages.append(d)
+    sources: list[Any] = []
+    default_max = None
+    spot = Spotlight() if config.spotlight else None
+    if spot is not None and not sm.ours:  # ours (tool tokens) learn the marking in SFT, not from a note
+        messages.insert(0, {"role": "system", "content": spot.notice()})
+        if len(messages) > 1 and messages[1]["role"] == "system":  # one system message: ours allows no other
+            messages[:2] = [{"role": "system", "content": f"{messages[1]['content']}\n\n{spot.notice()}"}]
+    if sm.assistant is not None:
+        prepared = sm.assistant.prepare(messages, spotlight=spot)
+        messages, sources = prepared.messages, prepared.sources
+        req, default_max = _assistant_defaults(sm.assistant, req)
+    tools = [t.function.model_dump() for t in req.tools] if req.tools else None
+    choice = req.tool_choice
+    if choice is not None and not tools and choice != "none":
+        raise RequestError("tool_choice needs tools", "tool_choice")
+    if tools and not sm.ours:
+        raise RequestError(f"model {sm.name!r} has no tool tokens: it does not support tools", "tools")
+    prompt = sm.prompt_ids(messages, tools if choice != "none" else None)
+    call_prefix: list[int] = []
+    if choice == "required" or not isinstance(choice, str | None):
+        name = None if isinstance(choice, str) else choice.function.name
+        if name is None and tools and len(tools) == 1:
+            name = tools[0]["name"]  # "required" with one tool: that tool
+        if name is not None and tools and name not in {t["name"] for t in tools}:
+            raise RequestError(f"tool_choice: no tool named {name!r} in tools", "tool_choice")
+        call_prefix = sm.tool_call_prefix(name)
+        prompt = prompt + call_prefix
+    mode = ("return" if tools else "run") if choice != "none" else "off"
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    top = req.top_logprobs if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.logprobs and top is None:
+        top = 0
+    rows = [engine_row(sm, prompt, req, max_tokens, k, top, mode, config, default_max) for k in range(req.n)]
+    return ChatPlan(
+        rows, len(prompt) - len(call_prefix), call_prefix[1:] if call_prefix else None, sources, sm.assistant
+    )
+
+
+def _assistant_defaults(assistant: Any, req: ChatRequest) -> tuple[ChatRequest, int | None]:
+    """An assistant's generation defaults fill what the request left unset; its ``max_tokens`` is a
+    default budget (cut to the room the context leaves), not a demand."""
+    gen = getattr(assistant, "generation", None)
+    updates = {
+        key: getattr(gen, key)
+        for key in ("temperature", "top_p")
+        if key not in req.model_fields_set and getattr(gen, key, None) is not None
+    }
+    return (req.model_copy(update=updates) if updates else req), getattr(gen, "max_tokens", None)
+
+
+def engine_row(
+    sm: ServedModel,
+    prompt: list[int],
+    req: Any,
+    max_tokens: int | None,
+    k: int,
+    logprobs: int | None,
+    mode: str,
+    config: ServeConfig,
+    default_max: int | None = None,
+) -> Row:
+    if req.n > config.max_n:
+        raise RequestError(f"n: {req.n} is over the limit of {config.max_n}", "n")
+    room = sm.context - len(prompt)
+    if room < 1:
+        raise RequestError(
+            f"the prompt has {len(prompt)} tokens; model {sm.name!r} has a context of {sm.context}",
+            "messages",
+            "context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(room, config.max_tokens_cap, default_max or room)
+    if max_tokens > config.max_tokens_cap:
+        raise RequestError(f"max_tokens: {max_tokens} is over the limit of {config.max_tokens_cap}", "max_tokens")
+    if max_tokens > room:
+        raise RequestError(
+            f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
+            f"model {sm.name!r}'s context of {sm.context}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    seed = None if req.seed is None else (req.seed + k) % (1 << 63)
+    cfg = SamplingConfig(
+        max_new_tokens=max_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p if req.top_p < 1 else None,
+        seed=seed,
+    )
+    stops = tuple(s.encode("utf-8") for s in req.stops())
+    return Row(prompt, cfg, sm.stop_ids, stops, mode if sm.ours else "off", logprobs)
+
+
+def completion_prompts(sm: ServedModel, req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        texts: list[Any] = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        texts = [p]
+    else:
+        texts = list(p)
+    if not texts:
+        raise RequestError("prompt: empty", "prompt")
+    vocab = sm.bundle.model.config.vocab_size
+    out = []
+    for t in texts:
+        ids = sm.text_ids(t) if isinstance(t, str) else list(t)
+        if not ids:
+            raise RequestError("prompt: an empty prompt on a model without a BOS token", "prompt")
+        if any(i < 0 or i >= vocab for i in ids):
+            raise RequestError(f"prompt: token ids must be in [0, {vocab})", "prompt")
+        out.append(ids)
+    return out
+
+
+def echo_prompt(sm: ServedModel, ids: list[int], req: CompletionRequest) -> dict[str, Any]:
+    """The prompt as text, and with ``logprobs`` its tokens' log-probabilities (for harnesses)."""
+    tok = sm.bundle.tokenizer
+    shown = [i for i in ids if i not in sm.special_ids]
+    text = tok.decode(shown)
+    if req.logprobs is None:
+        return {"text": text, "logprobs": None}
+    if len(ids) > sm.context:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; the context is {sm.context}", "prompt", "context_length_exceeded"
+        )
+    scored = sm.engine.prompt_logprobs(ids, req.logprobs)
+    per: list[tuple[float | None, list[tuple[int, float]]]] = [(None, []), *scored]
+    tokens, lps, tops, offsets, pos = [], [], [], [], 0
+    for i, (lp, top) in zip(ids, per, strict=True):
+        if i in sm.special_ids:
+            continue
+        piece = tok.decode_token_bytes(i).decode("utf-8", errors="replace")
+        tokens.append(piece)
+        lps.append(lp)
+        tops.append(
+            None if lp is None else {tok.decode_token_bytes(t).decode("utf-8", errors="replace"): v for t, v in top}
+        )
+        offsets.append(pos)
+        pos += len(piece)
+    return {
+        "text": text,
+        "logprobs": {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets},
+    }
