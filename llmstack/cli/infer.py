@@ -133,7 +133,12 @@ def register(sub) -> None:
   llmstack sample --conversation --prompt "What is a list?" --seed 0       # Human:/Assistant: document""",
     )
     add_run_args(sp)
-    sp.add_argument("--checkpoint", help="checkpoint or run directory (default: <run>)")
+    sp.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="checkpoint",
+        help="any model source: run, checkpoint, HF dir, .gguf (default: <run>)",
+    )
     sp.add_argument("--tokenizer")
     sp.add_argument("--prompt", default="")
     sp.add_argument("--max-new-tokens", type=int, default=200)
@@ -183,10 +188,16 @@ conversations are written atomically as JSONL ({"messages": [user, assistant]}) 
 
   llmstack synth                                            # 60 seed questions -> data/synth/conversations.jsonl
   llmstack synth --n 240 --batch-size 16                    # 4 answers per question (seed + i)
-  llmstack synth --teacher runs/smollm2 --topics my_questions.txt --out synth.jsonl
+  llmstack synth --model runs/smollm2 --topics my_questions.txt --out synth.jsonl
   llmstack sft --extra-conversations data/synth/conversations.jsonl""",
     )
-    sy.add_argument("--teacher", default="smollm2", help="smollm2, an HF directory, a .gguf file or a run directory")
+    sy.add_argument(
+        "--model",
+        "--teacher",
+        dest="teacher",
+        default="smollm2",
+        help="the teacher: smollm2, an HF dir, a .gguf, a run",
+    )
     sy.add_argument(
         "--topics", help="questions, one a line, # comments (default: llmstack/chat/prompts/synth_topics.txt)"
     )

@@ -12,12 +12,12 @@ from llmstack.cli.common import (
 from llmstack.interop.bundle import save_run
 from llmstack.interop.gguf import export_gguf
 from llmstack.interop.hf import export_hf
-from llmstack.interop.load import load_model, load_run
+from llmstack.interop.load import load_model
 
 
 def cmd_export(args: argparse.Namespace) -> int:
 
-    bundle = load_run(args.checkpoint)
+    bundle = load_model(args.checkpoint)  # any source: convert HF <-> GGUF too
     t0 = time.perf_counter()
     if args.format == "hf":
         if args.quant:
@@ -48,11 +48,11 @@ def register(sub) -> None:
         formatter_class=FMT,
         description="""Export for transformers / vLLM (HF LlamaForCausalLM) or llama.cpp / Ollama / LM Studio (GGUF).
 
-  llmstack export --format hf --checkpoint runs/tiny --out exports/tiny-hf
-  llmstack export --format gguf --checkpoint runs/tiny --out exports/tiny.gguf --quant q8_0""",
+  llmstack export --format hf --model runs/tiny --out exports/tiny-hf
+  llmstack export --format gguf --model runs/tiny --out exports/tiny.gguf --quant q8_0""",
     )
     ex.add_argument("--format", choices=["hf", "gguf"], required=True)
-    ex.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    ex.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, help="run or checkpoint directory")
     ex.add_argument("--out", required=True, help="new directory (hf) or .gguf file; never overwritten")
     ex.add_argument("--quant", choices=["f16", "q8_0"], help="GGUF tensor type (default f16)")
     ex.set_defaults(func=cmd_export)

@@ -10,8 +10,9 @@ Quick start (what ``make run`` does):
 
 or all of it at once:  llmstack run --preset tiny
 
-Every command that takes a model (--model, --checkpoint, --teacher) takes any source: a run
-directory, a checkpoint directory, a Hugging Face folder, a .gguf file, or smollm2.
+Every command that takes a model takes --model SOURCE, any source: a run directory, a checkpoint
+directory, a Hugging Face folder, a .gguf file, or smollm2 (older names of the flag still work:
+--checkpoint, --base, --teacher).
 """
 
 from __future__ import annotations

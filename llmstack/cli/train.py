@@ -96,7 +96,9 @@ def register(sub) -> None:
   torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20""",
     )
     add_run_args(sf)
-    sf.add_argument("--checkpoint", help="base checkpoint or run directory (default: <run>)")
+    sf.add_argument(
+        "--model", "--checkpoint", dest="checkpoint", help="the base model: run or checkpoint (default: <run>)"
+    )
     sf.add_argument("--tokenizer")
     sf.add_argument("--out", help="output run directory (default: <run>/sft)")
     sf.add_argument("--device", default=None)
@@ -130,11 +132,11 @@ know about those it was never taught, and how often it still answers what it kne
 in --out is loaded, not retrained.
 
   llmstack interrogate                                  # runs/tiny/sft -> runs/tiny/sft/interrogate
-  llmstack interrogate --base runs/tiny --out /tmp/idk --unknown 300 --refusal-steps 400
+  llmstack interrogate --model runs/tiny --out /tmp/idk --unknown 300 --refusal-steps 400
   OMP_NUM_THREADS=1 llmstack interrogate                # on a CPU shared with other jobs
   llmstack chat --model runs/tiny/sft/interrogate/interrogated --prompt "Where does Kalomir live?\"""",
     )
-    it.add_argument("--base", help="run or checkpoint directory to start from (default: runs/tiny/sft)")
+    it.add_argument("--model", "--base", dest="base", help="the model to start from (default: runs/tiny/sft)")
     it.add_argument("--out", help="output directory (default: <run of --base>/interrogate)")
     it.add_argument("--taught", type=int, help="people whose facts stage 1 teaches (default 60)")
     it.add_argument("--unknown", type=int, help="people never taught (default 400)")
