@@ -1,7 +1,8 @@
 """Atomic file writes: nothing already saved is damaged by a crash or a bad input.
 
 Every file llmstack writes goes to a temporary sibling first and is renamed into place,
-so a reader sees either the old file or the complete new one, never half of one.
+so a reader sees either the old file or the complete new one, never half of one. Figures too:
+``pyplot()`` gives matplotlib on its file-only backend and ``save_png`` writes a figure atomically.
 """
 
 from __future__ import annotations
@@ -37,14 +38,22 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: figures are drawn to files, no display is needed."""
+    import matplotlib  # heavy: ~0.4 s to import with pyplot, and only the plotting functions need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: see above
+
+    return plt
+
+
 def save_png(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
     """Write a matplotlib figure as a PNG atomically, then close it (figures hold memory until closed)."""
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", **({"dpi": dpi} if dpi else {}))
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

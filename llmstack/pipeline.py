@@ -15,7 +15,8 @@ from llmstack.data.corpus import build_default_corpus, read_jsonl
 from llmstack.data.shards import ShardIndex, write_shards
 from llmstack.eval.assistant import run_assistant_eval
 from llmstack.eval.report import write_report_card
-from llmstack.inference.sample import SamplingConfig, generate
+from llmstack.inference.engine import generate
+from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_model
 from llmstack.io import write_json
 from llmstack.rl.stage import run_rl
@@ -138,7 +139,7 @@ def run_pipeline(
         "preset": preset,
         "documents": n_docs,
         "train_tokens": idx.n_tokens("train"),
-        "params": model.num_params(),
+        "params": sum(p.numel() for p in model.parameters()),
         "steps": ckpt.step,
         "val_bpb_initial": evals[0]["val_bpb"] if evals else None,
         "val_bpb_final": evals[-1]["val_bpb"] if evals else None,

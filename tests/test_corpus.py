@@ -18,6 +18,7 @@ from llmstack.data.corpus import (
     read_jsonl,
     write_jsonl,
 )
+from llmstack.data.extract import extract_html_text
 
 BODY = (
     "The frobnicate module provides tools for frobnicating widgets in a portable way. "
@@ -131,8 +132,8 @@ def test_html_extraction_same_with_worker_processes(html_tree: Path) -> None:
 
 
 def test_extract_empty_html() -> None:
-    assert corpus.extract_html_text("") == ""
-    assert corpus.extract_html_text("<html><body></body></html>") == ""
+    assert extract_html_text("") == ""
+    assert extract_html_text("<html><body></body></html>") == ""
 
 
 def test_jsonl_round_trip(tmp_path: Path) -> None:
@@ -326,7 +327,7 @@ def test_build_default_corpus_offline_and_idempotent(
     assert find_default_corpus(data) == out
     before = out.read_bytes()
     monkeypatch.setattr(corpus, "iter_html_documents", lambda *a, **k: pytest.fail("re-extracted"))
-    monkeypatch.setattr("llmstack.data.crawl.run_pipeline", lambda *a, **k: pytest.fail("re-ran the pipeline"))
+    monkeypatch.setattr(corpus, "run_pipeline", lambda *a, **k: pytest.fail("re-ran the pipeline"))
     assert build_default_corpus(data, log=logs.append) == out
     assert out.read_bytes() == before
     assert any("already built" in line for line in logs)

@@ -17,7 +17,8 @@ import torch
 from conftest import tiny_model_config
 
 from llmstack.chat.answer import ChatModel, render
-from llmstack.inference.sample import SamplingConfig, generate
+from llmstack.inference.engine import generate
+from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle, llmstack_bundle, save_run
 from llmstack.interop.gguf import export_gguf, import_gguf, permute_qk
 from llmstack.interop.hf import export_hf, import_hf

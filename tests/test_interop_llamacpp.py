@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmstack.inference.sample import SamplingConfig, generate
+from llmstack.inference.engine import generate
+from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle, llmstack_bundle
 from llmstack.interop.gguf import export_gguf, import_gguf
 from llmstack.interop.llamacpp_numerics import GGMLLinear

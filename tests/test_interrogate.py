@@ -1,4 +1,4 @@
-"""Interrogation (issue #4): the knowledge source, the judge, the "I don't know" data, one tiny run end to end."""
+"""Interrogation: the knowledge source, the judge, the "I don't know" data, one tiny run end to end."""
 
 from __future__ import annotations
 

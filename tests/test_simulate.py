@@ -1,4 +1,4 @@
-"""Base models as simulators (issue #4): few-shot and conversation documents, stopping where the answer ends."""
+"""Base models as simulators: few-shot and conversation documents, stopping where the answer ends."""
 
 from __future__ import annotations
 

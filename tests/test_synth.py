@@ -1,4 +1,4 @@
-"""Teacher-model synthetic conversations (issue #4): generation, filters, atomic JSONL, the SFT mixture."""
+"""Teacher-model synthetic conversations: generation, filters, atomic JSONL, the SFT mixture."""
 
 from __future__ import annotations
 

@@ -33,16 +33,17 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import yaml
 
 from llmstack.assistants.knowledge import SUFFIXES, Knowledge
 from llmstack.chat.answer import ChatModel
+from llmstack.inference.sample import SamplingConfig
+from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import load_model
 from llmstack.paths import data_dir
-
-if TYPE_CHECKING:
-    from llmstack.inference.sample import SamplingConfig
-    from llmstack.interop.bundle import Bundle
-    from llmstack.tools.spotlight import Spotlight
+from llmstack.tools.spotlight import Spotlight
 
 CONFIG_FILE = "assistant.yaml"
 KNOWLEDGE_DIR = "knowledge"
@@ -65,8 +66,6 @@ class Generation:
     max_tokens: int = 512
 
     def sampling(self, seed: int | None = None) -> SamplingConfig:
-        from llmstack.inference.sample import SamplingConfig
-
         return SamplingConfig(
             max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=None, top_p=self.top_p, seed=seed
         )
@@ -147,8 +146,6 @@ class Assistant:
         return cite(answer, sources)
 
     def load_model(self) -> Bundle:
-        from llmstack.interop.load import load_model
-
         return load_model(self.base_model)
 
     def reply(self, bundle: Bundle, messages: Sequence[Message], cfg: SamplingConfig | None = None) -> Iterator[str]:
@@ -253,8 +250,6 @@ def load_assistant(path: str | Path) -> Assistant:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -385,8 +380,6 @@ def create_assistant(
     next to the target and renamed into place, so a failure leaves no half-written assistant.
     An existing assistant is replaced only with ``overwrite=True``.
     """
-    import yaml
-
     if not NAME.fullmatch(name):
         raise ValueError(f"name {name!r} is not a valid id ([a-z0-9][a-z0-9._-]*, at most 64 characters)")
     root = Path(root)

@@ -13,7 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmstack.data.corpus import Document, extract_html_text
+import lxml.etree
+import lxml.html
+
+from llmstack.data.corpus import Document
+from llmstack.data.extract import extract_html_text
 from llmstack.tools.search import SearchIndex
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf")
@@ -43,9 +47,6 @@ def read_text(path: Path) -> str:
 
 def _html_text(html: str) -> str:
     """trafilatura's main text; where it finds none (a short page, a fragment), all of lxml's text."""
-    import lxml.etree
-    import lxml.html
-
     try:
         text = extract_html_text(html)
     except (lxml.etree.ParserError, ValueError):
@@ -62,7 +63,7 @@ def _html_text(html: str) -> str:
 
 
 def _pdf_text(path: Path) -> str:
-    from pypdf import PdfReader
+    from pypdf import PdfReader  # heavy: ~0.1 s to import (with Pillow and fontTools); only PDFs need it
     from pypdf.errors import PdfReadError
 
     try:

@@ -18,7 +18,7 @@ held-out sets come from disjoint seeds. Sources:
   a teacher model's answers written by ``llmstack synth`` (``chat/synth.py``).
 
 "I don't know" examples are made by interrogating a model about facts it was or was not taught: a stage
-of its own (``chat/interrogate.py``, ``llmstack interrogate``), since what to refuse depends on the model.
+of its own (``hallucination/interrogate.py``, ``llmstack interrogate``), since what to refuse depends on the model.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import chitchat_dataset
 
 from llmstack.chat.conversation import Conversation, Message, Part
 from llmstack.data.corpus import find_default_corpus, read_jsonl
@@ -118,7 +120,7 @@ def arithmetic(n: int, seed: int) -> list[Conversation]:
     purpose: a tiny model first learns to copy the result from a fixed distance back, tuned to the
     usual 6-digit products. A third of the products are 5 digits long (``FIVE_DIGIT_EXTRA``), twice
     their natural share, so that it also learns the other length; half of them, or operands of 1-4
-    digits, left it copying neither length reliably (README, "The assistant")."""
+    digits, left it copying neither length reliably (docs/assistant.md)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -203,7 +205,7 @@ def spread_seed(seed: int) -> int:
 
 
 def reasoning_gym_entries(name: str, n: int, seed: int, **config: Any) -> list[dict[str, Any]]:
-    import reasoning_gym
+    import reasoning_gym  # heavy: ~0.9 s to import
 
     return list(reasoning_gym.create_dataset(name, size=n, seed=seed, **config))
 
@@ -233,10 +235,8 @@ def reasoning(n: int, seed: int) -> list[Conversation]:
 
 
 def gsm(n: int, seed: int) -> list[Conversation]:
-    import reasoning_gym
-
     out = []
-    for x in reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=spread_seed(seed)):
+    for x in reasoning_gym_entries("gsm_symbolic", n, spread_seed(seed)):
         cot = x["metadata"].get("answer_cot") or ""
         cot = re.sub(r"\n?#### .*$", "", cot).strip()
         parts = [*with_calculator_calls(cot), Part("text", f"\nThe answer is {x['answer']}.")]
@@ -245,8 +245,6 @@ def gsm(n: int, seed: int) -> list[Conversation]:
 
 
 def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
-    import chitchat_dataset
-
     data = chitchat_dataset.Dataset()
     keys = sorted(data)
     rng = random.Random(seed)

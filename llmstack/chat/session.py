@@ -13,11 +13,11 @@ import codecs
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from llmstack.chat.conversation import ChatFormat, Conversation, Message, Part
-from llmstack.inference.engine import Engine
+from llmstack.chat.answer import our_chat
+from llmstack.chat.conversation import Conversation, Message, Part
 from llmstack.inference.sample import SamplingConfig
 from llmstack.tokenizer import special as S
-from llmstack.tools.registry import ToolBox, tool_use
+from llmstack.tools.registry import ToolBox
 
 
 @dataclass
@@ -31,9 +31,9 @@ class ChatSession:
     messages: list[Message] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.fmt = ChatFormat(self.tok)
-        self.tool_use = tool_use(self.tok, self.tools.call) if self.tools else None
-        self.engine = Engine(self.model, self.tool_use)  # type: ignore[arg-type]
+        self.chat = our_chat(self.model, self.tok, self.tools.call if self.tools else None)  # type: ignore[arg-type]
+        self.fmt = self.chat.fmt
+        self.tool_use = self.chat.engine.tools
         self.end = self.tok.special_id(S.ASSISTANT_END)  # type: ignore[attr-defined]
 
     def conversation(self) -> Conversation:
@@ -47,7 +47,7 @@ class ChatSession:
         """Add a user turn and stream the reply as display pieces; the turn is stored at the end."""
         tok = self.tok
         self.messages.append(Message("user", text))
-        prompt = self.fmt.prompt(self.conversation(), max_tokens=self.model.config.max_seq_len)  # type: ignore[attr-defined]
+        prompt = self.chat.prompt(self.conversation(), max_tokens=self.chat.context)
         parts: list[Part] = []
         text_ids: list[int] = []
         span: list[int] = []
@@ -61,7 +61,7 @@ class ChatSession:
                 parts.append(Part("text", decode(text_ids)))
                 text_ids.clear()
 
-        for ev in self.engine.stream([prompt], self.cfg, {self.end, tok.bos_id}):  # type: ignore[attr-defined]
+        for ev in self.chat.events([prompt], self.cfg):
             t = ev.token
             if t == self.end or t == tok.bos_id:  # type: ignore[attr-defined]
                 break

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tqdm import tqdm
+
 from llmstack.data import fetch
+from llmstack.data.crawl import run_pipeline
+from llmstack.data.extract import extract_html_text
+from llmstack.data.sources import HtmlTree
 from llmstack.io import atomic_write
 from llmstack.paths import data_dir
 
@@ -52,46 +57,6 @@ def doc_id(url: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # HTML (Sphinx docs)
 # ---------------------------------------------------------------------------------------------
-
-
-def _prepare_html(html: str) -> Any:
-    """Fix two ways Sphinx markup trips trafilatura before extraction.
-
-    The heading permalinks (``<a class="headerlink">¶</a>``) would leave a pilcrow after every
-    title, and code blocks inside list items or definition bodies would have their newlines
-    collapsed into one line; turning those containers into plain divs keeps the code's lines.
-    """
-    import lxml.html
-
-    tree = lxml.html.fromstring(html)
-    for a in tree.xpath('//a[contains(concat(" ", normalize-space(@class), " "), " headerlink ")]'):
-        a.drop_tree()
-    for el in tree.xpath("//li[.//pre] | //ul[.//pre] | //ol[.//pre] | //dd[.//pre]"):
-        el.tag = "div"
-    return tree
-
-
-def extract_html_text(html: str) -> str:
-    """The main text of one page (navigation, sidebars and footers dropped), or "" if none."""
-    import trafilatura
-
-    if not html.strip():
-        return ""
-    text = trafilatura.extract(
-        _prepare_html(html),
-        # favor_precision=True was tried and drops real content on these pages (notes, "Changed in
-        # version" lines, output-only code blocks: 10 of 31 blocks in howto/logging.html) while
-        # removing no boilerplate that the default keeps; Sphinx chrome is dropped either way.
-        favor_precision=False,
-        include_comments=False,
-        include_tables=True,
-        deduplicate=False,
-        fast=True,  # skip the readability/jusText fallbacks: identical text on 60 sampled pages, ~20% faster
-    )
-    if not text:
-        return ""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    return "\n".join(lines).strip()
 
 
 def _extract_file(path: str) -> str:
@@ -146,8 +111,6 @@ def iter_html_documents(
     n_workers = workers if workers is not None else (os.cpu_count() or 1)
     texts: Iterable[str] = _extract_all([str(p) for p in pages], n_workers)
     if progress:
-        from tqdm import tqdm
-
         texts = tqdm(texts, total=len(pages), unit="page", desc="extracting", smoothing=0.1)
     for page, text in zip(pages, texts, strict=True):
         if len(text) < min_chars:
@@ -266,9 +229,6 @@ def build_default_corpus(data: Path | None = None, log: Log = print) -> Path:
         return out
     t0 = time.perf_counter()
     if source == fetch.SOURCE_PYTHON_DOCS:
-        from llmstack.data.crawl import run_pipeline
-        from llmstack.data.sources import HtmlTree
-
         work = (Path(data) if data is not None else data_dir()) / "pipeline" / "run"
         result = run_pipeline([HtmlTree(raw, DOCS_BASE_URL)], work, profile="docs", log=log)
         with atomic_write(out) as f, result.corpus.open(encoding="utf-8") as src:

@@ -67,7 +67,7 @@ def crawl_url_filter() -> URLFilter:
 
 def fetch_manual(manual: Manual, raw: Path, log: Log = print) -> Path:
     """The manual's HTML root under ``raw/<package>/html``, downloaded once (a marker is written last)."""
-    if manual.package == fetch.PYTHON_DOC_PACKAGE:  # keep the layout (and any copy) #2 already fetched
+    if manual.package == fetch.PYTHON_DOC_PACKAGE:  # the corpus fetch's own layout: reuse any copy it made
         return fetch.fetch_python_docs(raw, log)
     out = raw / manual.package
     marker = out / fetch.MARKER

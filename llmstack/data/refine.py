@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from llmstack.data.dedup import exact_key, near_duplicate_clusters
+from llmstack.data.extract import extract_html_text
 from llmstack.data.pii import scrub
 from llmstack.data.refine_config import PROFILES as PROFILES  # re-exported for the pipeline's callers
 from llmstack.data.refine_config import PipelineConfig
@@ -61,8 +63,6 @@ _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
 
 def extract(raw: Raw, m: StageMeter) -> str | None:
     """Main text of a page, or None (with the reason recorded) when there is none."""
-    from llmstack.data.corpus import extract_html_text
-
     if raw.text is not None:
         return raw.text
     assert raw.html is not None
@@ -235,7 +235,7 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 def write_output_shard(records: list[dict[str, Any]], path: Path, fmt: str) -> None:
     if fmt == "parquet":
-        import pyarrow as pa
+        import pyarrow as pa  # heavy: ~0.1 s to import; only Parquet output needs it
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist(records) if records else pa.table({"text": pa.array([], pa.string())})
@@ -284,7 +284,7 @@ def finalize_task(i: int, out: Path, removed: dict[str, str], fmt: str) -> dict[
 
 def read_output_shard(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: ~0.1 s to import; only Parquet output needs it
 
         yield from pq.read_table(path).to_pylist()
     else:
@@ -319,8 +319,6 @@ def _check_config(out: Path, cfg: PipelineConfig, tasks: list[Task]) -> None:
 
 
 def _bars(names: Iterable[str], total: int | None, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
     return {
         n: tqdm(total=total, desc=f"{n:>17}", unit="doc", position=k, leave=True, disable=not progress)
         for k, n in enumerate(names)

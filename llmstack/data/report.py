@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.data.refine import STAGES
+from llmstack.io import atomic_write, pyplot, save_png
 
 
 def _mb(n: float) -> str:
@@ -33,11 +34,7 @@ def stage_table(stats: dict[str, Any]) -> str:
 
 
 def _plots(stats: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = []
     fig, ax = plt.subplots(figsize=(8, 4))
     langs = sorted(stats.get("languages", {}).items(), key=lambda kv: -kv[1])[:30]
@@ -46,8 +43,7 @@ def _plots(stats: dict[str, Any], out: Path) -> list[str]:
     ax.set_title("language of extracted documents (fastText lid.176)")
     ax.set_ylabel("documents")
     fig.tight_layout()
-    fig.savefig(out / "languages.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "languages.png", dpi=100)
     names.append("languages.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -60,8 +56,7 @@ def _plots(stats: dict[str, Any], out: Path) -> list[str]:
     ax.legend()
     ax.set_title("document lengths")
     fig.tight_layout()
-    fig.savefig(out / "lengths.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "lengths.png", dpi=100)
     names.append("lengths.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -72,8 +67,7 @@ def _plots(stats: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("clusters")
     ax.set_title(f"MinHash clusters ({len(sizes)} with more than one document)")
     fig.tight_layout()
-    fig.savefig(out / "clusters.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "clusters.png", dpi=100)
     names.append("clusters.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -82,8 +76,7 @@ def _plots(stats: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("documents kept")
     ax.set_title("documents left after each stage")
     fig.tight_layout()
-    fig.savefig(out / "funnel.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "funnel.png", dpi=100)
     names.append("funnel.png")
     return names
 
@@ -117,8 +110,6 @@ def write_report(stats: dict[str, Any], out: Path, title: str, seconds: float) -
                 lines.append(f"- `{ex['url']}`" + (f": {snippet}" if snippet else ""))
             lines.append("")
     path = out / "report.md"
-    from llmstack.io import atomic_write
-
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
     return path

@@ -134,7 +134,7 @@ def read_warc(path: str) -> Iterator[Raw | Bad]:
     A corrupt record ends the file: WARC has no resync marker, so the rest is counted as one
     ``corrupt_warc`` and the records before it are kept.
     """
-    from warcio.archiveiterator import ArchiveIterator
+    from warcio.archiveiterator import ArchiveIterator  # heavy: ~0.05 s to import (with fsspec)
 
     try:
         with open(path, "rb") as f:
@@ -182,7 +182,7 @@ def read_jsonl_text(path: str) -> Iterator[Raw | Bad]:
 
 def read_parquet(path: str) -> Iterator[Raw | Bad]:
     """FineWeb-layout Parquet: ``text`` required, ``id`` and ``url`` used when present."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: ~0.1 s to import; only Parquet input needs it
 
     try:
         pf = pq.ParquetFile(path)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from llmstack.io import save_png
+from llmstack.io import pyplot, save_png
 from llmstack.paths import data_dir
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -374,10 +374,7 @@ class Leaderboard:
 
     def plot(self, path: str | Path) -> Path:
         """Ratings with their 95% intervals, best at the top, as a PNG (written atomically)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         rows = self.rows[::-1]
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))

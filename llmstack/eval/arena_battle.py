@@ -22,7 +22,7 @@ Judges:
   probabilities for the letters ``A`` and ``B`` as the next token. It is asked twice, the answers
   swapped; a side wins only when both orders agree, else it is a tie, which cancels the judge's
   position bias. A judge that is also a contestant may favour itself: read such boards with that in
-  mind. A 135M judge is weak: on the real run most of its verdicts are position bias (README).
+  mind. A 135M judge is weak: on the real run most of its verdicts are position bias (docs/LOG.md).
 
 What is not here: multi-turn battles, sampling several answers per model, judging with a rubric.
 """
@@ -33,6 +33,7 @@ import itertools
 import json
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from llmstack.chat.answer import ChatModel, is_ours
+from llmstack.chat.mixture import ARITH_TEMPLATES, REASONING_GYM_SMALL
 from llmstack.eval.arena import Battle
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
@@ -120,9 +122,7 @@ def arithmetic_problems(n: int, seed: int = ARENA_SEED) -> list[Problem]:
       checked by its ``score_answer``;
     * the SFT mixture's question templates ("What is 47 times 8?") with smaller numbers than it trained on.
     """
-    import reasoning_gym
-
-    from llmstack.chat.mixture import ARITH_TEMPLATES, REASONING_GYM_SMALL
+    import reasoning_gym  # heavy: ~0.9 s to import
 
     small = REASONING_GYM_SMALL["basic_arithmetic"]
     gym = reasoning_gym.create_dataset("basic_arithmetic", size=(n + 1) // 2, seed=seed, **small)
@@ -369,8 +369,6 @@ def run_battles(
     on_answers: Callable[[str, float], None] | None = None,
 ) -> list[Battle]:
     """Every pair plays every problem; which model is side ``a`` is drawn at random per battle."""
-    import time
-
     answers: dict[str, list[str]] = {}
     for c in contestants:
         t0 = time.perf_counter()

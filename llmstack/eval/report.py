@@ -27,8 +27,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmstack.io import atomic_write, read_json, save_png
+import numpy as np
+import torch
+
+from llmstack.data.report import stage_table
+from llmstack.data.shards import ShardIndex
+from llmstack.eval import arena as arena_mod
+from llmstack.eval.scaling import summary_lines
+from llmstack.io import atomic_write, pyplot, read_json, save_png
 from llmstack.paths import data_dir, runs_dir
+from llmstack.tokenizer import Tokenizer
+from llmstack.training.config import cpu_has_fast_bf16
+from llmstack.training.metrics import read_metrics
 
 
 class Unavailable(Exception):
@@ -61,15 +71,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _stage_name(path: Path, run: Path) -> str:
     """``run/x.json`` -> base; ``run/sft/x.json`` -> sft; ``run/rl/ppo/x.json`` -> rl/ppo."""
     rel = path.parent.relative_to(run)
@@ -78,10 +79,6 @@ def _stage_name(path: Path, run: Path) -> str:
 
 # ----------------------------------------------------------------------------- sections
 def environment(run: Path, out: Path) -> list[str]:
-    import torch
-
-    from llmstack.training.config import cpu_has_fast_bf16
-
     cpu = platform.processor() or platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -158,7 +155,7 @@ def timings(run: Path, out: Path) -> list[str]:
     total = sum(seconds.values())
     rows = [[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in seconds.items()]
     lines += ["", *_table(["stage", "seconds", "share"], rows + [["total", f"{total:.1f}", "100%"]])]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(seconds)), dpi=110)
     names = list(seconds)[::-1]
     ax.barh(names, [seconds[k] for k in names], color="tab:blue")
@@ -173,8 +170,6 @@ def timings(run: Path, out: Path) -> list[str]:
 
 
 def data(run: Path, out: Path) -> list[str]:
-    from llmstack.data.report import stage_table
-
     lines: list[str] = []
     stats_files = sorted((data_dir() / "pipeline").glob("*/stats.json"))
     for path in stats_files:
@@ -211,10 +206,6 @@ def data(run: Path, out: Path) -> list[str]:
 
 def _val_text(run: Path, tok: Any) -> str:
     """The val split's documents as text (decoded from the shards: the BPE is lossless)."""
-    import numpy as np
-
-    from llmstack.data.shards import ShardIndex
-
     idx = ShardIndex.load(run / "shards")
     docs = []
     for arr in idx.arrays("val"):
@@ -226,8 +217,6 @@ def _val_text(run: Path, tok: Any) -> str:
 
 
 def tokenizer(run: Path, out: Path) -> list[str]:
-    from llmstack.tokenizer import Tokenizer
-
     gpt2_path = data_dir() / "assets" / "gpt2.tiktoken"
     missing = [
         f"{path} is missing ({how})"
@@ -326,8 +315,6 @@ def _rl_panel(ax: Any, stage: str, rl: list[dict[str, Any]], evals: list[dict[st
 
 
 def loss_curves(run: Path, out: Path) -> list[str]:
-    from llmstack.training.metrics import read_metrics
-
     # base first, then the stages in pipeline order (sft before rl), anything else after them
     pipeline = {"sft": 0, "rl": 1}
     paths = sorted(
@@ -336,7 +323,7 @@ def loss_curves(run: Path, out: Path) -> list[str]:
     paths = [p for p in paths if out not in p.parents]
     if not paths:
         raise Unavailable(f"no metrics.jsonl under {run} (training writes one per stage)")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(paths), figsize=(6.5 * len(paths), 4.2), dpi=100, squeeze=False)
     rows = []
     for ax, path in zip(axes[0], paths, strict=True):
@@ -428,7 +415,6 @@ def arena(run: Path, out: Path) -> list[str]:
     log = data_dir() / "arena" / "battles.jsonl"
     if not log.exists():
         raise Unavailable(f"{log} is missing (`llmstack arena battle`)")
-    from llmstack.eval import arena as arena_mod
 
     read = arena_mod.read_battles(log)
     board = arena_mod.leaderboard(read.battles, rounds=200)
@@ -438,8 +424,6 @@ def arena(run: Path, out: Path) -> list[str]:
 
 
 def scaling(run: Path, out: Path) -> list[str]:
-    from llmstack.eval.scaling import summary_lines
-
     paths = sorted(runs_dir().glob("scaling/*/scaling.json"))
     if not paths:
         raise Unavailable(f"no {runs_dir()}/scaling/*/scaling.json (`llmstack scaling --preset quick`)")

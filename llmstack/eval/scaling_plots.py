@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from llmstack.eval.scaling_law import Law
-from llmstack.io import save_png
+from llmstack.io import pyplot, save_png
 
 
 def _style(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
@@ -24,10 +24,7 @@ def _style(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
 def plot_sweep(state: dict[str, Any], out: Path) -> list[str]:
     """fit.png (loss against tokens, one curve per size) and frontier.png (loss and the optimal N, D
     against compute); the held-out run drawn as its prediction and, once trained, its loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fit, h = state["fit"], state.get("holdout") or {}
     law = Law(**{k: fit[k] for k in ("E", "A", "B", "alpha", "beta")})

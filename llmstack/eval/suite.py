@@ -27,9 +27,13 @@ from typing import Any
 from llmstack.chat.answer import ChatModel
 from llmstack.eval.assistant import EvalResult
 from llmstack.eval.loglik import LoglikScorer
-from llmstack.eval.tasks import Document, Problem, Question, Task, chance
+from llmstack.eval.tasks import Document, Problem, Question, Task, chance, select
 from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import load_model
+from llmstack.io import write_json
+from llmstack.paths import data_dir, runs_dir
 from llmstack.tools.registry import default_toolbox
+from llmstack.training.checkpoint import load_meta
 
 PROMPTS = {
     "direct": "{q}\nAnswer with just the number.",
@@ -257,8 +261,6 @@ def is_chat_model(path: str | Path, bundle: Bundle) -> bool:
         return False
     p = Path(path)
     if p.is_dir() and not (p / "config.json").exists():
-        from llmstack.training.checkpoint import load_meta
-
         return load_meta(p).meta.get("stage") != "pretrain"
     return True
 
@@ -276,11 +278,6 @@ def evaluate_model(
 
     JSON goes to ``out``, else ``<run>/eval_tasks.json`` for a directory, else ``runs/eval/<name>.json``.
     """
-    from llmstack.eval.tasks import select
-    from llmstack.interop.load import load_model
-    from llmstack.io import write_json
-    from llmstack.paths import data_dir, runs_dir
-
     if limit is not None and limit < 1:
         raise ValueError("--limit must be at least 1")
     tasks = select(tasks_spec, data_dir())

@@ -24,10 +24,9 @@ one-word gold values); lookalike names; questions without any answer. The held-o
 in the stage-1 data that stage 3 trains on again: (b) asks whether refusing spreads to facts the
 model still trains on, not whether knowledge it never rehearses survives. Without that rehearsal
 the tiny model learns "answer only about the people interrogated" and refuses on 80-90% of what it
-knew (README, "Hallucinations").
+knew (docs/hallucination.md).
 
-The people and their questions are in ``fictional_people.py``; the judge and the evaluation in
-``hallucination_eval.py``.
+The people and their questions are in ``people.py``; the judge and the evaluation in ``measure.py``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from llmstack.chat.answer import ChatModel
 from llmstack.eval.assistant import EvalResult
 from llmstack.hallucination.people import CITIES, PROFESSIONS, Question
-from llmstack.io import save_png
+from llmstack.io import pyplot, save_png
 
 TARGET = 0.8  # the goal: >= 80% refusals on unknowns, >= 80% of known facts kept
 
@@ -121,10 +121,7 @@ def evaluate(asker: Asker, unknown: list[Question], known: list[Question], progr
 
 def plot_figures(before: Figures, after: Figures, path: Path, title: str) -> Path:
     """Before (stage 1) and after (stage 3) bars with their Wilson intervals, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [r.name.replace(": ", ":\n") for r in after.results().values()]
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)

@@ -373,3 +373,14 @@ class Engine:
             v, ix = logp.topk(top, dim=-1)
             tops = [list(zip(a, b, strict=True)) for a, b in zip(ix.tolist(), v.tolist(), strict=True)]
         return list(zip(chosen, tops, strict=True))
+
+
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    cfg: SamplingConfig,
+    stop_ids: set[int] | None = None,
+) -> Iterator[int]:
+    """Yield new token ids of one prompt as they are sampled (the engine with a batch of one)."""
+    for ev in Engine(model).stream([prompt_ids], cfg, stop_ids or set()):
+        yield ev.token

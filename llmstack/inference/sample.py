@@ -1,7 +1,8 @@
-"""Sampling from a model with a KV cache: the model's "dreams".
+"""Sampling settings and the sampler of one step: temperature / top-k / top-p, seeded.
 
 Works on token ids only; ``stream_text`` turns a stream of ids back into text as it comes, holding
-back bytes of a UTF-8 character that is split across tokens.
+back bytes of a UTF-8 character that is split across tokens. The loop that samples a whole reply
+with a KV cache is the engine's (``engine.generate`` for one prompt, ``Engine`` for a batch).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-
-from llmstack.model.llama import GPT
 
 
 @dataclass(frozen=True)
@@ -55,19 +54,6 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generat
             "(after training, look for a loss or learning rate that diverged; under bf16, try --dtype float32)"
         )
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
-
-
-def generate(
-    model: GPT,
-    prompt_ids: list[int],
-    cfg: SamplingConfig,
-    stop_ids: set[int] | None = None,
-) -> Iterator[int]:
-    """Yield new token ids of one prompt as they are sampled (the engine with a batch of one)."""
-    from llmstack.inference.engine import Engine  # the engine builds on this module
-
-    for ev in Engine(model).stream([prompt_ids], cfg, stop_ids or set()):
-        yield ev.token
 
 
 def stream_text(ids: Iterator[int], token_bytes: Callable[[int], bytes]) -> Iterator[str]:

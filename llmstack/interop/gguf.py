@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from llmstack.interop.bundle import Bundle, check_vocab
+from llmstack.interop.llamacpp_numerics import emulate_llamacpp
 from llmstack.interop.tokenizer import (
     HFTokenizer,
     byte_level,
@@ -110,8 +111,8 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
     CPU backend does on this file's tensor types (``interop/llamacpp_numerics.py``): for comparisons
     with llama.cpp. The default computes in float32 on the exactly dequantised weights.
     """
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from gguf import GGUFReader  # heavy: ~0.1 s to import; only GGUF files need it
+    from gguf.quants import dequantize  # heavy: see import_gguf
 
     if emulate not in EMULATIONS:
         raise ValueError(f"unknown emulation {emulate!r} (supported: {', '.join(e for e in EMULATIONS if e)})")
@@ -154,8 +155,6 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
     model = GPT(cfg)
     load_state(model, state, str(path), tied=cfg.tie_embeddings)
     if emulate == "llama.cpp":
-        from llmstack.interop.llamacpp_numerics import emulate_llamacpp
-
         emulate_llamacpp(model, types, mins)
     tok = _tokenizer(reader, path)
     check_vocab(cfg.vocab_size, tok, str(path))
@@ -165,7 +164,7 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
 
 def _block_minima(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """The f16 minimum ``m`` of every Q4_1 / Q5_1 block (bytes 2..3 of each, after the scale ``d``)."""
-    from gguf import GGML_QUANT_SIZES
+    from gguf import GGML_QUANT_SIZES  # heavy: see import_gguf
 
     block, size = GGML_QUANT_SIZES[qtype]
     raw = np.ascontiguousarray(data).reshape(-1, size)[:, 2:4]
@@ -239,7 +238,7 @@ def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
 # ----------------------------------------------------------------------------- export
 def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
     """Write ``bundle`` (Llama architecture) to ``out`` as GGUF; written to a temp file, then renamed."""
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter  # heavy: see import_gguf
 
     out = Path(out)
     if quant not in EXPORT_TYPES:
@@ -269,7 +268,7 @@ def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
 
 
 def _write_metadata(writer: Any, bundle: Bundle, cfg: ModelConfig, quant: str) -> None:
-    from gguf import LlamaFileType
+    from gguf import LlamaFileType  # heavy: see import_gguf
 
     writer.add_name("llmstack")
     writer.add_block_count(cfg.n_layer)
@@ -316,8 +315,8 @@ def _write_tokenizer(writer: Any, bundle: Bundle) -> None:
 
 
 def _write_tensors(writer: Any, model: GPT, quant: str) -> None:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+    from gguf import GGMLQuantizationType  # heavy: see import_gguf
+    from gguf.quants import quantize  # heavy: see import_gguf
 
     cfg = model.config
     state = model.state_dict()

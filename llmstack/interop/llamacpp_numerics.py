@@ -24,7 +24,7 @@ agrees to float32 rounding. What is not emulated: the order of float32 sums in i
 exp approximation in its softmax / SiLU, the flash-attention path (f16 accumulation of V), GPU and
 repacked (AMX, ARM) CPU kernels. Those last-bit differences remain, and a deep model amplifies them
 through the 8-bit roundings (SmolLM2-135M: ~96% top-1 agreement, no better than the model agrees with
-itself under 1-ulp noise; see the README). The emulated model runs eagerly only (no static decode
+itself under 1-ulp noise; docs/interop.md and docs/LOG.md). The emulated model runs eagerly only (no static decode
 steps / CUDA graphs), at about 2.5x the plain model's CPU time.
 """
 

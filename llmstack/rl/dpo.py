@@ -12,7 +12,7 @@ The reference never changes, so its log-probabilities are computed once, before 
 (Pang et al. 2024, "Iterative Reasoning Preference Optimization"). Plain DPO can lower both replies'
 likelihoods while it widens their margin, and where chosen and rejected differ in one digit the
 mass it frees goes to other wrong digits: on our arithmetic pairs, DPO alone lowers the gold score
-(README, "DPO"). The NLL term keeps the chosen replies likely.
+(docs/LOG.md). The NLL term keeps the chosen replies likely.
 
 What is not here: IPO / KTO / SimPO variants, label smoothing, a reference other than the start.
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from llmstack.chat.conversation import ChatFormat
 from llmstack.interop.load import load_trainable
+from llmstack.io import write_json
 from llmstack.model.llama import GPT
 from llmstack.rl.preferences import (
     HELDOUT_SEED,
@@ -43,6 +44,7 @@ from llmstack.rl.preferences import (
 )
 from llmstack.training.config import TrainConfig, resolve_dtype
 from llmstack.training.distributed import DistInfo
+from llmstack.training.loop import train
 from llmstack.training.pretrain import logits_of
 from llmstack.training.sft import IGNORE, collate
 
@@ -197,9 +199,6 @@ def run_dpo(
     """DPO from ``policy`` (the SFT run, also the frozen reference) on ``pairs/train.jsonl``; the gold
     score of ``heldout`` held-out questions' replies, greedy and sampled at T 1, before and after;
     ``out/summary.json``."""
-    from llmstack.io import write_json
-    from llmstack.training.loop import train
-
     out, pairs = Path(out), Path(pairs)
     model, tok, bundle = load_trainable(policy)
     ckpt = bundle.checkpoint

@@ -19,8 +19,8 @@ SFT model with the k3 estimator ``exp(ref - logp) - (ref - logp) - 1``.
 Not covered: value functions (GRPO has none), DAPO's dynamic sampling (degenerate groups are kept and
 contribute no gradient), rollouts on a separate inference server.
 
-    llmstack rl --sft runs/tiny/sft                        # preset tiny: 2 CPU cores, a few minutes
-    llmstack rl --sft runs/d20/sft --preset gpu --device cuda
+    llmstack rl                                              # preset tiny on runs/tiny/sft: 2 CPU cores, minutes
+    llmstack rl --run-dir runs/d20 --preset gpu --device cuda  # the policy: --model, default <run>/sft
 """
 
 from __future__ import annotations

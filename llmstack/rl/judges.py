@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmstack.chat.mixture import REASONING_GYM_3D, arithmetic_question, reasoning_gym_entries, spread_seed
-from llmstack.eval.arena_battle import LLMJudge
+from llmstack.eval.arena_battle import LLMJudge, Problem, final_number, readable_tools
 from llmstack.interop.load import load_model
 from llmstack.rl.pairs import Pair, parse_reply
 from llmstack.rl.policy_replies import sample_replies
@@ -90,8 +90,6 @@ class Grade:
 
 def gold_score(problem: ArithmeticProblem, reply: str) -> Grade:
     """Grade one reply by the rubric of ``labeling.md``; ``notes`` say which rules applied."""
-    from llmstack.eval.arena_battle import final_number, readable_tools
-
     r = parse_reply(reply)
     g = Grade(0.0)
     got = final_number(readable_tools(reply.removesuffix(S.ASSISTANT_END)))
@@ -194,8 +192,6 @@ def llm_pairs(
 ) -> list[Pair]:
     """Consecutive replies of each prompt (0 vs 1, 2 vs 3, ...) judged by ``judge`` (an ``arena_battle``
     judge: problem, answer a, answer b -> (a | b | tie, note)); ties make no pair."""
-    from llmstack.eval.arena_battle import Problem, readable_tools
-
     out = []
     for prompt, group in zip(prompts, replies, strict=True):
         for a, b in zip(group[0::2], group[1::2], strict=False):

@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+from llmstack.eval.arena_battle import OPEN_PROMPTS
+from llmstack.eval.tasks.bigbench import FETCH_HINT
+
 # `name as name`: moved to a module of its own, re-exported here for the reward model, DPO, RLHF and the CLI
 from llmstack.io import write_json
 from llmstack.rl.judges import (
@@ -63,8 +66,6 @@ from llmstack.rl.policy_replies import sample_tokens as sample_tokens
 def hhh_pairs(root: str | Path) -> list[Pair]:
     """BIG-bench ``hhh_alignment`` (root: ``data/eval/bigbench``): each question's preferred reply against
     each other one. Evaluation only: every file carries BIG-bench's canary."""
-    from llmstack.eval.tasks.bigbench import FETCH_HINT
-
     folder = Path(root) / "hhh_alignment"
     files = sorted(folder.glob("**/task.json")) if folder.is_dir() else []
     if not files:
@@ -97,7 +98,8 @@ class PrefConfig:
     min_margin: float = 0.25  # the least gold difference that makes a pair
     per_prompt: int = 2  # pairs kept per question
     # training pairs of a right reply against itself with one copying error: they teach the RM to check
-    # the operands, which it otherwise fails to (README: RLHF hacks that blind spot; DPO gains twice as much)
+    # the operands, which it otherwise fails to (docs/preferences.md: RLHF hacks that blind spot; DPO
+    # gains twice as much)
     perturbed: int = 2000
     open_prompts: int = 16  # open questions for the LLM judge (0: none)
     open_samples: int = 4  # replies per open question, judged in pairs
@@ -138,8 +140,6 @@ def run_preferences(
 ) -> dict[str, Any]:
     """Sample, label and write ``out/train.jsonl`` (gold + LLM-judged) and ``out/heldout.jsonl`` (gold,
     held-out questions); returns a summary."""
-    from llmstack.eval.arena_battle import OPEN_PROMPTS
-
     out = Path(out)
     model.eval()
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ weights (InstructGPT). ``pool`` says where the reward is read:
   per-token score can point at it, as DPO's implicit reward (a sum over tokens) does;
 * ``last``: the score at the last token of prompt + reply, as ``LlamaForSequenceClassification``
   reads it. On our arithmetic pairs it must carry a mistake from where it happened to the end, and
-  learns it poorly (README, "Reward model").
+  learns it poorly (docs/preferences.md).
 
 ``likelihood`` (on by default) adds to each written token's score the log-ratio of that token's
 probability under the RM's backbone (read through its tied embedding, the language-model head the
@@ -20,7 +20,7 @@ starts at 1: DPO's implicit reward, per token (the "implicit PRM" of Yuan et al.
 Rewards without Process Labels"). It is 0 before training, so the RM still starts neutral. A
 miscopied digit is a token the backbone did not expect; a linear map of one position's state cannot
 see that, and from hundreds of pairs the plain head learns it poorly (57-63% held-out); the log-ratio
-term learns it as DPO does (README, "Reward model"). The frozen copy is saved in the RM's run
+term learns it as DPO does (docs/preferences.md). The frozen copy is saved in the RM's run
 directory (``reference/``), so the RM needs nothing outside it.
 
 Bradley-Terry:
@@ -32,7 +32,9 @@ What is not here: reward normalisation across prompts, ensembles, margins in the
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,20 +45,25 @@ from torch import nn
 
 from llmstack.chat.conversation import ChatFormat
 from llmstack.interop.load import load_trainable
+from llmstack.io import write_json
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT, KVCache
+from llmstack.paths import data_dir
 from llmstack.rl.preferences import (
     HELDOUT_SEED,
     Pair,
     PairStream,
     arithmetic_problems,
     encode_reply,
+    hhh_pairs,
     mistake_probe,
     pairs_questions,
     read_pairs,
 )
+from llmstack.training.checkpoint import load_meta, load_model_weights
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
+from llmstack.training.loop import train
 
 STAGE = "reward_model"
 
@@ -120,8 +127,6 @@ class RewardModel(GPT):
 
 
 def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
-    from llmstack.training.checkpoint import load_meta, load_model_weights
-
     ckpt = load_meta(path)
     if ckpt.meta.get("stage") != STAGE:
         raise ValueError(f"{ckpt.path}: not a reward model (stage {ckpt.meta.get('stage')!r}; `llmstack reward-model`)")
@@ -138,9 +143,6 @@ def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[Re
 
 def save_reference(sft_ckpt: Any, out: Path) -> None:
     """Copy the SFT checkpoint's weights and meta into ``out/reference`` (atomically: a whole copy or none)."""
-    import os
-    import tempfile
-
     dst = out / "reference"  # rewritten each run: a new RM in an old folder must not keep another SFT model
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=out))
@@ -282,9 +284,6 @@ def preset(name: str) -> TrainConfig:
 
 def hhh_accuracy(rm: RewardModel, tok: Any, pad_id: int) -> dict[str, Any]:
     """Pairwise accuracy on BIG-bench hhh_alignment (held out: never trained on); chance is 50%."""
-    from llmstack.paths import data_dir
-    from llmstack.rl.preferences import hhh_pairs
-
     try:
         pairs = hhh_pairs(data_dir() / "eval" / "bigbench")
     except FileNotFoundError as e:
@@ -308,9 +307,6 @@ def run_reward_model(
 ) -> dict[str, Any]:
     """Train a reward model from ``policy`` (the SFT run) on ``pairs/train.jsonl``, judged on ``pairs/heldout.jsonl``
     and on hhh_alignment; writes ``out/summary.json``. ``pool``: where the reward is read (module doc)."""
-    from llmstack.io import write_json
-    from llmstack.training.loop import train
-
     out, pairs = Path(out), Path(pairs)
     model, tok, bundle = load_trainable(policy)
     ckpt = bundle.checkpoint

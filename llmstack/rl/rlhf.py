@@ -29,6 +29,7 @@ the policy that sampled is the one being updated), reward whitening, adaptive KL
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +40,7 @@ import torch
 
 from llmstack.chat.conversation import ChatFormat
 from llmstack.interop.load import load_trainable
-from llmstack.io import atomic_write, save_png
+from llmstack.io import atomic_write, pyplot, save_png, write_json
 from llmstack.model.llama import GPT
 from llmstack.rl.dpo import sequence_logprobs
 from llmstack.rl.grpo import group_advantages, policy_loss, token_logprobs
@@ -48,12 +49,29 @@ from llmstack.rl.preferences import (
     PREF_SEED,
     ArithmeticProblem,
     arithmetic_problems,
+    gold_pairs,
     gold_score,
+    mistake_probe,
+    read_pairs,
     sample_tokens,
     score_policy,
+    write_pairs,
 )
+from llmstack.rl.reward_model import (
+    PROBE_QUESTIONS,
+    RewardScorer,
+    RewardTask,
+    encode_pairs,
+    load_reward_model,
+    pairwise_accuracy,
+    save_reference,
+)
+from llmstack.rl.reward_model import preset as rm_preset
+from llmstack.training.checkpoint import load_meta
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
+from llmstack.training.loop import train
+from llmstack.training.metrics import read_metrics
 from llmstack.training.sft import IGNORE, collate
 
 Reward = Callable[[Sequence[str], Sequence[str]], list[float]]
@@ -202,10 +220,7 @@ def plot_overoptimisation(
 ) -> int | None:
     """Held-out RM score and gold score against step (two axes); the over-optimisation point marked,
     and the steps after which the RM was refreshed (each RM score is the RM's of its time)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [e for e in evals if "heldout_rm" in e and "heldout_gold" in e]
     steps = [int(e["step"]) for e in rows]
@@ -238,7 +253,7 @@ def plot_overoptimisation(
 
 
 def preset(name: str) -> tuple[TrainConfig, RLHFConfig]:
-    """``tiny``: 100 steps of 8 x 8 rollouts, the RM refreshed every 25, ~7 min on 2 CPU cores (README:
+    """``tiny``: 100 steps of 8 x 8 rollouts, the RM refreshed every 25, ~7 min on 2 CPU cores (docs/preferences.md:
     without the refreshes, at this lr and KL, the policy hacks the RM by step 100); ``gpu``: 32 x 16
     rollouts, 500 steps, a refresh every 100."""
     if name == "tiny":
@@ -289,18 +304,6 @@ def refresh_reward_model(
     and every earlier refresh's pairs under ``out``; the new RM is ``out/step_<step>``. Resumable: the
     pairs are written before training, and a refresh that finished is only loaded. None when there is
     nothing to label. ``probe``: questions whose built mistakes the new RM is probed with."""
-    from llmstack.rl.preferences import gold_pairs, mistake_probe, read_pairs, write_pairs
-    from llmstack.rl.reward_model import (
-        RewardScorer,
-        RewardTask,
-        encode_pairs,
-        load_reward_model,
-        pairwise_accuracy,
-        save_reference,
-    )
-    from llmstack.training.checkpoint import load_meta
-    from llmstack.training.loop import train
-
     here = out / f"step_{step:06d}"
     if not (here / "pairs.jsonl").exists():
         if not rollouts:
@@ -350,8 +353,6 @@ def refresh_reward_model(
 def _check_rounds(out: Path, rl: RLHFConfig, questions: str) -> None:
     """A run in rounds resumes only with the rounds it was started with: other boundaries would label
     the wrong rollouts and chain refreshed RMs the policy never trained against."""
-    from llmstack.training.checkpoint import load_meta
-
     meta = load_meta(out).meta
     was = meta.get("rlhf", {})
     for key in ("refresh_every", "refresh_replay", "refresh_steps"):
@@ -364,8 +365,6 @@ def _check_rounds(out: Path, rl: RLHFConfig, questions: str) -> None:
 
 def _write_history(path: Path, history: Sequence[dict[str, float]]) -> None:
     """Each step's rollout statistics; a resumed run keeps the steps it did not redo."""
-    import json
-
     first = min((h["step"] for h in history), default=float("inf"))
     kept = []
     if path.exists():
@@ -398,13 +397,6 @@ def run_rlhf(
     ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on.
     With ``rl.refresh_every``, the RM is retrained every so many steps (``refresh_reward_model``) on
     ``pairs`` (default: the RM's own) and the gold judge's pairs of the rollouts; ``out/rm-refresh``."""
-
-    from llmstack.io import write_json
-    from llmstack.rl.reward_model import PROBE_QUESTIONS, RewardScorer, load_reward_model
-    from llmstack.rl.reward_model import preset as rm_preset
-    from llmstack.training.loop import train
-    from llmstack.training.metrics import read_metrics
-
     out = Path(out)
     if min(rl.refresh_every, rl.refresh_replay) < 0 or min(rl.refresh_steps, rl.eval_samples) < 1:
         raise ValueError(

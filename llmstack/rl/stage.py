@@ -1,8 +1,10 @@
 """The GRPO stage as a command and as the main job calls it: presets, ``run_rl``, the plot.
 
-llmstack rl --sft runs/tiny/sft                       # tiny: 2 CPU cores, a few minutes -> runs/tiny/sft/rl
-llmstack rl --sft runs/tiny/sft --eval-only           # held-out pass@1 / pass@k of the SFT model
-llmstack rl --sft runs/d20/sft --preset gpu --device cuda
+llmstack rl                                            # tiny: 2 CPU cores, a few minutes; runs/tiny/sft -> runs/tiny/rl
+llmstack rl --eval-only                                # held-out pass@1 / pass@k of the SFT model
+llmstack rl --run-dir runs/d20 --preset gpu --device cuda   # runs/d20/sft -> runs/d20/rl
+
+``--model`` trains another policy (any model source; default ``<run>/sft``), ``--out`` writes elsewhere.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Any
 import torch
 
 from llmstack.interop.load import load_trainable
-from llmstack.io import save_png, write_json
+from llmstack.io import pyplot, save_png, write_json
 from llmstack.rl.grpo import GRPOConfig, GRPOTask, Sampler, evaluate_problems
 from llmstack.rl.verifiers import heldout_problems, make_splits
+from llmstack.tools.registry import default_toolbox
 from llmstack.training.config import TrainConfig
+from llmstack.training.distributed import init_distributed, shutdown
+from llmstack.training.loop import train
 from llmstack.training.metrics import MetricsLog, read_metrics
 
 
@@ -28,10 +33,9 @@ def tiny() -> tuple[GRPOConfig, TrainConfig]:
     and one of + - * ("Calculate 505 - 663."), where the SFT model succeeds often enough for groups to
     hold both right and wrong answers (the main job's: 73% greedy, 74% of samples; the one before it:
     34% and 15%). 64 rollouts a step (8 prompts x 8 at temperature 1), 160 steps (7-9 min on two
-    cores), lr 1e-4 with a small KL leash, 400
-    held-out problems (README, "Reinforcement learning"). The small one- and two-digit tasks
-    (``chain_sum``, ``basic_arithmetic``) stay available with ``--tasks``: this model solves 2-5% of
-    them when sampling, too rarely for RL to find anything to reinforce."""
+    cores), lr 1e-4 with a small KL leash, 400 held-out problems (docs/rl.md). The small one- and
+    two-digit tasks (``chain_sum``, ``basic_arithmetic``) stay available with ``--tasks``: this model
+    solves 2-5% of them when sampling, too rarely for RL to find anything to reinforce."""
     grpo = GRPOConfig(
         tasks=("basic_arithmetic_3d",), group_size=8, prompts_per_batch=8, max_new_tokens=40,
         temperature=1.0, kl_coef=0.02, n_heldout=400, eval_k=8, eval_k_problems=100,
@@ -113,10 +117,6 @@ def run_rl(
 
     Raises ``FloatingPointError`` if the loss stops being finite (the last checkpoint is kept).
     """
-    from llmstack.tools.registry import default_toolbox
-    from llmstack.training.distributed import init_distributed, shutdown
-    from llmstack.training.loop import train
-
     cfg, tcfg = rl_preset(preset)
     g: dict[str, Any] = {**(grpo_overrides or {}), **({"tasks": tuple(tasks)} if tasks else {})}
     t: dict[str, Any] = {**(train_overrides or {}), **({"max_steps": max_steps} if max_steps else {})}
@@ -194,8 +194,6 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Held-out pass@1 (greedy) and pass@k of any of our chat models on the RL problems (default: the
     preset's tasks)."""
-    from llmstack.tools.registry import default_toolbox
-
     cfg, _ = rl_preset(preset)
     cfg = replace(cfg, tasks=tuple(tasks or cfg.tasks), n_heldout=n_heldout or cfg.n_heldout)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,10 +205,7 @@ def evaluate_model(
 
 def plot_rl(metrics_path: str | Path, png: str | Path, title: str = "") -> Path:
     """Six panels against step: reward, held-out pass@1 / pass@k, response length, KL, entropy, loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = read_metrics(metrics_path)
     rl = [r for r in recs if r.get("kind") == "rl"]

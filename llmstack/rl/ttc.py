@@ -24,11 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_trainable
-from llmstack.io import save_png, write_json
+from llmstack.io import pyplot, save_png, write_json
+from llmstack.rl.grpo import Sampler
 from llmstack.rl.verifiers import HELDOUT_SEED, Problem, final_answer, make_splits, reward, reward_of_answer
 from llmstack.tokenizer import special as S
+from llmstack.tools.registry import default_toolbox
 
 Scorer = Callable[[str, str], float]  # (prompt, completion) -> higher is better
 
@@ -61,15 +64,11 @@ class MeanLogprobScorer:
     """
 
     def __init__(self, model: torch.nn.Module, tok: Any) -> None:
-        from llmstack.chat.conversation import ChatFormat
-
         self.model, self.tok, self.fmt = model, tok, ChatFormat(tok)
         self.result = (tok.special_id(S.TOOL_RESULT_START), tok.special_id(S.TOOL_RESULT_END))
 
     @torch.no_grad()
     def __call__(self, prompt: str, completion: str) -> float:
-        from llmstack.chat.conversation import Conversation
-
         p = self.fmt.prompt(Conversation.of(("user", prompt)))
         c = self.tok.encode(completion, allowed_special="all")
         if not c:
@@ -131,10 +130,7 @@ def curves(
 
 
 def plot_ttc(result: TTCResult, png: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, ys in result.curves.items():
@@ -170,9 +166,6 @@ def run_ttc(
     """Sample ``n`` completions of ``n_problems`` held-out problems from the model in ``model_dir``; write
     ``ttc.json`` and ``ttc.png`` (accuracy against n) into ``out_dir``. ``extra_scorers`` (a reward
     model, say) join the built-in ``oracle`` / ``logprob``."""
-    from llmstack.rl.grpo import Sampler
-    from llmstack.tools.registry import default_toolbox
-
     model, tok, bundle = load_trainable(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, problems = make_splits(list(tasks), 1, n_problems, heldout_seed=seed, train_seed=seed + 1)
     sampler = Sampler(model, tok, default_toolbox())

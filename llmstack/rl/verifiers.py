@@ -130,7 +130,7 @@ class ReasoningGym:
     config: dict[str, Any] = field(default_factory=dict)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
-        import reasoning_gym
+        import reasoning_gym  # heavy: ~0.9 s to import
 
         ds = reasoning_gym.create_dataset(self.dataset, size=n, seed=seed, **self.config)
         out = []

@@ -24,10 +24,16 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from llmstack.chat.mixture import arithmetic_question
+from llmstack.eval.assistant import EVAL_SEED
 
 DATA = Path(__file__).parent / "data"
 
@@ -56,8 +62,6 @@ class Case:
 
 @functools.cache
 def load(name: str) -> Any:
-    import yaml
-
     path = DATA / f"{name}.yaml"
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
@@ -203,11 +207,6 @@ def clean_pages() -> list[Case]:
 
 def clean_calculator(n: int = 20) -> list[Case]:
     """Our assistants' trained task: 3-digit products with the calculator (held-out seed)."""
-    import random
-
-    from llmstack.chat.mixture import arithmetic_question
-    from llmstack.eval.assistant import EVAL_SEED
-
     rng = random.Random(EVAL_SEED)
     out = []
     for i in range(n):

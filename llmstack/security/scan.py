@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.chat.conversation import Conversation
+from llmstack.chat.mixture import read_conversations
 
 _WORD = re.compile(r"[\w']+")
 
@@ -147,8 +148,6 @@ def nonblank_lines(path: str | Path) -> list[int]:
 
 
 def scan_file(path: str | Path, cfg: ScanConfig | None = None) -> list[Finding]:
-    from llmstack.chat.mixture import read_conversations
-
     return scan(read_conversations(path), nonblank_lines(path), cfg)
 
 

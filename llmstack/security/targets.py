@@ -54,14 +54,14 @@ class EndpointTarget:
     ours = False
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, workers: int = 4) -> None:
-        import openai
+        import openai  # optional: pip install openai
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=1, timeout=600)
         self.model = model or self.client.models.list().data[0].id
         self.name, self.workers = f"{self.model}@{base_url}", workers
 
     def answer(self, chats: list[Chat], max_tokens: int, tools: Callable[[str], str] | None) -> list[str | None]:
-        import openai
+        import openai  # optional: pip install openai
 
         def one(chat: Chat) -> str | None:
             try:

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from llmstack.assistants import list_assistants
 from llmstack.serve.models import ModelRegistry
 
 
@@ -29,8 +30,6 @@ def build_registry(model_specs: list[str], assistants_root: Path | None = None, 
         name, path = parse_model_spec(spec)
         registry.add(name, path, created=now)
     if assistants_root is not None and assistants_root.is_dir():
-        from llmstack.assistants import list_assistants
-
         errors: list[str] = []
         for assistant in list_assistants(assistants_root, errors=errors):
             registry.add_assistant(assistant, created=now)

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import Field
 
+from llmstack.eval.arena import Battle, RatingConfig, append_battles, default_log, leaderboard, read_battles
 from llmstack.serve.config import ServeConfig
 from llmstack.serve.models import ModelRegistry, RequestError
 from llmstack.serve.planning import plan_chat
@@ -58,8 +59,6 @@ def add_arena_routes(
     config: ServeConfig,
     body: Callable[[Request], Awaitable[bytes]],
 ) -> None:
-    from llmstack.eval.arena import Battle, RatingConfig, append_battles, default_log, leaderboard, read_battles
-
     app.state.arena_log = default_log()
     pending: OrderedDict[str, PendingBattle] = OrderedDict()
     rng = random.Random()

@@ -18,7 +18,7 @@ piece (``\\p{N}``, as Llama 2, Qwen 2 and SmolLM split numbers), so a number is 
 digit tokens wherever it appears. With cl100k's 1-3 digit groups a small vocabulary learns a few
 dozen digit merges and splits numbers unevenly ("686" -> "6" "86", "607110" -> "60" "7" "1" "10"),
 and a small model copying a number into a calculator call, or a result into its answer, has to
-copy rare tokens; digit by digit it copies ten well-trained ones (measured in the README).
+copy rare tokens; digit by digit it copies ten well-trained ones (measured in docs/assistant.md).
 ``CL100K_PATTERN`` keeps GPT-4's own split, written so that Oniguruma (HF) and fancy-regex
 (tiktoken) read it the same way: cl100k's ``\\p{N}{1,3}+`` becomes ``\\p{N}{1,3}`` because
 Oniguruma's Ruby syntax reads ``{1,3}+`` as "one or more groups of 1-3 digits", not as a possessive
@@ -51,15 +51,14 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import tiktoken
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from llmstack.io import atomic_write, read_json
 from llmstack.tokenizer.special import BOS, SPECIAL_TOKENS, special_token_ids
-
-if TYPE_CHECKING:
-    import tokenizers
 
 FORMAT_VERSION = 1
 RANKS_FILE = "tokenizer.tiktoken"
@@ -106,16 +105,13 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 def train_hf(
     texts: Iterable[str], n_ranks: int, *, pattern: str = SPLIT_PATTERN, show_progress: bool = False
-) -> tokenizers.Tokenizer:
+) -> HFTokenizer:
     """Train an HF byte-level BPE with ``n_ranks`` mergeable tokens and no special tokens.
 
     Exposed (rather than private) so the parity test and the benchmark can compare HF's own
     encoding with ours. Specials are left out on purpose: HF would give them the first ids and
     shift every rank; llmstack appends them after the ranks instead.
     """
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -135,7 +131,7 @@ def train_hf(
     return hf
 
 
-def ranks_from_hf(hf: tokenizers.Tokenizer) -> dict[bytes, int]:
+def ranks_from_hf(hf: HFTokenizer) -> dict[bytes, int]:
     """Convert an HF byte-level BPE vocabulary to tiktoken mergeable ranks (rank = HF id)."""
     u2b = _unicode_to_bytes()
     ranks: dict[bytes, int] = {}

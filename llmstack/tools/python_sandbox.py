@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -82,8 +83,6 @@ def _count_processes(uid: int) -> int:
 
 def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int) -> None:
     """Runs in the child between fork and exec: namespaces first (they need privileges), then rlimits."""
-    import resource
-
     libc = ctypes.CDLL(None, use_errno=True)
     if as_root:
         libc.unshare(CLONE_NEWNET)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmstack.io import save_png
+from llmstack.io import pyplot, save_png
 
 
 class MetricsLog:
@@ -42,10 +42,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path:
     """Training loss and validation bits-per-byte against step, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]

@@ -91,7 +91,7 @@ def d20(vocab_size: int = 65536) -> tuple[ModelConfig, TrainConfig]:
 def sft_config(max_seq_len: int) -> TrainConfig:
     """SFT: short conversations, a third of the pretraining learning rate with a cosine decay, 2000 steps of
     length-grouped batches (~6 min on 2 cores). At the pretraining rate (3e-3) the outcome swung by 10-20
-    points with the seed or the mixture; at 1e-3 identity held at 18/18 in every run (README)."""
+    points with the seed or the mixture; at 1e-3 identity held at 18/18 in every run (docs/assistant.md)."""
     return TrainConfig(
         max_steps=2000,
         batch_size=16,

@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmstack.chat.mixture import IDENTITY_EVAL, ModelCard, arithmetic_question, reasoning_gym_entries, words_from
+from llmstack.data.corpus import find_default_corpus, read_jsonl
 from llmstack.eval.tasks.base import Examples, Kind, Mode, Problem
 
 
@@ -37,9 +39,7 @@ class ReasoningGymTask:
         return f"reasoning-gym {self.dataset}, generated from the seed"
 
     def examples(self, limit: int | None, seed: int) -> Examples[Problem]:
-        import reasoning_gym
-
-        ds = reasoning_gym.create_dataset(self.dataset, size=limit or 100, seed=seed, **self.config)
+        ds = reasoning_gym_entries(self.dataset, limit or 100, seed, **self.config)
         return Examples([Problem(f"{self.dataset}/{i}", x["question"], str(x["answer"])) for i, x in enumerate(ds)])
 
 
@@ -79,8 +79,6 @@ class AssistantTask:
         return f"eval/assistant.py {self.name}, held-out"
 
     def examples(self, limit: int | None, seed: int) -> Examples[Problem]:
-        from llmstack.chat.mixture import IDENTITY_EVAL, ModelCard, arithmetic_question
-
         rng = random.Random(seed)
         if self.name == "multiply":
             qs = [arithmetic_question(rng, "*") for _ in range(limit or 100)]
@@ -94,9 +92,6 @@ class AssistantTask:
         return self._spelling(rng, limit or 50)
 
     def _spelling(self, rng: random.Random, n: int) -> Examples[Problem]:
-        from llmstack.chat.mixture import words_from
-        from llmstack.data.corpus import find_default_corpus, read_jsonl
-
         try:
             texts = [d.text for d in read_jsonl(find_default_corpus())]
         except FileNotFoundError as e:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.data.shards import split_of
 from llmstack.eval.tasks.base import Document, Examples, Kind, Mode, subsample
 
 VAL_FRACTION = 0.05  # write_shards' default split
@@ -43,9 +45,6 @@ class HeldOutText:
         return f"bits per byte on held-out text ({where})"
 
     def examples(self, limit: int | None, seed: int) -> Examples[Document]:
-        from llmstack.data.corpus import find_default_corpus, read_jsonl
-        from llmstack.data.shards import split_of
-
         try:
             path = self.path or find_default_corpus()
         except FileNotFoundError as e:
