@@ -71,3 +71,31 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_text(path: str | Path, missing: str = "file not found") -> str:
+    """A UTF-8 file's text; a missing file or other bytes raise an error naming the file (``missing`` says
+    what to do about it)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def jsonl_objects(path: str | Path, example: str, missing: str = "file not found") -> Iterator[tuple[str, dict]]:
+    """(``path:line``, object) for each non-blank line of a JSONL file of objects; a line that is not JSON,
+    or not an object (``example`` shows one), raises an error naming the file and line."""
+    for n, line in enumerate(read_text(path, missing).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected an object {example}")
+        yield where, obj

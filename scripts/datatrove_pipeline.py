@@ -109,7 +109,7 @@ class SphinxTrafilatura(Trafilatura):
 
         from trafilatura import extract
 
-        from llmstack.data.corpus import _prepare_html
+        from llmstack.data.extract import _prepare_html
 
         text = re.sub(r"^\s*<\?xml[^>]*\?>", "", text, count=1)  # lxml refuses str input with it
         if not text.strip():

@@ -136,7 +136,7 @@ def test_synthesized_conversations_join_the_mixture(teacher, tmp_path, tok):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("{oops", ":2: Expecting property name"),
+        ("{oops", ":2: not valid JSON (Expecting property name"),
         ('{"text": "hi"}', ':2: expected {"messages"'),
         ('{"messages": ["hi"]}', ':2: expected {"messages"'),
         ('{"messages": [{"role": "robot", "content": "x"}]}', ":2: message 0: unknown role 'robot'"),

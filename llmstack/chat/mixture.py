@@ -23,7 +23,6 @@ of its own (``hallucination/interrogate.py``, ``llmstack interrogate``), since w
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ import chitchat_dataset
 
 from llmstack.chat.conversation import Conversation, Message, Part
 from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.io import jsonl_objects
 from llmstack.tools.calculator import calculator
 
 
@@ -327,29 +327,19 @@ class MixtureConfig:
 
 def read_conversations(path: str | Path) -> list[Conversation]:
     """``{"messages": [...]}`` per line (OpenAI format); blank lines are skipped. Errors name file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for where, obj in jsonl_objects(path, '{"messages": [{"role": ..., "content": ...}, ...]}'):
         try:
-            obj = json.loads(line)
-            messages = obj.get("messages") if isinstance(obj, dict) else None
+            messages = obj.get("messages")
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]}')
             conv = Conversation.from_openai(messages)
             if not any(m.role == "assistant" for m in conv.messages):
                 raise ValueError("no assistant message (nothing to train on)")
         except KeyError as e:  # a tool call without its function name
-            raise ValueError(f"{path}:{n}: missing key {e}") from None
-        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path}:{n}: {e}") from None
+            raise ValueError(f"{where}: missing key {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
         out.append(conv)
     if not out:
         raise ValueError(f"{path}: no conversations")

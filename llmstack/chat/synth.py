@@ -31,7 +31,7 @@ from llmstack.data.filters import GopherRepetition
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle
-from llmstack.io import atomic_write
+from llmstack.io import atomic_write, read_text
 
 PROMPTS = Path(__file__).with_name("prompts")
 TOPICS = PROMPTS / "synth_topics.txt"
@@ -42,14 +42,7 @@ _repetition = GopherRepetition(top_n_grams=())
 
 def read_lines(path: str | Path) -> list[str]:
     """Non-blank lines that do not start with ``#``, stripped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [s.strip() for s in text.splitlines()]
+    lines = [s.strip() for s in read_text(path).splitlines()]
     lines = [s for s in lines if s and not s.startswith("#")]
     if not lines:
         raise ValueError(f"{path}: no lines (blank lines and # comments are skipped)")

@@ -24,7 +24,6 @@ trusting them: a base model simulates an assistant, it has not been taught to be
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig, stream_text
+from llmstack.io import jsonl_objects, read_text
 
 SEPARATOR = "\n\n"
 """Between few-shot examples: a blank line. Generation stops when the model writes one."""
@@ -55,35 +55,17 @@ class SimPrompt:
     stop: str
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
 def read_examples(path: str | Path) -> list[Example]:
     """``{"input": str, "output": str}`` per line; blank lines are skipped. Errors name file and line."""
-    path = Path(path)
     examples = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f'{path}:{n}: expected an object {{"input": ..., "output": ...}}')
+    for where, obj in jsonl_objects(path, '{"input": ..., "output": ...}'):
         for key in ("input", "output"):
             if key not in obj:
-                raise ValueError(f'{path}:{n}: "{key}" is missing')
+                raise ValueError(f'{where}: "{key}" is missing')
             if not isinstance(obj[key], str):
-                raise ValueError(f'{path}:{n}: "{key}" must be a string (got {type(obj[key]).__name__})')
+                raise ValueError(f'{where}: "{key}" must be a string (got {type(obj[key]).__name__})')
             if SEPARATOR in obj[key].strip():
-                raise ValueError(f'{path}:{n}: "{key}" holds a blank line, which separates examples')
+                raise ValueError(f'{where}: "{key}" holds a blank line, which separates examples')
         examples.append(Example(obj["input"].strip(), obj["output"].strip()))
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -102,7 +84,7 @@ def few_shot_prompt(source: str | Path, prompt: str) -> SimPrompt:
         if SEPARATOR in prompt.strip():
             raise ValueError("the prompt holds a blank line, which separates few-shot examples")
         return SimPrompt(f"{format_examples(examples)}Input: {prompt.strip()}\nOutput:", SEPARATOR)
-    text = _read_text(source)
+    text = read_text(source)
     if not text.strip():
         raise ValueError(f"{source}: empty (a few-shot file needs examples)")
     return SimPrompt(text + prompt, SEPARATOR)
@@ -110,7 +92,7 @@ def few_shot_prompt(source: str | Path, prompt: str) -> SimPrompt:
 
 def conversation_prompt(prompt: str, template: str | Path = CONVERSATION_TEMPLATE) -> SimPrompt:
     """The conversation document with ``prompt`` as the human's last line."""
-    text = _read_text(Path(template)).rstrip()
+    text = read_text(Path(template)).rstrip()
     if text.count(PLACEHOLDER) != 1:
         raise ValueError(f"{template}: a conversation template needs {PLACEHOLDER} exactly once")
     return SimPrompt(text.replace(PLACEHOLDER, " ".join(prompt.split())), HUMAN_TURN)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from llmstack.chat.conversation import ChatFormat, Conversation, Part
-from llmstack.io import atomic_write
+from llmstack.io import atomic_write, jsonl_objects
 from llmstack.tokenizer import special as S
 
 
@@ -37,29 +37,15 @@ def write_pairs(path: str | Path, pairs: Sequence[Pair]) -> None:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """JSONL of ``{"prompt", "chosen", "rejected"}`` (+ optional ``source``, ``scores``); errors name the line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no preference file (make one with `llmstack preferences`)") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            out.append(_pair(f"{path}:{n}", line))
+    missing = "no preference file (make one with `llmstack preferences`)"
+    example = '{"prompt": ..., "chosen": ..., "rejected": ...}'
+    out = [_pair(where, obj) for where, obj in jsonl_objects(path, example, missing)]
     if not out:
         raise ValueError(f"{path}: no preference pairs")
     return out
 
 
-def _pair(where: str, line: str) -> Pair:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f'{where}: expected an object {{"prompt": ..., "chosen": ..., "rejected": ...}}')
+def _pair(where: str, obj: dict) -> Pair:
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(obj.get(key), str) or not obj[key].strip():
             raise ValueError(f'{where}: "{key}" must be a non-empty string')
