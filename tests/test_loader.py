@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llmstack
-from llmstack.chat.answer import ChatModel, is_ours
+from llmstack.chat.answer import ChatModel, chat_repl, is_ours, repl, write_stream
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.gguf import export_gguf
@@ -120,3 +120,40 @@ def test_a_chat_too_long_for_the_context_gets_no_answer(scripted_run):
     cfg = SamplingConfig(max_new_tokens=4, temperature=0.0)
     assert not chat.fits(long) and chat.fits(QUESTION)
     assert chat.answer([long, QUESTION], cfg)[0] is None
+
+
+def test_the_repl_streams_replies_answers_commands_and_ends_on_quit_or_eof():
+    import io
+
+    lines = iter(["hello", "/reset", "  ", "never read"])
+    out = io.StringIO()
+    replies = []
+
+    def reply(line: str):
+        replies.append(line)
+        yield from ("hi ", "there")
+
+    repl(reply, out, read=lambda _: next(lines), command=lambda c: "cleared" if c == "/reset" else None)
+    assert replies == ["hello"] and out.getvalue() == "hi there\ncleared\n"  # the blank line ended it
+    out = io.StringIO()
+    repl(reply, out, read=lambda _: (_ for _ in ()).throw(EOFError))  # Ctrl-D
+    assert out.getvalue() == "" and write_stream(iter(["a", "b"]), out) == "ab" and out.getvalue() == "ab\n"
+
+
+def test_chat_repl_keeps_the_history_between_turns(scripted_run, tmp_path):
+    import io
+
+    chat = ChatModel(load_model(export_hf(load_model(scripted_run), tmp_path / "hf")))  # a template model
+    seen: list[int] = []
+    stream = chat.stream
+
+    def spy(messages, cfg):
+        seen.append(len(messages))
+        return stream(messages, cfg)
+
+    chat.stream = spy  # type: ignore[method-assign]
+    lines = iter(["one", "two", ""])
+    out = io.StringIO()
+    chat_repl(chat, SamplingConfig(max_new_tokens=4, temperature=0.0), "be brief", out, read=lambda _: next(lines))
+    assert seen == [2, 4]  # system + user, then + the first reply and the second question
+    assert out.getvalue().count("\n") == 2

@@ -16,7 +16,7 @@ here. What is not here: a base model continuing a document (``inference/simulate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from jinja2.exceptions import TemplateError
@@ -192,24 +192,52 @@ class ChatModel:
         return "".join(self.stream(messages, cfg))
 
 
-def chat_repl(model: ChatModel, cfg: SamplingConfig, system: str | None, out: Any, read: Any = input) -> None:
-    """A minimal read-reply loop for any chat model; an empty line or EOF ends it."""
-    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+def write_stream(pieces: Iterable[str], out: Any) -> str:
+    """Write text pieces as they come, then a newline; the whole text."""
+    seen = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        seen.append(piece)
+    out.write("\n")
+    return "".join(seen)
+
+
+def repl(
+    reply: Callable[[str], Iterable[str]],
+    out: Any,
+    read: Callable[[str], str] = input,
+    command: Callable[[str], str | None] | None = None,
+) -> None:
+    """The one read-reply loop of the chat commands: a line in, its reply streamed out. An empty line,
+    ``/quit`` or EOF ends it; ``command`` may answer a line itself (``/reset`` ...), None passes it on."""
     while True:
         try:
-            text = read("> ")
+            line = read("> ").strip()
         except EOFError:
             break
-        if not text.strip():
+        if not line or line == "/quit":
             break
+        answer = command(line) if command else None
+        if answer is not None:
+            out.write(answer + "\n")
+            continue
+        write_stream(reply(line), out)
+
+
+def chat_repl(model: ChatModel, cfg: SamplingConfig, system: str | None, out: Any, read: Any = input) -> None:
+    """Multi-turn chat with any model: the history grows by each question and reply."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+
+    def reply(text: str) -> Iterator[str]:
         messages.append({"role": "user", "content": text})
         pieces = []
         for piece in model.stream(messages, cfg):
-            out.write(piece)
-            out.flush()
             pieces.append(piece)
-        out.write("\n")
+            yield piece
         messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    repl(reply, out, read)
 
 
 def our_chat(model: Any, tok: Tokenizer, tools: Callable[[str], str] | None = None) -> ChatModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from llmstack.chat.mixture import corpus_words
@@ -42,7 +43,6 @@ def cmd_gcg(args: argparse.Namespace) -> int:
 
 
 def cmd_poison(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     tok = load_trainable(args.model)[1]
     if args.tokenizer and load_tokenizer(args.tokenizer, args).fingerprint != tok.fingerprint:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from llmstack.cli.common import (
     FMT,
@@ -56,18 +59,10 @@ def cmd_arena(args: argparse.Namespace) -> int:
         print(f"plot: {board.plot(args.plot or log.with_suffix('.png'))}")
         return 0
 
-    import torch
-
     specs = ab.parse_models(args.models) if args.models else ab.default_contestants(runs_dir())
     if len(specs) < 2:
         raise ValueError(f"a battle needs two models; found {specs or 'none'} (name them: --models a=PATH,b=PATH)")
-    n = args.n or (60 if args.judge == "verifier" else 8)
-    if args.problems:
-        problems = ab.read_problems(args.problems)[:n]
-    else:
-        problems = ab.arithmetic_problems(n) if args.judge == "verifier" else ab.open_problems(n)
-    if args.judge == "verifier" and any(p.answer is None for p in problems):
-        raise ValueError("--judge verifier needs a known answer for every problem (or use --judge llm)")
+    problems = ab.pick_problems(args.judge, args.n, args.problems)
     dtype = getattr(torch, resolve_dtype(args.dtype, torch.device("cpu")))
     t0 = time.perf_counter()
     contestants = [ab.Contestant.load(name, path, dtype) for name, path in specs]
@@ -92,7 +87,6 @@ def cmd_arena(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     if args.preset not in SWEEPS:
         raise ValueError(f"unknown sweep preset {args.preset!r}; choose one of {sorted(SWEEPS)}")

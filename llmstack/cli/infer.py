@@ -8,7 +8,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llmstack.chat.answer import ChatModel, chat_repl, is_ours
+from tqdm import tqdm
+
+from llmstack.chat.answer import ChatModel, chat_repl, is_ours, repl, write_stream
 from llmstack.chat.session import ChatSession
 from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
 from llmstack.cli.common import (
@@ -55,31 +57,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _chat_llmstack(bundle, cfg, args: argparse.Namespace) -> int:
-
     tools = None if args.no_tools else default_toolbox()
     session = ChatSession(bundle.model, bundle.tokenizer, tools, cfg, system=args.system, show_tokens=args.show_tokens)
     if args.prompt is not None:
-        for piece in session.ask(args.prompt):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        write_stream(session.ask(args.prompt), sys.stdout)
         return 0
     print("chat: /reset, /system TEXT, /tokens, /quit (or an empty line)", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line or line == "/quit":
-            break
-        reply = session.handle(line)
-        if reply is not None:
-            print(reply)
-            continue
-        for piece in session.ask(line):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    repl(session.ask, sys.stdout, command=session.handle)
     return 0
 
 
@@ -98,7 +82,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     questions = read_lines(args.topics or TOPICS)
     system_file = SYSTEM if args.system is None else args.system

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmstack.assistants import create_assistant, default_root, list_assistants, load_assistant, sources_footer
-from llmstack.chat.answer import ChatModel
+from llmstack.chat.answer import ChatModel, repl, write_stream
 from llmstack.cli.common import (
     FMT,
 )
@@ -21,7 +23,6 @@ from llmstack.serve.app import ServeConfig, create_app
 
 def cmd_assistant(args: argparse.Namespace) -> int:
     """``llmstack assistant create|list|chat``: custom assistants kept as folders (llmstack/assistants)."""
-    import dataclasses
 
     root = Path(args.root) if args.root else default_root()
     if args.assistant_command == "create":
@@ -63,40 +64,33 @@ def cmd_assistant(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(a.generation, **{k: v for k, v in overrides.items() if v is not None}).sampling(args.seed)
     chat = ChatModel(a.load_model())
 
-    def turn(messages: list[dict[str, str]]) -> str:
-        """Stream one answer and its Sources footer; return the answer alone (what the history keeps)."""
-        prepared = a.prepare(messages)
+    history: list[dict[str, str]] = []
+
+    def ask(line: str) -> Iterator[str]:
+        """Stream one answer and its Sources footer; the history keeps the answer alone."""
+        history.append({"role": "user", "content": line})
+        prepared = a.prepare(history)
         if args.show_sources:
             for s in prepared.sources:
                 print(f"[{s.n}] {s.file} (bm25 {s.score:.2f}): {s.passage[:200]!r}", file=sys.stderr)
         pieces = []
         for piece in chat.stream(prepared.messages, cfg):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
             pieces.append(piece)
+            yield piece
         answer = "".join(pieces)
-        print(sources_footer(answer, prepared.sources))
-        return answer
+        history.append({"role": "assistant", "content": answer})
+        yield sources_footer(answer, prepared.sources)
 
     if args.prompt is not None:
-        turn([{"role": "user", "content": args.prompt}])
+        write_stream(ask(args.prompt), sys.stdout)
         return 0
     print(f"{a.name}: an empty line or Ctrl-D ends the chat", file=sys.stderr)
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": turn(history)})
+    repl(ask, sys.stdout)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import uvicorn  # heavy: the web server, only for `serve`
 
     specs = list(args.model or [])
     if not specs:  # the main job's assistant, and SmolLM2 when its package is installed

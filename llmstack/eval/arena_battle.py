@@ -159,6 +159,19 @@ def read_problems(path: str | Path) -> list[Problem]:
     return out
 
 
+def pick_problems(judge: str, n: int | None = None, path: str | Path | None = None) -> list[Problem]:
+    """A battle's problems: a file's, or built-in ones (arithmetic for the verifier, open questions for an
+    LLM judge); the verifier needs a known answer for each."""
+    n = n or (60 if judge == "verifier" else 8)
+    if path:
+        problems = read_problems(path)[:n]
+    else:
+        problems = arithmetic_problems(n) if judge == "verifier" else open_problems(n)
+    if judge == "verifier" and any(p.answer is None for p in problems):
+        raise ValueError("--judge verifier needs a known answer for every problem (or use --judge llm)")
+    return problems
+
+
 def _problem(where: str, line: str, source: str) -> Problem:
     try:
         obj = json.loads(line)
