@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,65 @@ def test_sandbox_stops_infinite_loops_and_sleeps():
 def test_sandbox_bounds_output():
     r = run_python("while True: print('x' * 1000)", LIMITS)
     assert len(r.stdout) <= LIMITS.output_bytes + 50 and r.exit_code != 0
+
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("swap", ["symlink", "fifo"])
+def test_sandbox_output_cannot_be_swapped_for_a_host_file(tmp_path, swap):
+    """The parent never opens the child's output by path: a symlink to a root-only file, /dev/zero or
+    /proc/1/environ, or a FIFO, put where output files could be, reads back nothing of them."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root-only-secret")
+    secret.chmod(0o600)
+    targets = [str(secret), "/dev/zero", "/proc/1/environ"]
+    make = "os.mkfifo(name)" if swap == "fifo" else "os.symlink(target, name)"
+    code = (
+        "import os, sys\n"
+        f"for i, target in enumerate({targets!r}):\n"
+        "    for name in (f'.stdout{i}', '.stdout', '.stderr', f'/proc/self/cwd/out{i}'):\n"
+        "        try:\n"
+        "            os.unlink(name)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "        try:\n"
+        f"            {make}\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "print('swapped')"
+    )
+    before = set(Path(tempfile.gettempdir()).glob("llmstack-sandbox-*"))
+    r = run_python(code, LIMITS)
+    assert r.stdout == "swapped\n" and "root-only-secret" not in r.stdout + r.stderr
+    assert r.seconds < LIMITS.wall_seconds and not r.timed_out  # a FIFO in place of output hangs nothing
+    leftovers = set(Path(tempfile.gettempdir()).glob("llmstack-sandbox-*")) - before
+    assert not leftovers, leftovers  # the working folder is removed whatever the code did to it
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="a fresh uid per run needs root")
+def test_sandbox_kills_a_double_forked_setsid_child():
+    code = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        print(os.getpid(), flush=True)\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.5)\n"
+    )
+    r = run_python(code, LIMITS)
+    pid = int(r.stdout.split()[0])
+    stat = Path(f"/proc/{pid}/stat")
+    alive = stat.exists() and stat.read_text().split(") ")[-1][0] not in "ZX"  # a zombie is dead
+    assert not alive, f"process {pid} outlived its run"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="a fresh uid per run needs root")
+def test_sandbox_runs_never_share_a_uid():
+    uids = {int(run_python("import os; print(os.getuid())", LIMITS).stdout) for _ in range(3)}
+    assert len(uids) == 3 and 0 not in uids and 65534 not in uids  # not root, not the shared 'nobody'
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="namespaces are Linux-only")

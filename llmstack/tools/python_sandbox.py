@@ -7,12 +7,18 @@ Containment, in layers (each one independent of the others):
 * rlimits: CPU seconds, address space (memory), file size (so output is bounded), open files,
   and number of processes (fork bombs), plus a wall-clock timeout that kills the process group;
 * when run as root: its own network namespace (no interfaces but a down loopback: no network)
-  and the unprivileged ``nobody`` user (cannot read root-only files, and its process limit bites);
+  and a fresh unprivileged uid for each run (cannot read root-only files, cannot see or signal
+  another run's processes, and its process limit counts this run alone); every process left with
+  that uid (a double-forked, ``setsid`` child included) is killed when the run ends;
   as an ordinary user: an unprivileged user+network namespace where the kernel allows it.
+* output goes to unnamed files the parent opened before the child started and reads back through
+  its own descriptors, bounded: the child can replace nothing the parent reads by path (a symlink
+  to ``/etc/shadow``, a FIFO or ``/dev/zero`` in place of its output is never opened).
 
 What is not covered: a kernel exploit, reading world-readable files outside the working directory
-when no mount namespace is available, and CPU/memory taken from other processes within the limits.
-``SandboxResult.isolation`` says which layers were in force.
+(no minimal root filesystem yet), other processes' ``/proc/PID/cmdline`` (no PID namespace yet),
+and CPU/memory taken from other processes within the limits. ``SandboxResult.isolation`` says which
+layers were in force.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 NOBODY = 65534
+RUN_UIDS = range(3_000_000, 3_900_000)  # fresh uids for runs: above every system and subuid range in use
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 SANDBOX_DIR = "/tmp/sandbox"  # where the working directory appears inside the mount namespace
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
@@ -71,17 +79,48 @@ class SandboxResult:
         return "\n".join(parts) if parts else "(no output)"
 
 
-def _count_processes(uid: int) -> int:
-    n = 0
+def _processes_of(uid: int) -> list[int]:
+    pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             with contextlib.suppress(OSError):
                 if p.stat().st_uid == uid:
-                    n += 1
-    return n
+                    pids.append(int(p.name))
+    return pids
 
 
-def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int) -> None:
+def _count_processes(uid: int) -> int:
+    return len(_processes_of(uid))
+
+
+def _fresh_uid() -> int:
+    """A uid no process has: runs never share one (so they cannot see or signal each other)."""
+    for _ in range(100):
+        uid = RUN_UIDS[int.from_bytes(os.urandom(4), "little") % len(RUN_UIDS)]
+        if not _processes_of(uid):
+            return uid
+    raise RuntimeError("no free sandbox uid found")
+
+
+def _kill_all(uid: int, seconds: float = 2.0) -> None:
+    """SIGKILL every process of ``uid`` until none is left (escaped process groups included)."""
+    deadline = time.monotonic() + seconds
+    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def _read_bounded(f: BinaryIO, limit: int) -> str:
+    """What the child wrote to ``f``, through the parent's own descriptor, at most ``limit`` bytes."""
+    f.seek(0)
+    data = f.read(limit + 1)
+    text = data[:limit].decode("utf-8", errors="replace")
+    return text + ("\n[output truncated]" if len(data) > limit else "")
+
+
+def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int, uid: int) -> None:
     """Runs in the child between fork and exec: namespaces first (they need privileges), then rlimits."""
     libc = ctypes.CDLL(None, use_errno=True)
     if as_root:
@@ -108,8 +147,8 @@ def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if as_root:
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
 
@@ -147,51 +186,51 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     limits = limits or SandboxLimits()
     as_root = os.geteuid() == 0
     python = _interpreter(drop_to_nobody=as_root)
-    if not python:  # no interpreter 'nobody' may run: keep root's, without the user switch
+    if not python:  # no interpreter an unprivileged uid may run: keep root's, without the user switch
         python, as_root = sys.executable, False
-    nproc = limits.max_processes + (_count_processes(NOBODY) if as_root else _count_processes(os.getuid()))
+    uid = _fresh_uid() if as_root else os.getuid()
+    nproc = limits.max_processes + (0 if as_root else _count_processes(uid))
     workdir = Path(tempfile.mkdtemp(prefix="llmstack-sandbox-"))
     isolation = ["separate process", "rlimits (cpu, memory, file size, files, processes)", "scrubbed env"]
+    isolation.append("output read through the parent's own descriptors, never by path")
     if _network_isolated(as_root):
         isolation.append("no network (own network namespace)")
     if as_root:
         isolation.append("private /tmp, /var/tmp, /dev/shm (own mount namespace)")
-        isolation.append("unprivileged user 'nobody'")
-        os.chown(workdir, NOBODY, NOBODY)
-    (workdir / "main.py").write_text(code, encoding="utf-8")
-    out_path, err_path = workdir / ".stdout", workdir / ".stderr"
-    home = SANDBOX_DIR if as_root else str(workdir)
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+        isolation.append(f"a fresh unprivileged uid ({uid}), every process of it killed at the end")
     t0 = time.monotonic()
     timed_out = False
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            [python, "-I", "-S", "-B", "main.py"],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-            preexec_fn=lambda: _child_setup(limits, as_root, nproc),  # noqa: PLW1509 - the point
-        )
-        try:
-            proc.wait(timeout=limits.wall_seconds)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    try:
+        (workdir / "main.py").write_text(code, encoding="utf-8")
+        if as_root:
+            os.chown(workdir, uid, uid)
+        home = SANDBOX_DIR if as_root else str(workdir)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(
+                [python, "-I", "-S", "-B", "main.py"],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=lambda: _child_setup(limits, as_root, nproc, uid),  # noqa: PLW1509 - the point
+            )
+            try:
+                proc.wait(timeout=limits.wall_seconds)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if as_root:
+                    _kill_all(uid)
+                proc.wait()
+            stdout, stderr = _read_bounded(out, limits.output_bytes), _read_bounded(err, limits.output_bytes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     seconds = time.monotonic() - t0
-
-    def read(p: Path) -> str:
-        data = p.read_bytes()
-        text = data[: limits.output_bytes].decode("utf-8", errors="replace")
-        return text + ("\n[output truncated]" if len(data) > limits.output_bytes else "")
-
-    stdout, stderr = read(out_path), read(err_path)
-    shutil.rmtree(workdir, ignore_errors=True)
     code_ = None if timed_out else proc.returncode
     if code_ is not None and code_ < 0:
         stderr += f"\nkilled by signal {signal.Signals(-code_).name}"
