@@ -180,6 +180,27 @@ def test_sandbox_runs_never_share_a_uid():
     assert len(uids) == 3 and 0 not in uids and 65534 not in uids  # not root, not the shared 'nobody'
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="private mounts need root")
+def test_sandbox_disk_is_bounded_and_host_lock_folder_untouched():
+    marker = Path("/run/lock") / f"llmstack-escape-{os.getpid()}"
+    code = (
+        "import os\n"
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "n = 0\n"
+        "try:\n"
+        "    for n in range(100_000):\n"
+        "        open(f'f{n}', 'w').write('x' * 60_000)\n"
+        "except OSError as e:\n"
+        "    print('stopped', n, e.errno)\n"
+    )
+    limits = SandboxLimits(wall_seconds=20, cpu_seconds=10, work_mb=8, work_files=256)
+    r = run_python(code, limits)
+    assert not marker.exists(), "a write to /run/lock reached the host"
+    stopped, n, errno_ = r.stdout.split()
+    assert stopped == "stopped" and int(n) <= 256 and int(errno_) in (28, 122), r  # ENOSPC / EDQUOT
+    assert any("at most 8 MB and 256 files" in i for i in r.isolation)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="namespaces are Linux-only")
 def test_sandbox_reports_its_isolation():
     r = run_python("print(1)", LIMITS)

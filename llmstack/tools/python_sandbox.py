@@ -44,7 +44,7 @@ NOBODY = 65534
 RUN_UIDS = range(3_000_000, 3_900_000)  # fresh uids for runs: above every system and subuid range in use
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 SANDBOX_DIR = "/tmp/sandbox"  # where the working directory appears inside the mount namespace
-PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # every world-writable folder of the host
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class SandboxLimits:
     output_bytes: int = 16_384
     max_processes: int = 16
     max_open_files: int = 64
+    work_mb: int = 64  # the working folder and each private temp folder: a tmpfs of this size ...
+    work_files: int = 2048  # ... and this many files and folders
 
 
 @dataclass
@@ -125,18 +127,26 @@ def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int, uid: int) -> 
     libc = ctypes.CDLL(None, use_errno=True)
     if as_root:
         libc.unshare(CLONE_NEWNET)
-        # a private mount namespace with empty tmpfs over the shared temp dirs: what the code writes
-        # there vanishes with it (the working directory stays reachable: cwd was entered already)
-        # (the working directory, itself under /tmp, is bind-mounted back at SANDBOX_DIR)
+        # a private mount namespace with empty, bounded tmpfs over the host's world-writable folders:
+        # what the code writes there vanishes with it. The working folder is made inside the new /tmp
+        # (bounded too), holding a copy of main.py; the host's working folder is never written to.
         if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
-            workdir_fd = os.open(".", os.O_RDONLY)
-            for d in PRIVATE_TMP:
-                if os.path.isdir(d):
-                    libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=64m,mode=1777")
-            os.makedirs(SANDBOX_DIR, exist_ok=True)
-            libc.mount(f"/proc/self/fd/{workdir_fd}".encode(), SANDBOX_DIR.encode(), None, MS_BIND, None)
+            code = Path("main.py").read_bytes()  # still root, in the host's working folder
+            opts = f"size={limits.work_mb}m,nr_inodes={limits.work_files},mode=1777".encode()
+            mounted = [
+                libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, opts) == 0 for d in PRIVATE_TMP if os.path.isdir(d)
+            ]
+            if mounted and all(mounted):
+                os.makedirs(SANDBOX_DIR, mode=0o700)
+                (Path(SANDBOX_DIR) / "main.py").write_bytes(code)
+                for path in (SANDBOX_DIR, f"{SANDBOX_DIR}/main.py"):
+                    os.chown(path, uid, uid)
+            else:  # no tmpfs here: the host's working folder, bind-mounted at the same place
+                workdir_fd = os.open(".", os.O_RDONLY)
+                os.makedirs(SANDBOX_DIR, exist_ok=True)
+                libc.mount(f"/proc/self/fd/{workdir_fd}".encode(), SANDBOX_DIR.encode(), None, MS_BIND, None)
+                os.close(workdir_fd)
             os.chdir(SANDBOX_DIR)
-            os.close(workdir_fd)
     else:
         libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
     mb = 1024 * 1024
@@ -196,7 +206,10 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     if _network_isolated(as_root):
         isolation.append("no network (own network namespace)")
     if as_root:
-        isolation.append("private /tmp, /var/tmp, /dev/shm (own mount namespace)")
+        isolation.append(
+            f"private /tmp, /var/tmp, /dev/shm, /run/lock and working folder, each at most {limits.work_mb} MB "
+            f"and {limits.work_files} files (own mount namespace)"
+        )
         isolation.append(f"a fresh unprivileged uid ({uid}), every process of it killed at the end")
     t0 = time.monotonic()
     timed_out = False
