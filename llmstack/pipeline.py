@@ -20,7 +20,7 @@ from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_model
 from llmstack.io import write_json
 from llmstack.rl.stage import run_rl
-from llmstack.security.hierarchy import hierarchy_sets
+from llmstack.security.hierarchy import HIERARCHY_CONVERSATIONS, hierarchy_sets
 from llmstack.tokenizer import Tokenizer
 from llmstack.training.metrics import read_metrics
 from llmstack.training.presets import get_preset
@@ -34,7 +34,6 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-SFT_HIERARCHY = 400  # instruction-hierarchy conversations in the SFT mixture (`llmstack sft --hierarchy`'s default)
 RL_STEPS = 30  # GRPO steps in the main job (the `rl` tiny preset runs 160): it keeps the job under 15 minutes
 RL_HELDOUT = {"n_heldout": 200, "eval_k_problems": 50}  # half the preset's held-out problems: two evals in the job
 
@@ -103,7 +102,7 @@ def run_pipeline(
 
     t = _stage("6/8 supervised finetuning into an assistant")
     sft_dir = run_dir / "sft"
-    pages, held_out_pages = hierarchy_sets(SFT_HIERARCHY)
+    pages, held_out_pages = hierarchy_sets(HIERARCHY_CONVERSATIONS)
     run_sft(run_dir, sft_dir, {"max_steps": sft_steps or None}, "cpu", pages, held_out_pages)
     timings["sft"] = time.perf_counter() - t
 
@@ -111,7 +110,7 @@ def run_pipeline(
     results, _ = run_assistant_eval(sft_dir, n=500)
     for r in results:
         print(r.line())
-    assistant_eval = json.loads((sft_dir / "eval.json").read_text())
+    assistant_eval = sorted(results, key=lambda r: r.name)  # the order eval.json (sorted keys) has
     timings["eval"] = time.perf_counter() - t
 
     t = _stage("8/8 reinforcement learning (GRPO on reasoning-gym arithmetic, checked by its verifier)")
@@ -120,8 +119,9 @@ def run_pipeline(
     )
     timings["rl"] = time.perf_counter() - t
 
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
-    trains = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = [r for r in records if r.get("kind") == "train"]
     outputs = {
         "run": str(run_dir),
         "checkpoint": str(ckpt.path),
@@ -147,7 +147,7 @@ def run_pipeline(
         "train_loss_last": trains[-1]["loss"] if trains else None,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "samples": samples,
-        "assistant": {k: round(v["accuracy"], 3) for k, v in assistant_eval.items()},
+        "assistant": {r.name: round(r.accuracy, 3) for r in assistant_eval},
         "rl": {"steps": rl.steps, "sft": rl.sft, "rl": rl.rl, "rollout_tok_per_s": round(rl.rollout_tok_per_s)},
         "outputs": outputs,
     }
@@ -162,9 +162,9 @@ def run_pipeline(
         )
     if trains:
         print(f"train loss: {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} nats/token")
-    for k, v in assistant_eval.items():
-        lo, hi = v["interval"]
-        print(f"assistant, {k}: {v['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] of {v['total']}")
+    for r in assistant_eval:
+        lo, hi = r.interval()
+        print(f"assistant, {r.name}: {r.accuracy:.1%} [{lo:.1%}, {hi:.1%}] of {r.total}")
     for line in rl.lines():
         print(f"rl: {line}")
     print(json.dumps(summary["seconds"]), f"total {total:.0f}s")

@@ -17,13 +17,13 @@ here. What is not here: a base model continuing a document (``inference/simulate
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.inference.engine import Engine, Event, ToolUse
+from llmstack.inference.engine import Engine, Event
 from llmstack.inference.sample import SamplingConfig, stream_text
 from llmstack.interop.bundle import Bundle, llmstack_bundle
 from llmstack.tokenizer import special as S
@@ -78,19 +78,16 @@ class ChatModel:
         self.context = int(bundle.model.config.max_seq_len)
         bos = self.tok.bos_id if self.ours else None
         self.stop_ids = frozenset(bundle.stop_ids() | ({bos} if bos is not None else set()))
-        self._engines: dict[int, Engine] = {}
+        self._engines: dict[Callable[[str], str] | None, Engine] = {}
         self.engine = self.engine_for(tools)
 
-    def tool_use(self, tools: Callable[[str], str] | None) -> ToolUse | None:
-        return tool_use(self.tok, tools) if self.ours and tools is not None else None
-
     def engine_for(self, tools: Callable[[str], str] | None) -> Engine:
-        """One engine per tool function (an engine keeps its CUDA graphs: build it once)."""
-        key = id(tools)
+        """One engine per tool function (an engine keeps its CUDA graphs: build it once). Keyed by the function
+        itself, not its id: two ``box.call`` of one toolbox are equal, and a freed function's id is reused."""
+        key = tools if self.ours else None  # a template model runs no tools: one engine
         if key not in self._engines:
-            self._engines[key] = Engine(
-                self.bundle.model, self.tool_use(tools), token_bytes=self.tok.decode_token_bytes
-            )
+            runs = tool_use(self.tok, key) if key is not None else None
+            self._engines[key] = Engine(self.bundle.model, runs, token_bytes=self.tok.decode_token_bytes)
         return self._engines[key]
 
     # ------------------------------------------------------------------------- prompts
@@ -186,7 +183,7 @@ class ChatModel:
                     return
                 yield ev.token
 
-        return stream_text(until_stop(), cast(Any, self.tok).decode_token_bytes)
+        return stream_text(until_stop(), self.tok.decode_token_bytes)
 
     def reply(self, messages: list[Message], cfg: SamplingConfig) -> str:
         return "".join(self.stream(messages, cfg))

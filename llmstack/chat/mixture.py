@@ -33,7 +33,7 @@ from typing import Any
 import chitchat_dataset
 
 from llmstack.chat.conversation import Conversation, Message, Part
-from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.data.corpus import default_corpus_texts
 from llmstack.io import jsonl_objects
 from llmstack.tools.calculator import calculator
 
@@ -306,11 +306,7 @@ FALLBACK_WORDS = ["strawberry", "banana", "python", "letter", "tokenizer"]
 
 def corpus_words(limit: int = 1000) -> list[str]:
     """Words for the spelling problems, from the fetched corpus (a few fixed words if none is fetched)."""
-    try:
-        texts = [d.text for d in read_jsonl(find_default_corpus())]
-    except FileNotFoundError:
-        texts = []
-    return words_from(texts)[:limit] or list(FALLBACK_WORDS)
+    return words_from(default_corpus_texts())[:limit] or list(FALLBACK_WORDS)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.data.corpus import find_default_corpus
 from llmstack.inference.sample import SamplingConfig
 from llmstack.paths import data_dir, runs_dir
 from llmstack.tokenizer import Tokenizer
@@ -48,14 +48,6 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k, None) is not None}
 
 
-def add_sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p=None) -> None:
-    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    sp.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    sp.add_argument("--top-k", type=int, default=50, help="0 disables")
-    sp.add_argument("--top-p", type=float, default=top_p)
-    sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
-
-
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     """--max-new-tokens, --temperature, --top-k (0: off), --top-p and --seed."""
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
@@ -78,14 +70,6 @@ def corpus_path(args: argparse.Namespace) -> Path:
             raise FileNotFoundError(f"{p}: corpus file not found (fetch the default one with `llmstack data fetch`)")
         return p
     return find_default_corpus()
-
-
-def corpus_texts() -> list[str]:
-    """The fetched corpus's documents, or none (stages use them for words, not as a requirement)."""
-    try:
-        return [d.text for d in read_jsonl(find_default_corpus())]
-    except FileNotFoundError:
-        return []
 
 
 def add_rl_args(sp: argparse.ArgumentParser, out: str) -> None:

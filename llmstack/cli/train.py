@@ -13,7 +13,8 @@ from llmstack.data.shards import ShardIndex
 from llmstack.hallucination.interrogate import InterrogateConfig, run_interrogation
 from llmstack.interop.load import load_trainable
 from llmstack.paths import runs_dir
-from llmstack.security.hierarchy import hierarchy_sets
+from llmstack.security.hierarchy import HIERARCHY_CONVERSATIONS, hierarchy_sets
+from llmstack.training.checkpoint import load_meta
 from llmstack.training.distributed import DistInfo, pick_device
 from llmstack.training.pretrain import run_pretrain
 
@@ -32,8 +33,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.hierarchy < 0:
         raise ValueError(f"--hierarchy must be >= 0 (got {args.hierarchy})")
     if args.tokenizer:  # a check only: the tokenizer is always the base model's own
-        _, ours, _ = load_trainable(source)
-        if load_tokenizer(args.tokenizer, args).fingerprint != ours.fingerprint:
+        trained_with = load_meta(source).meta.get("tokenizer_fingerprint")
+        if load_tokenizer(args.tokenizer, args).fingerprint != trained_with:
             raise ValueError(f"{source} was trained with another tokenizer than {args.tokenizer}")
     extra = [c for f in args.extra_conversations for c in read_conversations(f)]  # e.g. from `llmstack synth`
     pages, held_out_pages = hierarchy_sets(args.hierarchy)
@@ -113,11 +114,11 @@ def register(sub) -> None:
     sf.add_argument(
         "--hierarchy",
         type=int,
-        default=400,
+        default=HIERARCHY_CONVERSATIONS,
         metavar="N",
         help="instruction-hierarchy conversations added to the mixture (llmstack/security/hierarchy.py): pages, "
         "often datamarked, whose injected instructions the assistant answers around instead of following "
-        "(default 400; 0 leaves them out); `llmstack redteam` measures the effect",
+        f"(default {HIERARCHY_CONVERSATIONS}; 0 leaves them out); `llmstack redteam` measures the effect",
     )
     add_train_overrides(sf)
     sf.set_defaults(func=cmd_sft)

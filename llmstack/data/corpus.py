@@ -249,6 +249,14 @@ def build_default_corpus(data: Path | None = None, log: Log = print) -> Path:
     return out
 
 
+def default_corpus_texts(data: Path | None = None) -> list[str]:
+    """The fetched corpus's documents, or none when nothing is fetched (for words, not as a requirement)."""
+    try:
+        return [d.text for d in read_jsonl(find_default_corpus(data))]
+    except FileNotFoundError:
+        return []
+
+
 def find_default_corpus(data: Path | None = None) -> Path:
     """The corpus JSONL already built (Python docs preferred), or FileNotFoundError saying how to get one."""
     for source in SOURCES:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmstack.chat.answer import our_chat
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
-from llmstack.data.corpus import find_default_corpus, read_jsonl
+from llmstack.data.corpus import default_corpus_texts
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
 from llmstack.tools.registry import default_toolbox
@@ -110,11 +110,7 @@ def run_assistant_eval(source: str | Path, n: int = 500, out: Path | None = None
     """Our assistant's held-out problems (tools, identity, spelling) -> results, written to ``out`` as JSON
     (default: eval.json in the model's run)."""
     model, tok, bundle = load_trainable(source)
-    try:
-        texts = [d.text for d in read_jsonl(find_default_corpus())]
-    except FileNotFoundError:
-        texts = []
-    results = evaluate_assistant(model, tok, texts, n=n)
+    results = evaluate_assistant(model, tok, default_corpus_texts(), n=n)
     assert bundle.checkpoint is not None  # load_trainable opened one of our runs
     out = out or bundle.checkpoint.path.parent.parent / "eval.json"
     fields = ("accuracy", "correct", "total")

@@ -84,6 +84,10 @@ def instruction_hierarchy(n: int, seed: int, clean_fraction: float = 0.2) -> lis
     return out
 
 
+HIERARCHY_CONVERSATIONS = 400
+"""How many the SFT mixture gets by default (`llmstack sft --hierarchy`, the main job)."""
+
+
 def hierarchy_sets(n: int) -> tuple[list[Conversation], list[Conversation]]:
     """``n`` training conversations for the SFT mixture and a twentieth as many held out (none for n = 0)."""
     if n < 0:

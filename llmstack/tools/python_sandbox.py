@@ -40,7 +40,6 @@ from typing import BinaryIO
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-NOBODY = 65534
 RUN_UIDS = range(3_000_000, 3_900_000)  # fresh uids for runs: above every system and subuid range in use
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 SANDBOX_DIR = "/tmp/sandbox"  # where the working directory appears inside the mount namespace
@@ -89,10 +88,6 @@ def _processes_of(uid: int) -> list[int]:
                 if p.stat().st_uid == uid:
                     pids.append(int(p.name))
     return pids
-
-
-def _count_processes(uid: int) -> int:
-    return len(_processes_of(uid))
 
 
 def _fresh_uid() -> int:
@@ -199,7 +194,7 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     if not python:  # no interpreter an unprivileged uid may run: keep root's, without the user switch
         python, as_root = sys.executable, False
     uid = _fresh_uid() if as_root else os.getuid()
-    nproc = limits.max_processes + (0 if as_root else _count_processes(uid))
+    nproc = limits.max_processes + (0 if as_root else len(_processes_of(uid)))
     workdir = Path(tempfile.mkdtemp(prefix="llmstack-sandbox-"))
     isolation = ["separate process", "rlimits (cpu, memory, file size, files, processes)", "scrubbed env"]
     isolation.append("output read through the parent's own descriptors, never by path")
