@@ -1,30 +1,31 @@
-"""A Python interpreter tool: the model's code runs in a separate, resource-limited process.
+"""A Python interpreter tool: the model's code runs in a jail, in a separate, resource-limited process.
 
-Containment, in layers (each one independent of the others):
+Where the kernel allows it (as root, or as a user with unprivileged user namespaces), the code runs
+in the jail that ``jail.py`` builds for each run: its own PID, mount, network, IPC and UTS
+namespaces; a minimal read-only root (the system's ``/usr/bin``, ``/usr/lib``; ``/dev`` basics; a
+fresh ``/proc`` showing only its own processes; no host path visible); a bounded tmpfs ``/tmp`` as the
+working folder; no new privileges; and, as root, a fresh unprivileged uid per run. Every process it
+starts dies with it (the kernel kills a PID namespace with its first process). Whether the jail can
+be built is probed once per interpreter (``jail_problem``).
 
-* a fresh interpreter (``python -I -S``: no site-packages, no PYTHON* variables, no user site),
-  a scrubbed environment, an empty temporary working directory that is deleted afterwards;
-* rlimits: CPU seconds, address space (memory), file size (so output is bounded), open files,
-  and number of processes (fork bombs), plus a wall-clock timeout that kills the process group;
-* when run as root: its own network namespace (no interfaces but a down loopback: no network)
-  and a fresh unprivileged uid for each run (cannot read root-only files, cannot see or signal
-  another run's processes, and its process limit counts this run alone); every process left with
-  that uid (a double-forked, ``setsid`` child included) is killed when the run ends;
-  as an ordinary user: an unprivileged user+network namespace where the kernel allows it.
-* output goes to unnamed files the parent opened before the child started and reads back through
-  its own descriptors, bounded: the child can replace nothing the parent reads by path (a symlink
-  to ``/etc/shadow``, a FIFO or ``/dev/zero`` in place of its output is never opened).
+Layers that hold in every case: a fresh interpreter (``python -I -S``: no site-packages, no PYTHON*
+variables), a scrubbed environment, a temporary working folder deleted afterwards; rlimits on CPU
+seconds, address space, file size, open files and processes; a wall-clock timeout that kills the
+process group (and, as root, every process of the run's uid); output written to unnamed files the
+parent opened before the child started and reads back through its own descriptors, bounded, so the
+child can swap nothing the parent reads by path. Without the jail (``LLMSTACK_SANDBOX_NO_JAIL=1``,
+or a kernel that refuses the namespaces) only these layers, no network and the fresh uid remain;
+``SandboxResult.isolation`` says which layers were in force.
 
-What is not covered: a kernel exploit, reading world-readable files outside the working directory
-(no minimal root filesystem yet), other processes' ``/proc/PID/cmdline`` (no PID namespace yet),
-and CPU/memory taken from other processes within the limits. ``SandboxResult.isolation`` says which
-layers were in force.
+Not covered: a kernel exploit (there is no seccomp filter), and CPU/memory taken from other
+processes within the limits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import resource
 import shutil
@@ -41,9 +42,8 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 RUN_UIDS = range(3_000_000, 3_900_000)  # fresh uids for runs: above every system and subuid range in use
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
-SANDBOX_DIR = "/tmp/sandbox"  # where the working directory appears inside the mount namespace
-PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # every world-writable folder of the host
+SANDBOX_DIR = "/tmp/sandbox"  # the working folder, inside the jail
+JAIL = Path(__file__).with_name("jail.py")  # the launcher that builds the jail (a stdlib-only script)
 
 
 @dataclass(frozen=True)
@@ -118,32 +118,9 @@ def _read_bounded(f: BinaryIO, limit: int) -> str:
 
 
 def _child_setup(limits: SandboxLimits, as_root: bool, nproc: int, uid: int) -> None:
-    """Runs in the child between fork and exec: namespaces first (they need privileges), then rlimits."""
+    """Without the jail: runs in the child between fork and exec (no network, rlimits, a fresh uid)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if as_root:
-        libc.unshare(CLONE_NEWNET)
-        # a private mount namespace with empty, bounded tmpfs over the host's world-writable folders:
-        # what the code writes there vanishes with it. The working folder is made inside the new /tmp
-        # (bounded too), holding a copy of main.py; the host's working folder is never written to.
-        if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
-            code = Path("main.py").read_bytes()  # still root, in the host's working folder
-            opts = f"size={limits.work_mb}m,nr_inodes={limits.work_files},mode=1777".encode()
-            mounted = [
-                libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, opts) == 0 for d in PRIVATE_TMP if os.path.isdir(d)
-            ]
-            if mounted and all(mounted):
-                os.makedirs(SANDBOX_DIR, mode=0o700)
-                (Path(SANDBOX_DIR) / "main.py").write_bytes(code)
-                for path in (SANDBOX_DIR, f"{SANDBOX_DIR}/main.py"):
-                    os.chown(path, uid, uid)
-            else:  # no tmpfs here: the host's working folder, bind-mounted at the same place
-                workdir_fd = os.open(".", os.O_RDONLY)
-                os.makedirs(SANDBOX_DIR, exist_ok=True)
-                libc.mount(f"/proc/self/fd/{workdir_fd}".encode(), SANDBOX_DIR.encode(), None, MS_BIND, None)
-                os.close(workdir_fd)
-            os.chdir(SANDBOX_DIR)
-    else:
-        libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    libc.unshare(CLONE_NEWNET if as_root else CLONE_NEWUSER | CLONE_NEWNET)
     mb = 1024 * 1024
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
@@ -176,7 +153,7 @@ def _interpreter(drop_to_nobody: bool) -> str:
 
 
 def _network_isolated(as_root: bool) -> bool:
-    """Whether the unshare above can work here (probe in a throwaway child)."""
+    """Whether the unshare of the jail-less path can work here (probe in a throwaway child)."""
     flags = CLONE_NEWNET if as_root else CLONE_NEWUSER | CLONE_NEWNET
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -186,44 +163,86 @@ def _network_isolated(as_root: bool) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run ``code`` in a sandboxed interpreter and return what it printed."""
-    limits = limits or SandboxLimits()
-    as_root = os.geteuid() == 0
-    python = _interpreter(drop_to_nobody=as_root)
-    if not python:  # no interpreter an unprivileged uid may run: keep root's, without the user switch
-        python, as_root = sys.executable, False
+def _binds(python: str) -> list[str]:
+    """What the jail mounts read-only: the system's programs and libraries (not /usr/local, /usr/share,
+    /usr/src), and, for an interpreter installed elsewhere, its executable and its lib folder."""
+    binds = [d for d in ("/usr/bin", "/usr/lib", "/usr/lib64") if os.path.isdir(d)]
+    exe = Path(os.path.realpath(python))
+    if exe.parent != Path("/usr/bin"):
+        binds += [str(exe), str(exe.parent.parent / "lib")]
+    return binds
+
+
+_jail_status: dict[tuple[str, bool], str] = {}
+
+
+def jail_problem(python: str, as_root: bool) -> str:
+    """Why the jail cannot be built here ('' when it can): probed once per interpreter and mode."""
+    key = (python, as_root)
+    if key not in _jail_status:
+        probe = _run(python, "print('ok')", SandboxLimits(wall_seconds=20), as_root, jail=True)
+        ok = probe.exit_code == 0 and probe.stdout.strip() == "ok"
+        _jail_status[key] = "" if ok else (probe.stderr.strip() or f"exit status {probe.exit_code}")[-300:]
+    return _jail_status[key]
+
+
+def _run(python: str, code: str, limits: SandboxLimits, as_root: bool, jail: bool) -> SandboxResult:
     uid = _fresh_uid() if as_root else os.getuid()
-    nproc = limits.max_processes + (0 if as_root else len(_processes_of(uid)))
+    nproc = limits.max_processes + (0 if as_root or jail else len(_processes_of(uid)))
     workdir = Path(tempfile.mkdtemp(prefix="llmstack-sandbox-"))
     isolation = ["separate process", "rlimits (cpu, memory, file size, files, processes)", "scrubbed env"]
     isolation.append("output read through the parent's own descriptors, never by path")
-    if _network_isolated(as_root):
+    if jail:
+        isolation += [
+            "own PID namespace (sees only its own processes; all killed when it ends)",
+            "no network (own network namespace)",
+            "minimal read-only root (/usr and /dev basics; no host path visible)",
+            f"private /tmp with the working folder, at most {limits.work_mb} MB and {limits.work_files} files",
+            "no new privileges (setuid binaries gain nothing)",
+        ]
+    elif _network_isolated(as_root):
         isolation.append("no network (own network namespace)")
     if as_root:
-        isolation.append(
-            f"private /tmp, /var/tmp, /dev/shm, /run/lock and working folder, each at most {limits.work_mb} MB "
-            f"and {limits.work_files} files (own mount namespace)"
-        )
         isolation.append(f"a fresh unprivileged uid ({uid}), every process of it killed at the end")
+    home = SANDBOX_DIR if jail else str(workdir)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
     t0 = time.monotonic()
     timed_out = False
     try:
         (workdir / "main.py").write_text(code, encoding="utf-8")
-        if as_root:
-            os.chown(workdir, uid, uid)
-        home = SANDBOX_DIR if as_root else str(workdir)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+        if jail:
+            (workdir / "root").mkdir(mode=0o700)
+            cfg = {
+                "as_root": as_root,
+                "uid": uid if as_root else 0,
+                "python": python,
+                "env": env,
+                "root": str(workdir / "root"),
+                "binds": _binds(python),
+                "work_mb": limits.work_mb,
+                "work_files": limits.work_files,
+                "cpu_seconds": limits.cpu_seconds,
+                "memory_mb": limits.memory_mb,
+                "file_bytes": limits.output_bytes * 4,
+                "open_files": limits.max_open_files,
+                "processes": nproc,
+            }
+            argv, setup = [python, "-I", "-S", "-B", str(JAIL), json.dumps(cfg)], None
+        else:
+            if as_root:
+                os.chown(workdir, uid, uid)
+            argv = [python, "-I", "-S", "-B", "main.py"]
+            setup = lambda: _child_setup(limits, as_root, nproc, uid)  # noqa: E731
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
-                [python, "-I", "-S", "-B", "main.py"],
+                argv,
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=lambda: _child_setup(limits, as_root, nproc, uid),  # noqa: PLW1509 - the point
+                preexec_fn=setup,  # noqa: PLW1509 - the point
             )
             try:
                 proc.wait(timeout=limits.wall_seconds)
@@ -243,6 +262,17 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     if code_ is not None and code_ < 0:
         stderr += f"\nkilled by signal {signal.Signals(-code_).name}"
     return SandboxResult(stdout, stderr, code_, timed_out, seconds, isolation)
+
+
+def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run ``code`` in the jail (or, where it cannot be built, the layers that remain) and return its output."""
+    limits = limits or SandboxLimits()
+    as_root = os.geteuid() == 0
+    python = _interpreter(drop_to_nobody=as_root)
+    if not python:  # no interpreter an unprivileged uid may run: keep root's, without the user switch
+        python, as_root = sys.executable, False
+    jail = not os.environ.get("LLMSTACK_SANDBOX_NO_JAIL") and not jail_problem(python, as_root)
+    return _run(python, code, limits, as_root, jail)
 
 
 def python_tool(code: str) -> str:
