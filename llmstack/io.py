@@ -1,19 +1,28 @@
-"""Atomic file writes: nothing already saved is damaged by a crash or a bad input.
+"""Atomic file writes, and reads whose cost a hostile file cannot choose.
 
 Every file llmstack writes goes to a temporary sibling first and is renamed into place,
 so a reader sees either the old file or the complete new one, never half of one. Figures too:
 ``pyplot()`` gives matplotlib on its file-only backend and ``save_png`` writes a figure atomically.
+
+Reading other people's files: ``open_capped`` streams a file in blocks, gunzipped when it starts with
+gzip's magic, and raises ``OversizedInput`` past a number of expanded bytes (a gzip bomb costs time
+up to the cap, never memory); ``bounded_lines`` gives its lines up to a length, skipping longer ones
+without holding them; ``json_deeper_than`` finds a JSON text nested too deeply before parsing it
+(Python's parser recurses: a line of 200,000 ``[`` raises RecursionError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -92,6 +101,8 @@ def jsonl_objects(path: str | Path, example: str, missing: str = "file not found
         if not line.strip():
             continue
         where = f"{path}:{n}"
+        if json_deeper_than(line, MAX_JSON_DEPTH):
+            raise ValueError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -99,3 +110,100 @@ def jsonl_objects(path: str | Path, example: str, missing: str = "file not found
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected an object {example}")
         yield where, obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded reads
+# ---------------------------------------------------------------------------------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+BLOCK = 1 << 20  # what a stream reads, and a skip holds, at a time
+MAX_JSON_DEPTH = 100  # our own files nest 5 deep at most
+
+
+class OversizedInput(Exception):
+    """A file gave more bytes, once decompressed, than its reader allows."""
+
+
+class _Capped(io.RawIOBase):
+    """A binary stream that raises ``OversizedInput`` past ``cap`` bytes read."""
+
+    def __init__(self, f: io.BufferedIOBase, cap: int) -> None:
+        self._f, self._cap, self.n_read = f, cap, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]  # (any writable buffer)
+        # One read below (readinto1): a gzip error in the next member must not take this one's bytes with it
+        n = self._f.readinto1(b)
+        self.n_read += n
+        if self.n_read > self._cap:
+            raise OversizedInput(f"more than {self._cap:,} bytes once decompressed")
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_capped(path: str | Path, max_bytes: int) -> io.BufferedReader:
+    """The file's bytes, gunzipped if it starts with gzip's magic (whatever its name), read in blocks;
+    reading past ``max_bytes`` of them raises ``OversizedInput``.
+
+    Gzip errors surface while reading: ``gzip.BadGzipFile`` (an OSError), ``EOFError`` (truncated),
+    ``zlib.error``.
+    """
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == GZIP_MAGIC
+    # gzip decompresses ~8 KiB of input at a time; the reader returned closes the file
+    f: io.BufferedIOBase = gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115
+    return io.BufferedReader(_Capped(f, max_bytes), BLOCK)
+
+
+def bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
+    """Each line of ``f`` (with its newline), or ``None`` for one longer than ``max_bytes`` (skipped in blocks)."""
+    while line := f.readline(max_bytes + 1):
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = f.readline(BLOCK)
+        yield None
+
+
+def skip(f: BinaryIO, n: int) -> None:
+    """Read past ``n`` bytes a block at a time; EOFError if the stream ends first."""
+    while n > 0:
+        got = len(f.read(min(n, BLOCK)))
+        if not got:
+            raise EOFError(f"the input ends {n:,} bytes early")
+        n -= got
+
+
+_JSON_TOKEN = re.compile(r'\\.|["\[\]{}]', re.S)  # an escape pair, a quote or a bracket: one pass, no backtracking
+
+
+def json_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON text nests arrays and objects more than ``limit`` deep, without parsing it.
+
+    Brackets inside strings do not count. A text with at most ``limit`` opening brackets cannot nest
+    deeper (two counts: the common case); otherwise one pass over the quotes, escapes and brackets,
+    which stops as soon as the limit is passed.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string = 0, False
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c == '"':
+            in_string = not in_string
+        elif in_string or len(c) == 2:
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -144,31 +145,30 @@ def filter_task(task: Task, cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     stats = new_stats()
     stats["languages"] = Counter()
     m = StageMeter(stats)
-    kept: list[dict[str, Any]] = []
+    lengths: list[int] = []
     sigs: list[np.ndarray] = []
     keys: list[str] = []
     t0 = time.perf_counter()
-    for item in read_task(task):
-        m.run("read", 0, lambda: None)
-        if isinstance(item, Bad):
-            m.drop("read", item.reason, item.url, item.detail)
-            continue
-        try:
-            doc = filter_document(item, cfg, m)
-        except Exception as e:  # a bug or a pathological page must cost one document, not the run
-            m.drop("read", "error", item.url, f"{type(e).__name__}: {e}")
-            continue
-        if doc is not None:
-            kept.append(doc)
-            sigs.append(cfg.minhash.signature(doc["text"]))
-            keys.append(exact_key(doc["text"]))
+    with atomic_write(paths["docs"]) as f:  # kept documents go to disk as they come: memory holds one
+        for item in read_task(task, cfg.limits):
+            m.run("read", 0, lambda: None)
+            if isinstance(item, Bad):
+                m.drop("read", item.reason, item.url, item.detail)
+                continue
+            try:
+                doc = filter_document(item, cfg, m)
+            except Exception as e:  # a bug or a pathological page must cost one document, not the run
+                m.drop("read", "error", item.url, f"{type(e).__name__}: {e}")
+                continue
+            if doc is not None:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                lengths.append(len(doc["text"]))
+                sigs.append(cfg.minhash.signature(doc["text"]))
+                keys.append(exact_key(doc["text"]))
     stats["stages"]["read"]["seconds"] = 0.0
     stats["stages"]["read"]["bytes_in"] = stats["stages"]["read"]["bytes_out"]  # (bad records: unknown size)
     stats["seconds"] = time.perf_counter() - t0
-    stats["lengths"] = [len(d["text"]) for d in kept]
-    with atomic_write(paths["docs"]) as f:
-        for d in kept:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    stats["lengths"] = lengths
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.minhash.n_hashes), dtype=np.uint32)
     with atomic_write(paths["sigs"], "wb") as f:
         np.savez(f, sigs=sig_arr, keys=np.array(keys, dtype="S40"))
@@ -233,18 +233,30 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def write_output_shard(records: list[dict[str, Any]], path: Path, fmt: str) -> None:
-    if fmt == "parquet":
-        import pyarrow as pa  # heavy: ~0.1 s to import; only Parquet output needs it
-        import pyarrow.parquet as pq
+OUTPUT_GROUP_ROWS = 1000  # a Parquet shard is written a row group at a time
 
-        table = pa.Table.from_pylist(records) if records else pa.table({"text": pa.array([], pa.string())})
-        with atomic_write(path, "wb") as f:
-            pq.write_table(table, f)
-    else:
+
+def write_output_shard(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> None:
+    """Write records as they come: memory holds one row group, not the shard."""
+    if fmt != "parquet":
         with atomic_write(path) as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return
+    import pyarrow as pa  # heavy: ~0.1 s to import; only Parquet output needs it
+    import pyarrow.parquet as pq
+
+    it = iter(records)
+    with atomic_write(path, "wb") as f:
+        writer = None
+        while group := list(islice(it, OUTPUT_GROUP_ROWS)):
+            table = pa.Table.from_pylist(group, schema=writer.schema if writer else None)
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            pq.write_table(pa.table({"text": pa.array([], pa.string())}), f)
+        else:
+            writer.close()
 
 
 def output_path(out: Path, i: int, fmt: str) -> Path:
@@ -258,26 +270,30 @@ def finalize_task(i: int, out: Path, removed: dict[str, str], fmt: str) -> dict[
         return read_json(paths["final"])
     stats = new_stats()
     m = StageMeter(stats)
-    kept = []
-    n_email = n_ip = 0
-    for j, rec in enumerate(_read_records(paths["docs"])):
-        size = len(rec["text"].encode("utf-8"))
-        reason = removed.get(str(j))
-        for stage, why in (("exact_dedup", "exact_duplicate"), ("near_dedup", "near_duplicate")):
-            m.run(stage, size, lambda: None)
-            if reason == why:
-                m.drop(stage, why, rec["url"], rec["text"])
-                break
-            m.keep(stage, size)
-        else:
-            text, e, p = m.run("pii", size, lambda rec=rec: scrub(rec["text"]))  # type: ignore[misc]
-            n_email, n_ip = n_email + e, n_ip + p
-            rec["text"] = text
-            m.keep("pii", len(text.encode("utf-8")))
-            kept.append(rec)
-    write_output_shard(kept, output_path(out, i, fmt), fmt)
-    stats["pii"] = {"emails": n_email, "ips": n_ip}
-    stats["lengths"] = [len(r["text"]) for r in kept]
+    lengths: list[int] = []
+    pii = {"emails": 0, "ips": 0}
+
+    def survivors() -> Iterator[dict[str, Any]]:
+        for j, rec in enumerate(_read_records(paths["docs"])):
+            size = len(rec["text"].encode("utf-8"))
+            reason = removed.get(str(j))
+            for stage, why in (("exact_dedup", "exact_duplicate"), ("near_dedup", "near_duplicate")):
+                m.run(stage, size, lambda: None)
+                if reason == why:
+                    m.drop(stage, why, rec["url"], rec["text"])
+                    break
+                m.keep(stage, size)
+            else:
+                text, e, p = m.run("pii", size, lambda rec=rec: scrub(rec["text"]))  # type: ignore[misc]
+                pii["emails"], pii["ips"] = pii["emails"] + e, pii["ips"] + p
+                rec["text"] = text
+                m.keep("pii", len(text.encode("utf-8")))
+                lengths.append(len(text))
+                yield rec
+
+    write_output_shard(survivors(), output_path(out, i, fmt), fmt)
+    stats["pii"] = pii
+    stats["lengths"] = lengths
     write_json(paths["final"], stats)
     return stats
 
@@ -286,7 +302,8 @@ def read_output_shard(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # heavy: ~0.1 s to import; only Parquet output needs it
 
-        yield from pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=OUTPUT_GROUP_ROWS):
+            yield from batch.to_pylist()
     else:
         yield from _read_records(path)
 
@@ -310,7 +327,10 @@ def _check_config(out: Path, cfg: PipelineConfig, tasks: list[Task]) -> None:
     want = {"config": cfg.to_json(), "tasks": [[t.kind, [list(x) for x in t.items]] for t in tasks]}
     path = out / "config.json"
     if path.exists():
-        if read_json(path) != json.loads(json.dumps(want)):
+        have = read_json(path)
+        if isinstance(have, dict) and isinstance(have.get("config"), dict) and "limits" not in have["config"]:
+            have["config"]["limits"] = want["config"]["limits"]  # written before the input limits: the defaults held
+        if have != json.loads(json.dumps(want)):
             raise ValueError(
                 f"{out} holds a run with other settings or inputs; use another --out or delete it to start over"
             )

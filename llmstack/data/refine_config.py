@@ -11,6 +11,7 @@ from typing import Any
 from llmstack.data.dedup import MinHasher
 from llmstack.data.filters import C4Quality, FineWebQuality, GopherQuality, GopherRepetition, URLFilter
 from llmstack.data.langid import LanguageFilter
+from llmstack.data.sources import InputLimits
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class PipelineConfig:
     c4: C4Quality = field(default_factory=C4Quality)
     fineweb: FineWebQuality = field(default_factory=FineWebQuality)
     minhash: MinHasher = field(default_factory=MinHasher)
+    limits: InputLimits = field(default_factory=InputLimits)  # caps on one record and one input file
     output_format: str = "jsonl"  # or "parquet"
 
     def to_json(self) -> dict[str, Any]:
