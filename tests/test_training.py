@@ -115,6 +115,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tok, shard_dir, tmp_path, mon
     ckpt_io.load_gpt(tmp_path)  # still loads
 
 
+def test_rotation_deletes_only_checkpoints_older_than_the_one_written(tok, tmp_path):
+    model = GPT(tiny_model_config(tok.vocab_size))
+    meta = {"model_config": model.config.to_dict()}
+    for step in (999_998, 999_999, 1_000_000):  # ordered by step, not by name ("step_1000000" < "step_999998")
+        ckpt_io.save_checkpoint(tmp_path, step, model, None, meta, keep=2)
+
+    def names() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    assert names() == ["LATEST", "step_1000000", "step_999999"]
+    ckpt_io.save_checkpoint(tmp_path, 1_000_001, model, None, meta, keep=1, protect={"step_999999"})
+    assert names() == ["LATEST", "step_1000001", "step_999999"]
+    ckpt_io.save_checkpoint(tmp_path, 3, model, None, meta, keep=1)  # newer checkpoints are never rotated away
+    assert names() == ["LATEST", "step_000003", "step_1000001", "step_999999"]
+    assert ckpt_io.find_checkpoint(tmp_path).name == "step_000003"
+
+
 def test_lr_schedules():
     cos = TrainConfig(max_steps=100, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)

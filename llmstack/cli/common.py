@@ -43,8 +43,21 @@ def add_train_overrides(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
 
 
+def add_resume_fallback(sp: argparse.ArgumentParser) -> None:
+    """--resume-from-latest-valid, for the stages whose config ``train_overrides`` builds (pretrain, sft)."""
+    sp.add_argument(
+        "--resume-from-latest-valid",
+        action="store_true",
+        default=None,
+        help="if the newest checkpoint (or checkpoints/LATEST) is damaged, resume from the newest one that reads "
+        "back whole; damaged ones are renamed step_N.damaged, never deleted (without it: an error, exit 2)",
+    )
+
+
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields given on the command line (absent flags are not overrides)."""
+    if getattr(args, "no_resume", False) and getattr(args, "resume_from_latest_valid", None):
+        raise ValueError("--no-resume and --resume-from-latest-valid contradict each other; pick one")
     return {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k, None) is not None}
 
 

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    # ValueError covers ModelFileError: a damaged or unreadable model file (checkpoint, LATEST, weights, config,
+    # tokenizer, GGUF), its message led by the file's path. FloatingPointError: weights that overflow at run time.
+    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         if os.environ.get("LLMSTACK_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from llmstack.chat.finetune import run_sft
 from llmstack.chat.mixture import corpus_words, read_conversations
-from llmstack.cli.common import FMT, add_run_args, add_train_overrides, load_tokenizer, run_dir, train_overrides
+from llmstack.cli.common import (
+    FMT,
+    add_resume_fallback,
+    add_run_args,
+    add_train_overrides,
+    load_tokenizer,
+    run_dir,
+    train_overrides,
+)
 from llmstack.data.shards import ShardIndex
 from llmstack.hallucination.interrogate import InterrogateConfig, run_interrogation
 from llmstack.interop.load import load_trainable
@@ -73,7 +81,8 @@ def register(sub) -> None:
         "pretrain",
         help="pretrain a base model on token shards",
         formatter_class=FMT,
-        description="""Pretrain a Llama-compatible base model; resumes from <run>/checkpoints if present.
+        description="""Pretrain a Llama-compatible base model; resumes from <run>/checkpoints if present (a damaged
+newest checkpoint is an error; --resume-from-latest-valid resumes from the newest valid one instead).
 
   llmstack pretrain --preset tiny                                         # CPU
   llmstack pretrain --preset d12 --device cuda                            # one GPU
@@ -85,6 +94,7 @@ def register(sub) -> None:
     pt.add_argument("--shards")
     pt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     add_train_overrides(pt)
+    add_resume_fallback(pt)
     pt.set_defaults(func=cmd_pretrain)
     sf = sub.add_parser(
         "sft",
@@ -121,6 +131,7 @@ def register(sub) -> None:
         f"(default {HIERARCHY_CONVERSATIONS}; 0 leaves them out); `llmstack redteam` measures the effect",
     )
     add_train_overrides(sf)
+    add_resume_fallback(sf)
     sf.set_defaults(func=cmd_sft)
     it = sub.add_parser(
         "interrogate",

@@ -24,7 +24,10 @@ What is not covered: architectures other than ``llama``, rope scaling, and quant
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from llmstack.interop.tokenizer import (
 from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
-from llmstack.training.checkpoint import load_state
+from llmstack.training.checkpoint import ModelFileError, load_state
 
 NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -70,6 +73,13 @@ EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
 EMULATIONS = (None, "llama.cpp")
 """``import_gguf(emulate=...)``: None computes in float32; "llama.cpp" rounds as its CPU backend does."""
+
+VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""Bytes of each fixed-size GGUF metadata value type (uint8 .. float64; 8 is a string, 9 an array)."""
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+MAX_METADATA_ITEMS, MAX_TENSORS = 1 << 21, 1 << 16
+"""Bounds on a file's metadata array elements (``GGUFReader`` keeps a numpy view per element, ~0.7 KB and ~8 us
+each with gguf 0.19; Llama 3's 128k tokens + 280k merges stay well under) and on its tensors (a few thousand)."""
 
 
 def gguf_to_hf_name(name: str) -> str:
@@ -118,10 +128,11 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         raise ValueError(f"unknown emulation {emulate!r} (supported: {', '.join(e for e in EMULATIONS if e)})")
 
     path = Path(path)
+    check_gguf_layout(path)
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises several kinds for a truncated or foreign file
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+        raise ModelFileError(path, f"not a readable GGUF file ({e})") from None
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -133,9 +144,16 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         qtype = t.tensor_type.name
         if qtype not in SUPPORTED_TYPES:
             raise ValueError(f"{path}: tensor {t.name} has unsupported type {qtype} (supported: {SUPPORTED_TYPES})")
-        array = dequantize(t.data, t.tensor_type).astype(np.float32)
-        name, shape = gguf_to_hf_name(t.name), tuple(reversed(t.shape.tolist()))
-        state[name], types[name] = torch.from_numpy(array.reshape(shape)), qtype
+        try:
+            name = gguf_to_hf_name(t.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        shape = tuple(reversed(t.shape.tolist()))
+        try:
+            array = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        except ValueError as e:  # a size that is no whole number of blocks
+            raise ModelFileError(path, f"tensor {t.name} is unreadable ({e})") from None
+        state[name], types[name] = torch.from_numpy(array), qtype
         if emulate and qtype in ("Q4_1", "Q5_1"):
             mins[name] = _block_minima(t.data, t.tensor_type, shape)
     if "model.embed_tokens.weight" not in state:
@@ -180,30 +198,36 @@ def _field_value(field: Any) -> Any:
 
 
 def _config_from_metadata(meta: dict[str, Any], path: Path, vocab_size: int) -> ModelConfig:
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = None, kind: type = int) -> Any:
         value = meta.get(f"llama.{key}", default)
         if value is None:
-            raise ValueError(f"{path}: metadata llama.{key} is missing")
-        return value
+            raise ModelFileError(path, f"metadata llama.{key} is missing")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ModelFileError(path, f"metadata llama.{key} is {str(value)[:40]!r}, not a number") from None
 
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("rope.dimension_count", n_embd // n_head))
-    if head_dim != n_embd // n_head:
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    head_dim = get("rope.dimension_count", n_embd // max(1, n_head))
+    if head_dim != n_embd // max(1, n_head):
         raise ValueError(f"{path}: rope.dimension_count {head_dim} != embedding_length / head_count (partial RoPE)")
-    return ModelConfig(
-        vocab_size=vocab_size,  # the embedding's rows; the tokenizer is checked against it
-        n_layer=int(get("block_count")),
-        n_embd=n_embd,
-        n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        intermediate_size=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings=False,
-    )
+    try:
+        return ModelConfig(
+            vocab_size=vocab_size,  # the embedding's rows; the tokenizer is checked against it
+            n_layer=get("block_count"),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_kv_head=get("attention.head_count_kv", n_head),
+            intermediate_size=get("feed_forward_length"),
+            max_seq_len=get("context_length"),
+            rope_theta=get("rope.freq_base", 10000.0, float),
+            norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+            tie_embeddings=False,
+        )
+    except ValueError as e:  # ModelConfig's own checks: sizes that cannot go together
+        raise ModelFileError(path, f"metadata is not a usable llama configuration ({e})") from None
 
 
 def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
@@ -222,17 +246,135 @@ def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
     )
     if not tokens or merges is None:
         raise ValueError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
+    if not all(isinstance(t, str) for t in [*tokens, *merges]):
+        raise ModelFileError(path, "tokenizer.ggml.tokens / tokenizer.ggml.merges must be lists of strings")
     types = types or [TOKEN_NORMAL] * len(tokens)
     specials = [i for i, kind in enumerate(types) if kind == TOKEN_CONTROL]
     pre = value("tokenizer.ggml.pre")
-    raw = hf_from_vocab_merges(tokens, merges, specials, pre)
-    bos, eos = value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")
-    return HFTokenizer(
-        raw,
-        tokens[bos] if bos is not None and bos < len(tokens) else None,
-        tokens[eos] if eos is not None else None,
-        gguf_pre=pre,
-    )
+    try:
+        raw = hf_from_vocab_merges(tokens, merges, specials, pre)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:  # the tokenizers library raises a plain Exception for inconsistent merges
+        raise ModelFileError(path, f"unreadable tokenizer metadata ({e})") from None
+
+    def token(key: str) -> str | None:
+        i = value(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    return HFTokenizer(raw, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), gguf_pre=pre)
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Refuse a GGUF file whose header promises more than the file holds, before ``GGUFReader`` allocates for it.
+
+    The reader trusts every count and length in the header (a 121-byte file claiming a 2**40-element array grew
+    it to 7 GB). Here each one is checked against the bytes left in the file, the metadata's array elements and
+    the tensor count against ``MAX_METADATA_ITEMS`` / ``MAX_TENSORS``, and each tensor's data against the end
+    of the file. Raises ``ModelFileError`` naming the file and the first field that does not fit.
+    """
+    size = path.stat().st_size
+    if size < 24:
+        raise ModelFileError(path, f"not a GGUF file ({size} bytes, shorter than a GGUF header)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _GGUFHeader(buf, path).check()
+
+
+class _GGUFHeader:
+    """A walk over a GGUF header (magic, version, counts, metadata, tensor infos) with every length bounded."""
+
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.path, self.size, self.pos, self.order, self.items = buf, path, len(buf), 0, "<", 0
+
+    def fail(self, reason: str) -> ModelFileError:
+        return ModelFileError(self.path, f"damaged GGUF file: {reason}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"{what} needs {n:,} bytes at offset {self.pos:,}; the file has {self.size - self.pos:,} left"
+            )
+
+    def read(self, fmt: str, what: str) -> int:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> bytes:
+        n = self.read("Q", f"{what}'s length")
+        self.need(n, f"{what} ({n:,} bytes)")
+        self.pos += n
+        return bytes(self.buf[self.pos - n : self.pos])
+
+    def value(self, vtype: int, what: str) -> None:
+        if vtype == GGUF_ARRAY:
+            itype, count = self.read("I", what), self.read("Q", what)
+            self.items += count
+            if self.items > MAX_METADATA_ITEMS:
+                raise self.fail(f"{what}: {self.items:,} metadata array elements, more than {MAX_METADATA_ITEMS:,}")
+            if itype not in VALUE_SIZES and itype != GGUF_STRING:  # llama.cpp reads no nested arrays either
+                raise self.fail(f"{what}: an array of value type {itype}")
+            self.need(count * VALUE_SIZES.get(itype, 8), f"{what} (an array of {count:,} elements)")
+            for _ in range(count if itype == GGUF_STRING else 0):
+                self.string(what)
+            self.pos += count * VALUE_SIZES.get(itype, 0)
+        elif vtype == GGUF_STRING:
+            self.string(what)
+        elif vtype in VALUE_SIZES:
+            self.need(VALUE_SIZES[vtype], what)
+            self.pos += VALUE_SIZES[vtype]
+        else:
+            raise self.fail(f"{what}: unknown value type {vtype}")
+
+    def check(self) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy: see import_gguf
+
+        if bytes(self.buf[:4]) != b"GGUF":
+            raise self.fail(f"the file starts with {bytes(self.buf[:4])!r}, not the GGUF magic")
+        self.pos = 4
+        version = self.read("I", "version")
+        if version & 0xFFFF == 0:  # written on a big-endian machine
+            self.order, self.pos = ">", 4
+            version = self.read("I", "version")
+        if version not in (2, 3):
+            raise self.fail(f"version {version} (supported: 2, 3)")
+        n_tensors, n_kv = self.read("Q", "tensor count"), self.read("Q", "metadata count")
+        if n_tensors > MAX_TENSORS:
+            raise self.fail(f"{n_tensors:,} tensors, more than {MAX_TENSORS:,}")
+        self.need(n_kv * 13 + n_tensors * 24, f"{n_kv:,} metadata entries and {n_tensors:,} tensor infos")
+        alignment = 32
+        for i in range(n_kv):
+            key = self.string(f"metadata key {i}")
+            what = f"metadata {key[:60].decode('utf-8', 'replace')!r}"
+            vtype = self.read("I", what)
+            if key == b"general.alignment" and vtype == GGUF_UINT32:
+                alignment = self.read("I", what)
+            else:
+                self.value(vtype, what)
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise self.fail(f"general.alignment {alignment} is not a power of two")
+        tensors = []
+        for i in range(n_tensors):
+            name = self.string(f"tensor {i}'s name").decode("utf-8", "replace")
+            n_dims = self.read("I", f"tensor {name}'s dimension count")
+            if n_dims > 4:
+                raise self.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 4)")
+            dims = [self.read("Q", f"tensor {name}'s shape") for _ in range(n_dims)]
+            tensors.append(
+                (name, dims, self.read("I", f"tensor {name}'s type"), self.read("Q", f"tensor {name}'s offset"))
+            )
+        data_start = -(-self.pos // alignment) * alignment
+        for name, dims, ttype, offset in tensors:
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise self.fail(f"tensor {name} has unknown type {ttype}") from None
+            start = data_start + offset
+            end = start + math.prod(dims) * type_size // block
+            if end > self.size:
+                raise self.fail(f"tensor {name}'s data (bytes {start:,}..{end:,}) runs past the end ({self.size:,})")
 
 
 # ----------------------------------------------------------------------------- export

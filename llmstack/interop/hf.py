@@ -17,23 +17,24 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer as RawHF
 from tokenizers import decoders, models, pre_tokenizers
 
 from llmstack.interop.bundle import Bundle, check_vocab
 from llmstack.interop.tokenizer import HFTokenizer, hf_from_ranks
-from llmstack.io import read_json, write_json
+from llmstack.io import write_json
 from llmstack.model.config import ModelConfig
 from llmstack.model.gpt2 import GPT2, GPT2Config
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tokenizer.special import PAD
-from llmstack.training.checkpoint import load_state
+from llmstack.training.checkpoint import ModelFileError, load_state, read_json_object, read_safetensors
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 """Buffers some HF versions save in the state dict; recomputed by the model, never learned."""
@@ -44,43 +45,73 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 # ----------------------------------------------------------------------------- import
 def import_hf(path: str | Path) -> Bundle:
-    """Load a local HF model directory (Llama or GPT-2 family) into our engine."""
+    """Load a local HF model directory (Llama or GPT-2 family) into our engine.
+
+    A damaged file (config.json, weights, tokenizer files) raises ``ModelFileError`` naming it."""
     path = Path(path)
-    config = read_json(path / "config.json")
+    config_file = path / "config.json"
+    config = read_json_object(config_file)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ModelFileError(config_file, f"'architectures' must be a list, found {archs!r}")
     model: GPT | GPT2
     if model_type == "gpt2" or "GPT2LMHeadModel" in archs:
-        model = GPT2(GPT2Config.from_hf_dict(config))
+        model = GPT2(_parse_config(GPT2Config.from_hf_dict, config, config_file))
         state = _gpt2_state(read_weights(path))
     elif model_type == "llama" or "LlamaForCausalLM" in archs:
-        model = GPT(ModelConfig.from_hf_dict(config))
+        model = GPT(_parse_config(ModelConfig.from_hf_dict, config, config_file))
         state = read_weights(path)
         if not model.config.tie_embeddings and "lm_head.weight" not in state:
             raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
     else:
         raise ValueError(
-            f"{path / 'config.json'}: unsupported architecture {archs or model_type!r} "
+            f"{config_file}: unsupported architecture {archs or model_type!r} "
             "(supported: llama / LlamaForCausalLM, gpt2 / GPT2LMHeadModel)"
         )
-    load_state(model, state, str(path), tied=isinstance(model, GPT2) or model.config.tie_embeddings)
+    load_state(model, state, str(weights_file(path)), tied=isinstance(model, GPT2) or model.config.tie_embeddings)
     tok, tok_config = read_tokenizer(path)
     check_vocab(model.config.vocab_size, tok, str(path))
     return Bundle(model.eval(), tok, _chat_template(path, tok_config), tok.bos_token, tok.eos_token)
 
 
+def _parse_config(parse: Callable[[dict[str, Any]], Any], config: dict[str, Any], where: Path) -> Any:
+    """A model config from config.json; a missing or mistyped field raises ModelFileError naming the file."""
+    try:
+        return parse(config)
+    except KeyError as e:
+        raise ModelFileError(where, f"missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(where, f"not a usable model configuration ({e})") from None
+
+
+def weights_file(path: Path) -> Path:
+    """The file an HF directory's weights are read from (a sharded checkpoint: its index)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (path / name).exists():
+            return path / name
+    raise FileNotFoundError(
+        f"{path}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory as float32, whichever of the usual file layouts it uses."""
-    single, index, pt = path / "model.safetensors", path / "model.safetensors.index.json", path / "pytorch_model.bin"
-    if single.exists():
-        state = load_file(str(single))
-    elif index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-        state = {k: v for f in files for k, v in load_file(str(path / f)).items()}
-    elif pt.exists():
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+    f = weights_file(path)
+    if f.name == "model.safetensors":
+        state = read_safetensors(f)
+    elif f.name.endswith(".index.json"):
+        weight_map = read_json_object(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and Path(v).name == v for v in weight_map.values()
+        ):
+            raise ModelFileError(f, "'weight_map' must map tensor names to file names in this directory")
+        state = {k: v for shard in sorted(set(weight_map.values())) for k, v in read_safetensors(path / shard).items()}
     else:
-        raise FileNotFoundError(f"{path}: no weights (expected model.safetensors, {index.name} or {pt.name})")
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged zip or pickle
+            raise ModelFileError(f, f"unreadable weights, the file is truncated or corrupt ({e})") from None
     return {k: v.float() for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
 
 
@@ -97,21 +128,30 @@ def _gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_tokenizer(path: Path) -> tuple[HFTokenizer, dict[str, Any]]:
     """The directory's byte-level BPE tokenizer as an ``HFTokenizer``, plus its ``tokenizer_config.json``."""
     tok_config: dict[str, Any] = {}
-    if (path / "tokenizer_config.json").exists():
-        tok_config = read_json(path / "tokenizer_config.json")
-    if (path / "tokenizer.json").exists():
-        raw = RawHF.from_file(str(path / "tokenizer.json"))
-    elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-        raw = RawHF(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        raw.decoder = decoders.ByteLevel()
-    else:
+    config_file = path / "tokenizer_config.json"
+    if config_file.exists():
+        tok_config = read_json_object(config_file)
+    tok_json, vocab, merges = path / "tokenizer.json", path / "vocab.json", path / "merges.txt"
+    if not tok_json.exists() and not (vocab.exists() and merges.exists()):
         raise FileNotFoundError(f"{path}: no tokenizer (expected tokenizer.json, or vocab.json + merges.txt)")
+    try:
+        if tok_json.exists():
+            raw = RawHF.from_file(str(tok_json))
+        else:
+            raw = RawHF(models.BPE.from_file(str(vocab), str(merges)))
+            raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            raw.decoder = decoders.ByteLevel()
+    except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
+        where = tok_json if tok_json.exists() else f"{vocab} + {merges.name}"
+        raise ModelFileError(where, f"unreadable tokenizer ({e})") from None
     decoder = json.loads(raw.to_str()).get("decoder") or {}
     if decoder.get("type") != "ByteLevel":
         raise ValueError(f"{path}: unsupported tokenizer (decoder {decoder.get('type')!r}); only byte-level BPE")
     bos, eos = _token_name(tok_config.get("bos_token")), _token_name(tok_config.get("eos_token"))
-    return HFTokenizer(raw, bos, eos), tok_config
+    try:
+        return HFTokenizer(raw, bos, eos), tok_config
+    except ValueError as e:
+        raise ModelFileError(config_file, str(e)) from None
 
 
 def _token_name(value: Any) -> str | None:
@@ -124,7 +164,10 @@ def _token_name(value: Any) -> str | None:
 def _chat_template(path: Path, tok_config: dict[str, Any]) -> str | None:
     jinja = path / "chat_template.jinja"
     if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFileError(jinja, f"unreadable chat template ({e})") from None
     template = tok_config.get("chat_template")
     return template if isinstance(template, str) else None
 

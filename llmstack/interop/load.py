@@ -21,25 +21,28 @@ from llmstack.interop.tokenizer import AnyTokenizer, HFTokenizer
 from llmstack.model.config import ModelConfig
 from llmstack.model.gpt2 import GPT2, GPT2Config
 from llmstack.model.llama import GPT
-from llmstack.tokenizer.bpe import RANKS_FILE, Tokenizer
-from llmstack.training.checkpoint import load_meta, load_state, read_weights
+from llmstack.tokenizer.bpe import META_FILE, RANKS_FILE, Tokenizer
+from llmstack.training.checkpoint import ModelFileError, load_meta, load_state, read_json_object, read_weights
 
 
 def load_run(path: str | Path) -> Bundle:
-    """Open a run or checkpoint directory (trained or imported) as a bundle."""
+    """Open a run or checkpoint directory (trained or imported) as a bundle; a damaged file raises ModelFileError."""
     ckpt = load_meta(path)
     meta = ckpt.meta
     model: GPT | GPT2
-    if meta.get("architecture") == "gpt2":
-        model = GPT2(GPT2Config(**meta["model_config"]))
-    else:
-        model = GPT(ModelConfig.from_dict(meta["model_config"]))
+    try:
+        if meta.get("architecture") == "gpt2":
+            model = GPT2(GPT2Config(**meta["model_config"]))
+        else:
+            model = GPT(ModelConfig.from_dict(meta["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(ckpt.path / "meta.json", f"'model_config' is not a model configuration ({e})") from None
     tied = isinstance(model, GPT2) or model.config.tie_embeddings
     load_state(model, read_weights(ckpt), str(ckpt.path / "model.safetensors"), tied)
     tok_dir = ckpt.path.parent.parent / "tokenizer"
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"{tok_dir}: the run has no tokenizer beside its checkpoints")
-    tok: AnyTokenizer = Tokenizer.load(tok_dir) if (tok_dir / RANKS_FILE).exists() else HFTokenizer.load(tok_dir)
+    tok = _load_tokenizer(tok_dir)
     if meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
         raise ValueError(f"{ckpt.path} was trained with another tokenizer than {tok_dir}")
     if "chat_template" not in meta and isinstance(tok, Tokenizer) and isinstance(model, GPT):
@@ -48,6 +51,19 @@ def load_run(path: str | Path) -> Bundle:
         bundle = Bundle(model, tok, meta.get("chat_template"), meta.get("bos_token"), meta.get("eos_token"))
     bundle.checkpoint, bundle.tokenizer_dir, bundle.source = ckpt, tok_dir, str(path)
     return bundle
+
+
+def _load_tokenizer(tok_dir: Path) -> AnyTokenizer:
+    """A run's tokenizer: ours (tiktoken ranks) or an imported HF one; a damaged file raises ModelFileError."""
+    if not (tok_dir / RANKS_FILE).exists():
+        return HFTokenizer.load(tok_dir)
+    read_json_object(tok_dir / META_FILE)  # bytes that are not JSON text: Tokenizer.load's error would not name it
+    try:
+        return Tokenizer.load(tok_dir)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # messages that name the file, as a ModelFileError
+        raise ModelFileError(tok_dir, f"unreadable tokenizer ({e})") from None
 
 
 SMOLLM2 = "smollm2"

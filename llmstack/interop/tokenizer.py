@@ -29,7 +29,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawHF
 
-from llmstack.io import atomic_write, read_json
+from llmstack.io import atomic_write
 from llmstack.tokenizer.bpe import (
     CL100K_PATTERN,
     GPT2_PATTERN,
@@ -39,6 +39,7 @@ from llmstack.tokenizer.bpe import (
     bytes_to_unicode,
 )
 from llmstack.tokenizer.special import ASSISTANT_END, BOS, CHAT_TEMPLATE, PAD
+from llmstack.training.checkpoint import ModelFileError, read_json_object
 
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 HF_META_FILE = "hf_tokenizer_meta.json"
@@ -233,8 +234,15 @@ class HFTokenizer:
         path = directory / HF_TOKENIZER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
-        meta = read_json(directory / HF_META_FILE)
-        return cls(RawHF.from_file(str(path)), meta.get("bos_token"), meta.get("eos_token"), meta.get("gguf_pre"))
+        meta = read_json_object(directory / HF_META_FILE)
+        try:
+            raw = RawHF.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
+            raise ModelFileError(path, f"unreadable tokenizer ({e})") from None
+        try:
+            return cls(raw, meta.get("bos_token"), meta.get("eos_token"), meta.get("gguf_pre"))
+        except ValueError as e:
+            raise ModelFileError(directory / HF_META_FILE, str(e)) from None
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, n_special={len(self._specials)})"

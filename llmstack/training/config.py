@@ -46,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden matrices + AdamW on the rest (optim.py)
+    muon_lr: float = 0.02  # muon: peak rate of the hidden matrices (lr drives the AdamW part); same schedule
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
     grad_clip: float = 1.0  # 0 disables clipping
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype of the forward pass (see resolve_dtype)
     compile: bool = False
@@ -54,6 +57,7 @@ class TrainConfig:
     log_every: int = 1
     ckpt_every: int = 200  # 0: only at the end
     keep_checkpoints: int = 2
+    resume_from_latest_valid: bool = False  # resume past a damaged newest checkpoint (checkpoint.py)
     seed: int = 1337
 
     def __post_init__(self) -> None:
@@ -95,6 +99,7 @@ TRAIN_OVERRIDES = (
     "ckpt_every",
     "seed",
     "compile",
+    "resume_from_latest_valid",
 )
 """TrainConfig fields a command line (or a caller) may override; None leaves the preset's value."""
 

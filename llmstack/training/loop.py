@@ -58,6 +58,47 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+RESUME_HINT = (
+    "nothing was deleted; pretrain and sft resume from the newest valid checkpoint with --resume-from-latest-valid"
+)
+
+
+def _tidy_checkpoints(run_dir: Path, fallback: bool) -> None:
+    """Before training: remove what killed checkpoint writes left; with ``fallback``, point LATEST at the newest
+    valid checkpoint (damaged newer ones are renamed aside, never deleted)."""
+    removed = ckpt_io.remove_temp_files(run_dir)
+    if removed:
+        print(f"removed {len(removed)} leftovers of killed checkpoint writes: {', '.join(p.name for p in removed)}")
+    if fallback:
+        for note in ckpt_io.use_newest_valid(run_dir)[1]:
+            print(note)
+
+
+def _resume(model: GPT, optimizer: torch.optim.Optimizer, task: Task, run_dir: Path, meta: dict, announce: bool) -> int:
+    """Load the latest checkpoint (weights, optimizer and RNG states, the task's data cursor); its step, or 0 for
+    a run with no checkpoints. A damaged one raises ModelFileError: training never silently starts over."""
+    try:
+        ckpt = ckpt_io.latest_checkpoint(run_dir)
+        if ckpt is None:
+            return 0
+        if ckpt.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+            raise ValueError(
+                f"{ckpt.path}: checkpoint was trained with tokenizer "
+                f"{str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, this run uses "
+                f"{str(meta.get('tokenizer_fingerprint'))[:12]}; use a new run directory"
+            )
+        if ckpt.meta["model_config"] != model.config.to_dict():
+            raise ValueError(f"{ckpt.path}: checkpoint model config differs from this run's; use a new run directory")
+        ckpt_io.load_model_weights(model, ckpt)
+        ckpt_io.load_training_state(ckpt, optimizer)
+    except ckpt_io.ModelFileError as e:
+        raise ckpt_io.ModelFileError(e.path, f"{e.reason}; {RESUME_HINT}") from None
+    task.load_state_dict(ckpt.meta["task_state"])
+    if announce:
+        print(f"resumed from {ckpt.path} at step {ckpt.step}")
+    return ckpt.step
+
+
 def train(
     model: GPT,
     task: Task,
@@ -81,29 +122,12 @@ def train(
     amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
     optimizer = build_optimizer(model, cfg, device)
-    step = 0
-    if resume:
-        try:
-            ckpt = ckpt_io.load_meta(run_dir)
-        except FileNotFoundError:
-            ckpt = None
-        if ckpt is not None:
-            if ckpt.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
-                raise ValueError(
-                    f"{ckpt.path}: checkpoint was trained with tokenizer "
-                    f"{str(ckpt.meta.get('tokenizer_fingerprint'))[:12]}, this run uses "
-                    f"{str(meta.get('tokenizer_fingerprint'))[:12]}; use a new run directory"
-                )
-            if ckpt.meta["model_config"] != model.config.to_dict():
-                raise ValueError(
-                    f"{ckpt.path}: checkpoint model config differs from this run's; use a new run directory"
-                )
-            ckpt_io.load_model_weights(model, ckpt)
-            ckpt_io.load_training_state(ckpt, optimizer)
-            task.load_state_dict(ckpt.meta["task_state"])
-            step = ckpt.step
-            if dist.is_main and progress:
-                print(f"resumed from {ckpt.path} at step {step}")
+    if dist.is_main:
+        _tidy_checkpoints(run_dir, fallback=resume and cfg.resume_from_latest_valid)
+    barrier(dist)
+    step = _resume(model, optimizer, task, run_dir, meta, announce=dist.is_main and progress) if resume else 0
+    # checkpoints newer than the start were left by another run (e.g. before --no-resume): rotation keeps them
+    foreign = {p.name for p in ckpt_io.checkpoint_dirs(run_dir / "checkpoints") if ckpt_io.step_of(p) > step}
     model.train()
     fwd_model: Any = model  # possibly compiled and/or DDP-wrapped
     if cfg.compile:
@@ -122,7 +146,9 @@ def train(
                 "train_config": cfg.to_dict(),
                 "task_state": task.state_dict(),
             }
-            result.checkpoint = ckpt_io.save_checkpoint(run_dir, at, model, optimizer, full_meta, cfg.keep_checkpoints)
+            result.checkpoint = ckpt_io.save_checkpoint(
+                run_dir, at, model, optimizer, full_meta, cfg.keep_checkpoints, protect=foreign
+            )
         barrier(dist)
 
     def evaluate_now(at: int) -> None:
