@@ -19,6 +19,8 @@ from llmstack.cli.security import load_guard
 from llmstack.paths import runs_dir
 from llmstack.serve import build_registry
 from llmstack.serve.app import ServeConfig, create_app
+from llmstack.serve.config import ConnectionLimits
+from llmstack.serve.connections import run_server
 
 
 def cmd_assistant(args: argparse.Namespace) -> int:
@@ -90,8 +92,6 @@ def cmd_assistant(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn  # heavy: the web server, only for `serve`
-
     specs = list(args.model or [])
     if not specs:  # the main job's assistant, and SmolLM2 when its package is installed
         sft = runs_dir() / "tiny" / "sft"
@@ -117,7 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"serving {', '.join(sorted(registry.models))} at http://{args.host}:{args.port}/ (API under /v1)",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    limits = ConnectionLimits(
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout
+    )
+    run_server(app, args.host, args.port, limits, args.log_level)
     return 0
 
 
@@ -209,6 +212,11 @@ Examples:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMSTACK_API_KEY)")
     sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
     sv.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
+    sv.add_argument("--max-connections", type=int, default=ConnectionLimits.max_connections, help="open at once")
+    sv.add_argument(
+        "--header-timeout", type=float, default=ConnectionLimits.header_timeout_s, help="seconds for request headers"
+    )
+    sv.add_argument("--body-timeout", type=float, default=ConnectionLimits.body_timeout_s, help="seconds for a body")
     sv.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, decode steps are replayed as CUDA graphs)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     sv.add_argument(

@@ -16,9 +16,12 @@ not rendered, and harnesses score it token by token). ``spotlight`` datamarks to
 retrieved passages and tells the model so in the system prompt (``llmstack.tools.spotlight``);
 our own models get no note, they learn the marking in SFT (``security/hierarchy.py``).
 
-Limits (``ServeConfig``) are checked before anything runs: body size, message count, ``n``,
-``max_tokens`` and the context. Every client error is a 4xx JSON error in OpenAI's shape; a client
-that disconnects mid-stream has its rows dropped from the running batch.
+Limits (``ServeConfig``) are checked before anything runs: body size, JSON depth, message count, ``n``
+and the rows it makes, ``max_tokens`` and the context. Every client error is a 4xx JSON error in
+OpenAI's shape; anything unexpected in a route is logged and answered with a 500 in the same shape
+(no traceback to the client). A client that disconnects mid-stream has its rows dropped from the
+running batch. ``GET /health`` lists the models only to a client with the key (when one is set). The
+HTTP layer's own limits (connections, timeouts) are in ``connections.py``.
 
 This module holds the routes; a request becomes engine rows in ``planning.py`` (where a chat is
 rendered into its prompt), and the engine's events become responses in ``responses.py``.
@@ -27,6 +30,8 @@ rendered into its prompt), and the engine's events become responses in ``respons
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,12 +39,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llmstack.serve.config import ServeConfig
 from llmstack.serve.models import ModelRegistry, RequestError
 from llmstack.serve.planning import completion_prompts, echo_prompt, engine_row, plan_chat
-from llmstack.serve.protocol import ChatRequest, Choice, CompletionRequest, TokenizeRequest, error_body, new_id, parse
+from llmstack.serve.protocol import (
+    ChatRequest,
+    Choice,
+    CompletionRequest,
+    TokenizeRequest,
+    error_body,
+    new_id,
+    openapi_body,
+    parse,
+)
 from llmstack.serve.responses import (
     chat_chunks,
     chat_response,
@@ -53,11 +70,12 @@ from llmstack.serve.responses import (
     sse_response,
     token_usage,
 )
-from llmstack.serve.routes_arena import add_arena_routes
+from llmstack.serve.routes_arena import BattleRequest, VoteRequest, add_arena_routes
 from llmstack.serve.scheduler import Job, Scheduler
 from llmstack.tools.spotlight import Spotlight
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("llmstack.serve")
 
 
 def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -70,11 +88,15 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
     app.state.registry, app.state.scheduler, app.state.config = registry, scheduler, config
     app.router.on_shutdown.append(scheduler.close)
 
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "").encode()
+        return config.api_key is None or hmac.compare_digest(given, f"Bearer {config.api_key}".encode())
+
     @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def gate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
         guarded = path.startswith("/v1") or path.startswith("/api")
-        if config.api_key and guarded and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        if guarded and not authorized(request):
             return error_response(
                 RequestError("invalid or missing API key (Authorization: Bearer ...)", None, "invalid_api_key", 401)
             )
@@ -85,7 +107,12 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
                     f"the request body is over {config.max_body_bytes} bytes", code="body_too_large", status=413
                 )
             )
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:  # a bug, not the client's mistake: logged here, a plain 500 there
+            log.error("%s %s failed: %s", request.method, path, type(e).__name__, exc_info=e)
+            body = error_body("the server failed on this request (logged)", "server_error", code="internal_error")
+            return JSONResponse(body, status_code=500)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -95,19 +122,25 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
 
-    async def body(request: Request) -> bytes:
+    async def read(request: Request, schema: type[Any]) -> Any:
+        """The request's JSON body, size-limited as it arrives, parsed and validated as ``schema``."""
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise RequestError(
-                    f"the request body is over {config.max_body_bytes} bytes", code="body_too_large", status=413
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.max_body_bytes:
+                    raise RequestError(
+                        f"the request body is over {config.max_body_bytes} bytes", code="body_too_large", status=413
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise RequestError("the client went away before the body arrived", code="client_disconnected") from None
+        return parse(b"".join(chunks), schema, config.max_json_depth)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not authorized(request):  # anyone may ask whether it is up; only key holders what it serves
+            return {"status": "ok"}
         return {
             "status": "ok",
             "models": sorted(registry.models),
@@ -126,9 +159,9 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
     async def model(name: str) -> dict[str, Any]:
         return model_card(registry.get(name))
 
-    @app.post("/api/tokenize")
+    @app.post("/api/tokenize", openapi_extra=openapi_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
-        req = parse(await body(request), TokenizeRequest)
+        req: TokenizeRequest = await read(request, TokenizeRequest)
         tok = registry.get(req.model).bundle.tokenizer
         ids = tok.encode_ordinary(req.text)
         raw = [tok.decode_token_bytes(i) for i in ids]  # a character split over tokens: see "bytes"
@@ -138,9 +171,9 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         ]
         return {"model": req.model, "count": len(ids), "tokens": tokens}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=openapi_body(ChatRequest))
     async def chat(request: Request) -> Response:
-        req: ChatRequest = parse(await body(request), ChatRequest)
+        req: ChatRequest = await read(request, ChatRequest)
         sm = registry.get(req.model)
         if config.guard is not None:
             flagged = config.guard.check_chat([{"role": m.role, "content": m.text()} for m in req.messages])
@@ -162,11 +195,11 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
                     c.text = v.refusal()
         return JSONResponse(chat_response(choices, meta, plan))
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        req: CompletionRequest = parse(await body(request), CompletionRequest)
+        req: CompletionRequest = await read(request, CompletionRequest)
         sm = registry.get(req.model)
-        prompts = completion_prompts(sm, req)
+        prompts = completion_prompts(sm, req, config)
         meta = {"id": new_id("cmpl"), "created": int(time.time()), "model": sm.name, "object": "text_completion"}
         echo = [echo_prompt(sm, p, req) if req.echo else None for p in prompts]
         if req.max_tokens == 0:
@@ -204,19 +237,34 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         n_out = sum(c.n_tokens for c in choices)
         return JSONResponse({**meta, "choices": out, "usage": token_usage(sum(map(len, prompts)) * req.n, n_out)})
 
-    add_arena_routes(app, registry, scheduler, config, body)
+    add_arena_routes(app, registry, scheduler, config, read)
+    _document_bodies(app, [ChatRequest, CompletionRequest, TokenizeRequest, BattleRequest, VoteRequest])
 
     if STATIC.is_dir():
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # a fixed list: no path is built from a URL
 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+            return FileResponse(files["index.html"])
 
         @app.get("/static/{name}", include_in_schema=False)
         async def static(name: str) -> FileResponse:
-            path = (STATIC / name).resolve()
-            if path.parent != STATIC.resolve() or not path.is_file():
-                raise StarletteHTTPException(404, f"no such file: {name}")
-            return FileResponse(path)
+            if name not in files:
+                raise StarletteHTTPException(404, f"no such file: {name!r}")
+            return FileResponse(files[name])
 
     return app
+
+
+def _document_bodies(app: FastAPI, schemas: list[type[BaseModel]]) -> None:
+    """Put the request bodies' schemas in ``/openapi.json``: the routes read their bodies by hand (for
+    our own error messages), so FastAPI cannot see them; each route points at its schema (``openapi_body``)."""
+    _, top = models_json_schema([(s, "validation") for s in schemas], ref_template="#/components/schemas/{model}")
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        doc = build()  # FastAPI's document, made once and kept
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(top["$defs"])
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

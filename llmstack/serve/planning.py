@@ -14,6 +14,8 @@ from llmstack.serve.models import RequestError, ServedModel
 from llmstack.serve.protocol import ChatRequest, CompletionRequest
 from llmstack.tools.spotlight import Spotlight
 
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass
 class ChatPlan:
@@ -25,6 +27,7 @@ class ChatPlan:
 
 
 def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPlan:
+    check_rows(1, req.n, config)
     if len(req.messages) > config.max_messages:
         raise RequestError(f"messages: {len(req.messages)} messages; the limit is {config.max_messages}", "messages")
     messages: list[dict[str, Any]] = []
@@ -88,6 +91,17 @@ def _assistant_defaults(assistant: Any, req: ChatRequest) -> tuple[ChatRequest, 
     return (req.model_copy(update=updates) if updates else req), getattr(gen, "max_tokens", None)
 
 
+def check_rows(prompts: int, n: int, config: ServeConfig) -> None:
+    """``n`` choices of each prompt are ``prompts x n`` engine rows: all must fit in one batch."""
+    if n > config.max_n:
+        raise RequestError(f"n: {n} is over the limit of {config.max_n}", "n")
+    if prompts * n > config.max_rows:
+        raise RequestError(
+            f"{prompts} prompt(s) x n {n} = {prompts * n} rows; the server decodes at most {config.max_rows} together",
+            "n" if n > 1 else "prompt",
+        )
+
+
 def engine_row(
     sm: ServedModel,
     prompt: list[int],
@@ -99,8 +113,6 @@ def engine_row(
     config: ServeConfig,
     default_max: int | None = None,
 ) -> Row:
-    if req.n > config.max_n:
-        raise RequestError(f"n: {req.n} is over the limit of {config.max_n}", "n")
     room = sm.context - len(prompt)
     if room < 1:
         raise RequestError(
@@ -122,7 +134,8 @@ def engine_row(
     seed = None if req.seed is None else (req.seed + k) % (1 << 63)
     cfg = SamplingConfig(
         max_new_tokens=max_tokens,
-        temperature=req.temperature,
+        # greedy in all but name: dividing the logits by a smaller temperature overflows them
+        temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
         top_k=req.top_k,
         top_p=req.top_p if req.top_p < 1 else None,
         seed=seed,
@@ -131,7 +144,7 @@ def engine_row(
     return Row(prompt, cfg, sm.stop_ids, stops, mode if sm.ours else "off", logprobs)
 
 
-def completion_prompts(sm: ServedModel, req: CompletionRequest) -> list[list[int]]:
+def completion_prompts(sm: ServedModel, req: CompletionRequest, config: ServeConfig) -> list[list[int]]:
     p = req.prompt
     if isinstance(p, str):
         texts: list[Any] = [p]
@@ -141,6 +154,7 @@ def completion_prompts(sm: ServedModel, req: CompletionRequest) -> list[list[int
         texts = list(p)
     if not texts:
         raise RequestError("prompt: empty", "prompt")
+    check_rows(len(texts), req.n, config)
     vocab = sm.bundle.model.config.vocab_size
     out = []
     for t in texts:

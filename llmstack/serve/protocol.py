@@ -1,15 +1,19 @@
 """The OpenAI wire format: request schemas (validated with pydantic) and how events become choices.
 
-Requests are parsed by hand from the raw body (size-limited, UTF-8 checked) and validated here, so
-every client mistake gets an OpenAI-style ``{"error": {...}}`` with status 400 naming the field.
+Requests are parsed by hand from the raw body (size-limited, UTF-8 checked, its nesting depth
+measured before ``json.loads`` recurses into it, no lone UTF-16 surrogates in its strings) and
+validated here, so every client mistake gets an OpenAI-style ``{"error": {...}}`` with status 400
+naming the field. The same schemas describe the request bodies in ``/openapi.json`` (``openapi_body``).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -124,8 +128,13 @@ class TokenizeRequest(_Req):
     text: str
 
 
-def parse(body: bytes, schema: type[_Req]) -> Any:
+def parse(body: bytes, schema: type[_Req], max_depth: int = 64) -> Any:
     """Raw body -> a validated request, or a ``RequestError`` naming what is wrong."""
+    # the count of opening brackets bounds the depth: only a body with many looks closer
+    if body.count(b"[") + body.count(b"{") > max_depth and (depth := json_depth(body)) > max_depth:
+        raise RequestError(
+            f"the request body nests JSON {depth} levels deep; the limit is {max_depth}", code="json_too_deep"
+        )
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -134,12 +143,66 @@ def parse(body: bytes, schema: type[_Req]) -> Any:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
+    where = lone_surrogate(data) if _SURROGATE_ESCAPE.search(body) else None
+    if where is not None:
+        raise RequestError(
+            f"{where or 'a key'}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) is not text",
+            where or None,
+            "invalid_text",
+        )
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise RequestError(f"{loc}: {err['msg']}" if loc else err["msg"], loc or None) from None
+
+
+# A JSON string (possibly unterminated): its brackets do not nest. Unrolled and possessive, so linear.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\Z)', re.DOTALL)
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _STEP)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # UTF-8 itself cannot carry a surrogate: only an escape
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the brackets of a JSON text nest, without parsing it (``json.loads`` recurses once per
+    level and dies of RecursionError near 1,000)."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """The dotted path of a string holding a lone surrogate (for a key: its object's path), else None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not _encodes(v):
+                return path
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not _encodes(k):
+                    return path
+                stack.append((f"{path}.{k}" if path else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
+    return None
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def openapi_body(schema: type[_Req]) -> dict[str, Any]:
+    """A route's ``openapi_extra``: its JSON body is ``schema`` (read by hand, so FastAPI cannot see it);
+    the schema itself is added to the document's components by ``app.document_bodies``."""
+    ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def new_id(prefix: str) -> str:

@@ -20,7 +20,7 @@ from llmstack.eval.arena import Battle, RatingConfig, append_battles, default_lo
 from llmstack.serve.config import ServeConfig
 from llmstack.serve.models import ModelRegistry, RequestError
 from llmstack.serve.planning import plan_chat
-from llmstack.serve.protocol import ChatRequest, Choice, _Req, new_id, parse
+from llmstack.serve.protocol import ChatRequest, Choice, _Req, new_id, openapi_body
 from llmstack.serve.responses import chat_chunks, sse_response
 from llmstack.serve.scheduler import Job, Scheduler
 
@@ -31,6 +31,12 @@ from llmstack.serve.scheduler import Job, Scheduler
 # Battles waiting for a vote live in memory (the newest PENDING_BATTLES): a restart forgets them.
 PENDING_BATTLES = 1000
 BATTLE_MAX_TOKENS = 256  # the default answer budget (a request's max_tokens overrides it)
+
+
+LEADERBOARD_QUERY = [  # read by hand (our error messages); documented for /openapi.json
+    {"name": "prior", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "default": 0}},
+    {"name": "judge", "in": "query", "required": False, "schema": {"type": "string", "default": ""}},
+]
 
 
 class BattleRequest(_Req):
@@ -57,15 +63,16 @@ def add_arena_routes(
     registry: ModelRegistry,
     scheduler: Scheduler,
     config: ServeConfig,
-    body: Callable[[Request], Awaitable[bytes]],
+    read: Callable[[Request, type[Any]], Awaitable[Any]],
 ) -> None:
+    """The routes, on ``app``; ``read(request, schema)`` reads a request's body as the app's own routes do."""
     app.state.arena_log = default_log()
     pending: OrderedDict[str, PendingBattle] = OrderedDict()
     rng = random.Random()
 
-    @app.post("/api/arena/battles", response_model=None)
+    @app.post("/api/arena/battles", response_model=None, openapi_extra=openapi_body(BattleRequest))
     async def battle(request: Request) -> Response:
-        req: BattleRequest = parse(await body(request), BattleRequest)
+        req: BattleRequest = await read(request, BattleRequest)
         names = sorted(registry.models)
         if len(names) < 2:
             raise RequestError(f"a battle needs two models; this server has {len(names)}", code="too_few_models")
@@ -100,9 +107,9 @@ def add_arena_routes(
             streams.append(chat_chunks(job, [choice], meta, plan, False))
         return sse_response(_battle_events(bid, state, streams))
 
-    @app.post("/api/arena/battles/{bid}/vote")
+    @app.post("/api/arena/battles/{bid}/vote", openapi_extra=openapi_body(VoteRequest))
     async def vote(bid: str, request: Request) -> dict[str, Any]:
-        req: VoteRequest = parse(await body(request), VoteRequest)
+        req: VoteRequest = await read(request, VoteRequest)
         state = pending.get(bid)
         if state is None:
             raise RequestError(
@@ -118,7 +125,7 @@ def add_arena_routes(
         await asyncio.to_thread(append_battles, app.state.arena_log, [record])
         return {"id": bid, "model_a": a, "model_b": b, "winner": req.winner}
 
-    @app.get("/api/arena/leaderboard")
+    @app.get("/api/arena/leaderboard", openapi_extra={"parameters": LEADERBOARD_QUERY})
     async def arena_leaderboard(request: Request) -> dict[str, Any]:
         """Ratings from the battle log (200 bootstrap resamples); ``?prior=`` and ``?judge=`` as the CLI's."""
         try:
