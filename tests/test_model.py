@@ -108,3 +108,48 @@ def test_hf_config_round_trip_and_refusals():
 def test_param_count_matches_hf():
     cfg = tiny_model_config(100, tie_embeddings=True)
     assert cfg.num_params() == GPT(cfg).num_params() == hf_model(cfg).num_parameters()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(chunk_rows, monkeypatch):
+    """forward(x, targets_BT=y) never builds the (B*T, vocab) logits; loss and every gradient equal the
+    plain path's, padding targets (IGNORE_INDEX) included, with chunks that do not divide B*T."""
+    import torch.nn.functional as F
+
+    from llmstack.model import llama
+
+    if chunk_rows:
+        monkeypatch.setattr(llama, "default_chunk_rows", lambda vocab: chunk_rows)
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(300, tie_embeddings=True))
+    x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
+    y[0, :5] = llama.IGNORE_INDEX
+    logits = model(x)
+    plain = F.cross_entropy(logits.float().view(-1, 300), y.view(-1), ignore_index=llama.IGNORE_INDEX)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    chunked = model(x, targets_BT=y)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    assert chunked.dtype == torch.float32 and chunked.shape == ()
+    assert abs(chunked.item() - plain.item()) < 1e-5
+    for (name, _), a, b in zip(model.named_parameters(), plain_grads, chunked_grads, strict=True):
+        assert (a - b).abs().max() < 1e-5, name
+    with torch.no_grad():  # evaluation: the loss alone, chunk by chunk
+        assert abs(model(x, targets_BT=y).item() - plain.item()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_cross_entropy_under_bf16_autocast_on_cuda_matches_the_plain_path():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(4096, n_embd=128, n_head=4, max_seq_len=256)).cuda()
+    x, y = torch.randint(0, 4096, (4, 256), device="cuda"), torch.randint(0, 4096, (4, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = F.cross_entropy(model(x).float().view(-1, 4096), y.view(-1))
+        plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+        chunked = model(x, targets_BT=y)
+        chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    assert abs(chunked.item() - plain.item()) < 1e-3
+    for a, b in zip(plain_grads, chunked_grads, strict=True):
+        assert (a - b).abs().max() <= 1e-2 * a.abs().max() + 1e-6

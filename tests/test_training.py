@@ -155,3 +155,12 @@ def test_bits_per_byte_of_a_uniform_model(tok):
     expected = y.numel() * math.log2(tok.vocab_size) / n_bytes
     assert bits_per_byte(Uniform(), [(x, y)], lengths, torch.device("cpu")) == pytest.approx(expected)
     assert lengths[tok.bos_id] == 0 and n_bytes == len(b"hello world, the model")
+
+
+def test_chunked_cross_entropy_trains_like_the_plain_loss(tok, shard_dir, tmp_path):
+    """--chunked-ce (the d12/d20 presets' default) follows the plain loss step for step through the loop."""
+    plain, m1 = run(tok, shard_dir, tmp_path / "plain", 8)
+    chunked, m2 = run(tok, shard_dir, tmp_path / "chunked", 8, chunked_ce=True)
+    assert chunked.losses == pytest.approx(plain.losses, abs=1e-4)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), k

@@ -43,6 +43,19 @@ def add_train_overrides(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
 
 
+def add_loop_levers(sp: argparse.ArgumentParser, chunked_ce: bool = False) -> None:
+    """--optimizer for the stages on the shared loop (pretrain, sft); --chunked-ce for pretraining."""
+    sp.add_argument("--optimizer", choices=["adamw", "muon"], help="muon: Muon on hidden matrices, AdamW on the rest")
+    if chunked_ce:
+        sp.add_argument(
+            "--chunked-ce",
+            action="store_true",
+            default=None,
+            help="compute the loss in row chunks, never the whole B x T x V logits (less memory; faster with "
+            "--compile on a GPU; on by default in the d12/d20 presets)",
+        )
+
+
 def add_resume_fallback(sp: argparse.ArgumentParser) -> None:
     """--resume-from-latest-valid, for the stages whose config ``train_overrides`` builds (pretrain, sft)."""
     sp.add_argument(

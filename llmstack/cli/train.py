@@ -10,6 +10,7 @@ from llmstack.chat.finetune import run_sft
 from llmstack.chat.mixture import corpus_words, read_conversations
 from llmstack.cli.common import (
     FMT,
+    add_loop_levers,
     add_resume_fallback,
     add_run_args,
     add_train_overrides,
@@ -94,6 +95,7 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
     pt.add_argument("--shards")
     pt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     add_train_overrides(pt)
+    add_loop_levers(pt, chunked_ce=True)
     add_resume_fallback(pt)
     pt.set_defaults(func=cmd_pretrain)
     sf = sub.add_parser(
@@ -131,6 +133,7 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
         f"(default {HIERARCHY_CONVERSATIONS}; 0 leaves them out); `llmstack redteam` measures the effect",
     )
     add_train_overrides(sf)
+    add_loop_levers(sf)
     add_resume_fallback(sf)
     sf.set_defaults(func=cmd_sft)
     it = sub.add_parser(

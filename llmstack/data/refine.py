@@ -324,7 +324,7 @@ class RunResult:
 
 def _check_config(out: Path, cfg: PipelineConfig, tasks: list[Task]) -> None:
     """Refuse to mix outputs of different settings or inputs in one directory."""
-    want = {"config": cfg.to_json(), "tasks": [[t.kind, [list(x) for x in t.items]] for t in tasks]}
+    want: dict[str, Any] = {"config": cfg.to_json(), "tasks": [[t.kind, [list(x) for x in t.items]] for t in tasks]}
     path = out / "config.json"
     if path.exists():
         have = read_json(path)

@@ -8,13 +8,21 @@ Attention is ``scaled_dot_product_attention``. (Running q/k/v, and gate/up, as o
 concatenated weights was measured slower on CPU: the concatenation and its backward cost more than
 the larger matmul saves. bench/RESULTS.md has the figures.)
 
-What is not here: the loss, optimizers, distribution, compilation, tokenization; they are applied to
-this model from outside (``llmstack.training``). A ``KVCache`` serves generation.
+``forward(idx, targets=y)`` returns the mean next-token cross-entropy instead of the logits, computed
+by ``linear_cross_entropy`` over chunks of rows: the (B*T, vocab) logits of the whole batch (fp32 for
+the loss: 8.6 GB at B=32, T=2048, vocab 32768) never exist at once, and their gradient is computed
+chunk by chunk in the forward, so the backward keeps nothing of that size either. It lives here, not
+in training, because only the head can skip materialising the logits (and so that a compiled or
+DDP-wrapped model runs it inside its own forward).
+
+What is not here: optimizers, distribution, compilation, tokenization; they are applied to this model
+from outside (``llmstack.training``). A ``KVCache`` serves generation.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +257,70 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
+IGNORE_INDEX = -100  # targets with this id count neither in the loss nor in its mean (F.cross_entropy's default)
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits are ~512 MB (4,096 rows at vocab 32,768)."""
+    return max(256, (1 << 27) // vocab_size)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(x @ W^T, targets)) over chunks of rows, its gradient computed in the forward.
+
+    Per chunk: logits in the matmul's dtype (bf16 under autocast, exactly as ``lm_head`` gives them),
+    log-softmax in fp32, then d(loss)/d(logits) = (softmax - onehot) / n, cast back to the matmul's
+    dtype (as autograd would) for the two gradient matmuls. The backward only scales the two saved
+    gradients, which are the size of ``x`` and ``W``: no (N, vocab) tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x_NC: torch.Tensor, weight_VC: torch.Tensor, targets_N: torch.Tensor, chunk_rows: int
+    ) -> torch.Tensor:
+        valid_N = targets_N != IGNORE_INDEX
+        safe_N = targets_N.masked_fill(~valid_N, 0)
+        inv_n = 1.0 / valid_N.sum().clamp(min=1).float()
+        loss = torch.zeros((), dtype=torch.float32, device=x_NC.device)
+        grad_x_chunks = []
+        grad_w_VC = torch.zeros_like(weight_VC, dtype=torch.float32)
+        for start in range(0, x_NC.shape[0], chunk_rows):
+            x_nC = x_NC[start : start + chunk_rows]
+            logits_nV = F.linear(x_nC, weight_VC)  # bf16 under autocast
+            logits32 = logits_nV.float()
+            lse_n = torch.logsumexp(logits32, dim=-1)
+            t_n1, v_n = safe_N[start : start + chunk_rows, None], valid_N[start : start + chunk_rows]
+            loss = loss + ((lse_n - logits32.gather(1, t_n1)[:, 0]) * v_n).sum()
+            dlogits = logits32.sub_(lse_n[:, None]).exp_()  # softmax in place, (n, V) fp32
+            dlogits.scatter_add_(1, t_n1, torch.full_like(t_n1, -1, dtype=dlogits.dtype))
+            dlogits = (dlogits * (v_n[:, None] * inv_n)).to(logits_nV.dtype)
+            grad_x_chunks.append((dlogits @ weight_VC).to(x_NC.dtype))  # (n, C)
+            grad_w_VC += (dlogits.t() @ x_nC).float()  # (V, C), fp32 accumulation over chunks
+        ctx.save_for_backward(torch.cat(grad_x_chunks), grad_w_VC.to(weight_VC.dtype))
+        return loss * inv_n
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+
+
+def linear_cross_entropy(
+    x_NC: torch.Tensor, weight_VC: torch.Tensor, targets_N: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, W).float(), targets, ignore_index=IGNORE_INDEX)`` without the (N, V) logits.
+
+    With gradients off (evaluation) it only sums the loss chunk by chunk."""
+    chunk_rows = chunk_rows or default_chunk_rows(weight_VC.shape[0])
+    if torch.is_grad_enabled() and (x_NC.requires_grad or weight_VC.requires_grad):
+        return LinearCrossEntropy.apply(x_NC, weight_VC, targets_N, chunk_rows)
+    total = torch.zeros((), dtype=torch.float32, device=x_NC.device)
+    for start in range(0, x_NC.shape[0], chunk_rows):
+        logits = F.linear(x_NC[start : start + chunk_rows], weight_VC).float()
+        total = total + F.cross_entropy(logits, targets_N[start : start + chunk_rows], reduction="sum")
+    return total / (targets_N != IGNORE_INDEX).sum().clamp(min=1)
+
+
 class GPT(nn.Module):
     supports_static_cache = True  # KVCache.make_static: fixed-shape decode steps (CUDA graphs)
 
@@ -281,8 +353,13 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab). With ``cache``, positions continue from it."""
+    def forward(
+        self, idx_BT: torch.Tensor, cache: KVCache | None = None, targets_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab). With ``cache``, positions continue from it.
+
+        With ``targets_BT`` (B, T) it returns the mean cross-entropy (fp32 scalar) over targets other than
+        ``IGNORE_INDEX`` instead, without materialising the logits (``linear_cross_entropy``)."""
         B, T = idx_BT.shape
         if cache is not None and cache.static:  # one token per row at cache.pos_t; the caller advances
             assert cache.pos_t is not None and T == 1
@@ -301,6 +378,8 @@ class GPT(nn.Module):
         if cache is not None and not cache.static:
             cache.advance(T)
         x = self.model.norm(x)
+        if targets_BT is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         return self.lm_head(x)
 
     @torch.no_grad()

@@ -99,8 +99,12 @@ class RewardModel(GPT):
             ref._apply(fn, recurse)
         return self
 
-    def forward(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> the reward after each prefix (B, T)."""
+    def forward(
+        self, idx_BT: torch.Tensor, cache: KVCache | None = None, targets_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> the reward after each prefix (B, T); a reward model takes no targets."""
+        if targets_BT is not None:
+            raise ValueError("a reward model scores sequences: it takes no next-token targets")
         h_BTC = super().forward(idx_BT, cache)
         r_BT = self.score(h_BTC).squeeze(-1)
         if self.likelihood_weight is None or self.reference is None:

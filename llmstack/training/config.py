@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype of the forward pass (see resolve_dtype)
     compile: bool = False
+    chunked_ce: bool = False  # pretraining loss over row chunks: no B x T x V logits tensor (model/llama.py)
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 20
     log_every: int = 1
@@ -99,6 +100,8 @@ TRAIN_OVERRIDES = (
     "ckpt_every",
     "seed",
     "compile",
+    "chunked_ce",
+    "optimizer",
     "resume_from_latest_valid",
 )
 """TrainConfig fields a command line (or a caller) may override; None leaves the preset's value."""

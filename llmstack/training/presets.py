@@ -64,6 +64,7 @@ def d12(vocab_size: int = 65536) -> tuple[ModelConfig, TrainConfig]:
         schedule="wsd",
         dtype="bfloat16",
         compile=True,
+        chunked_ce=True,  # +14.5% tok/s and 40% less memory at d12 on an H200 (bench/RESULTS.md)
         eval_every=250,
         ckpt_every=1000,
     )
@@ -82,6 +83,7 @@ def d20(vocab_size: int = 65536) -> tuple[ModelConfig, TrainConfig]:
         schedule="wsd",
         dtype="bfloat16",
         compile=True,
+        chunked_ce=True,  # +14.5% tok/s and 40% less memory at d12 on an H200 (bench/RESULTS.md)
         eval_every=500,
         ckpt_every=2000,
     )

@@ -66,6 +66,7 @@ class PretrainTask:
         if tok.bos_id is None:
             raise ValueError("pretraining needs a tokenizer with a <|bos|> document-boundary token")
         self.device = dist.device
+        self.chunked_ce = cfg.chunked_ce
         self.train_loader = PackedLoader(
             shards.arrays("train"),
             shards.bos_id,
@@ -91,6 +92,8 @@ class PretrainTask:
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         x, y = batch
+        if self.chunked_ce:  # our GPT computes the loss itself, chunk by chunk
+            return model(x, targets_BT=y), y.numel()
         logits = logits_of(model, x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)), y.numel()
 
