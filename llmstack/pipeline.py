@@ -13,7 +13,7 @@ from pathlib import Path
 from llmstack.chat.finetune import run_sft
 from llmstack.data.corpus import build_default_corpus, read_jsonl
 from llmstack.data.shards import ShardIndex, write_shards
-from llmstack.eval.assistant import run_assistant_eval
+from llmstack.eval.assistant import run_assistant_eval, wording_table
 from llmstack.eval.report import write_report_card
 from llmstack.inference.engine import generate
 from llmstack.inference.sample import SamplingConfig
@@ -108,8 +108,7 @@ def run_pipeline(
 
     t = _stage("7/8 evaluation of the assistant (held-out problems)")
     results, _ = run_assistant_eval(sft_dir, n=500)
-    for r in results:
-        print(r.line())
+    print("\n".join(wording_table(results)))
     assistant_eval = sorted(results, key=lambda r: r.name)  # the order eval.json (sorted keys) has
     timings["eval"] = time.perf_counter() - t
 
@@ -162,9 +161,8 @@ def run_pipeline(
         )
     if trains:
         print(f"train loss: {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} nats/token")
-    for r in assistant_eval:
-        lo, hi = r.interval()
-        print(f"assistant, {r.name}: {r.accuracy:.1%} [{lo:.1%}, {hi:.1%}] of {r.total}")
+    for line in wording_table(results):  # each skill asked in trained wordings and in held-out ones
+        print(f"assistant: {line}")
     for line in rl.lines():
         print(f"rl: {line}")
     print(json.dumps(summary["seconds"]), f"total {total:.0f}s")

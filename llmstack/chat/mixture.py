@@ -33,6 +33,7 @@ from typing import Any
 import chitchat_dataset
 
 from llmstack.chat.conversation import Conversation, Message, Part
+from llmstack.chat.wording import SPELLING_FRAMES, arithmetic_wording, identity_wording, spelling_wording
 from llmstack.data.corpus import default_corpus_texts
 from llmstack.io import jsonl_objects
 from llmstack.tools.calculator import calculator
@@ -94,9 +95,7 @@ def identity(n: int, seed: int, card: ModelCard | None = None) -> list[Conversat
     out = []
     for _ in range(n):
         kind = rng.choice(list(IDENTITY_QUESTIONS))
-        q = rng.choice(IDENTITY_QUESTIONS[kind])
-        if rng.random() < 0.3:
-            q = q.lower().rstrip("?.") + rng.choice(["?", "", " please"])
+        q = identity_wording(rng.choice(IDENTITY_QUESTIONS[kind]), rng, "train")
         out.append(Conversation.of(("user", q), ("assistant", identity_answer(kind, card, rng))))
     return out
 
@@ -112,6 +111,7 @@ def arithmetic_question(rng: random.Random, op: str = "*") -> tuple[str, int, in
     return rng.choice(ARITH_TEMPLATES[op]).format(a=a, b=b), a, b
 
 
+WORDING_SHARE = 0.8  # this share of questions is worded from chat/wording.py's training families
 FIVE_DIGIT_EXTRA = 0.2  # this share of products is redrawn until it is 5 digits long: 34% of products, not 17%
 
 
@@ -129,6 +129,10 @@ def arithmetic(n: int, seed: int) -> list[Conversation]:
         if op == "*" and rng.random() < FIVE_DIGIT_EXTRA:
             while a * b >= 100_000:
                 q, a, b = arithmetic_question(rng, op)
+        if rng.random() < WORDING_SHARE:  # the same numbers in one of the many training wordings (chat/wording.py)
+            if op == "+" and rng.random() < 0.2:  # a share of 4-digit sums, written 1,234 or 1234
+                a, b = rng.randint(1000, 9999), rng.randint(100, 9999)
+            q = arithmetic_wording(op, a, b, rng, "train")
         value = a * b if op == "*" else a + b
         parts = [
             Part("tool_call", f"calculator: {a}{op}{b}"),
@@ -265,12 +269,7 @@ def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
     return out
 
 
-SPELLING_TEMPLATES = [
-    "How many {l}'s are in {w}?",
-    "How many times does the letter {l} appear in {w}?",
-    "Count the letter {l} in the word {w}.",
-    "how many {l} in {w}",
-]
+SPELLING_TEMPLATES = SPELLING_FRAMES["train"][:4]  # the classic four (the guard's and poisoning's safe data)
 
 
 def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
@@ -282,7 +281,7 @@ def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
         w = rng.choice(words)
         letter = rng.choice(w) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         count = w.count(letter)
-        q = rng.choice(SPELLING_TEMPLATES).format(l=letter, w=w)
+        q = spelling_wording(w, letter, rng, "train")
         parts = [
             Part("tool_call", f"python: print({w!r}.count({letter!r}))"),
             Part("tool_result", str(count)),

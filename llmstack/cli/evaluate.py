@@ -19,7 +19,7 @@ from llmstack.cli.common import (
 from llmstack.data.shards import ShardIndex
 from llmstack.eval import arena
 from llmstack.eval import arena_battle as ab
-from llmstack.eval.assistant import run_assistant_eval
+from llmstack.eval.assistant import run_assistant_eval, wording_table
 from llmstack.eval.report import write_report_card
 from llmstack.eval.scaling import SWEEPS, run_sweep, summary_lines
 from llmstack.eval.suite import evaluate_model
@@ -35,11 +35,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate_model(spec, args.tasks, limit=args.limit, seed=args.seed, device=args.device, out=args.out)
         return 0
     results, out = run_assistant_eval(args.model or run_dir(args) / "sft", args.n, Path(args.out) if args.out else None)
-    print(f"{'task':<24} {'accuracy':>8}  95% interval")
     for r in results:
         print(r.line())
         for ex in r.examples[:2]:
             print("    " + ex[:160].replace("\n", " "))
+    print("\n".join(wording_table(results)))
     print(f"results: {out}")
     return 0
 
@@ -124,7 +124,8 @@ def register(sub) -> None:
         "eval",
         help="evaluate a model: held-out assistant problems, or the task suite (--tasks)",
         formatter_class=FMT,
-        description="""Without --tasks: our assistant's held-out problems (tools, identity, spelling), to eval.json.
+        description="""Without --tasks: our assistant's held-out problems (tools, identity, spelling), each asked in the
+wordings it was trained on and in held-out wordings (llmstack/chat/wording.py), side by side; to eval.json.
 With --tasks: the task suite on any model (ours, an HF dir, a .gguf, smollm2): bits per byte on held-out
 text, multiple choice by log-likelihood (BIG-bench, OpenAI evals' quartz, your own FILE.jsonl), and for
 chat models generative problems (reasoning-gym math direct vs chain of thought, 9.11 vs 9.9, ...).
@@ -142,7 +143,13 @@ The BIG-bench and quartz data come with `llmstack data fetch`.""",
     )
     add_run_args(ev)
     ev.add_argument("--model", help="run/checkpoint dir, HF dir, .gguf or smollm2 (default: <run>/sft)")
-    ev.add_argument("--n", type=int, default=500, help="products per row (without --tasks; letter counts: at most 50)")
+    ev.add_argument(
+        "--n",
+        type=int,
+        default=500,
+        help="products asked in trained wordings (without --tasks; unseen wordings: at most 300, sums "
+        "and products without tools: n/5, letter counts: at most 100)",
+    )
     ev.add_argument("--tasks", help="comma-separated tasks, groups (mc, gen, bpb, all) or FILE.jsonl")
     ev.add_argument("--limit", type=int, default=200, help="examples per task (with --tasks)")
     ev.add_argument("--seed", type=int, default=90_210, help="draws and generated problems (held out from training)")

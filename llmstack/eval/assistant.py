@@ -1,12 +1,17 @@
 """Generative evaluations of an assistant on held-out problems, run through the engine.
 
-* ``arithmetic``: 3-digit x 3-digit products, with the calculator and without (the same model with
-  tool calls left unanswered, so any number it gives is its own);
-* ``identity``: paraphrased questions about itself never seen in training; correct when the answer
-  names the model (name questions) or its maker (maker questions);
-* ``spelling``: letter counts, with the Python tool.
+Every skill is asked twice: in the wordings it was trained on (``seen``), and in wordings held out
+from training (``unseen``: ``chat/wording.py``'s held-out frame families, with surface variation and
+sometimes inside a longer message). Held-out values in both.
 
-Each returns accuracy with a 95% Wilson interval, and a few transcripts to read.
+* ``arithmetic``: 3-digit x 3-digit products and sums with the calculator, and products without it
+  (the same model with tool calls left unanswered, so any number it gives is its own);
+* ``identity``: questions about itself; correct when the answer names the model (name questions) or
+  its maker (maker questions);
+* ``spelling``: letter counts of words the spelling data never uses, with the Python tool.
+
+Each returns accuracy with a 95% Wilson interval, and a few transcripts to read; ``wording_table``
+puts seen and unseen side by side.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llmstack.chat.answer import our_chat
-from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_EVAL, ModelCard, arithmetic_question, words_from
+from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_QUESTIONS, ModelCard, arithmetic_question, words_from
+from llmstack.chat.wording import IDENTITY_HELDOUT, arithmetic_wording, identity_wording, spelling_wording
 from llmstack.data.corpus import default_corpus_texts
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
 from llmstack.tools.registry import default_toolbox
 
 EVAL_SEED = HELDOUT_SEED  # disjoint from the training seeds (small integers)
+Wording = Literal["seen", "unseen"]
+UNSEEN = {"seen": "", "unseen": ", unseen wording"}  # name suffixes
 
 
 @dataclass
@@ -70,40 +79,93 @@ def _score(name: str, answers: list[str], ok: Callable[[int, str], bool], questi
     return res
 
 
-def eval_arithmetic(model, tok, n: int = 500, tools: bool = True) -> EvalResult:
-    rng = random.Random(EVAL_SEED)
-    qs = [arithmetic_question(rng, "*") for _ in range(n)]
+def eval_arithmetic(
+    model, tok, n: int = 500, tools: bool = True, wording: Wording = "seen", op: str = "*"
+) -> EvalResult:
+    """3-digit products (or sums) asked in the trained templates (``seen``) or in held-out wordings."""
+    rng = random.Random(EVAL_SEED + (wording == "unseen"))
+    if wording == "seen":
+        qs = [arithmetic_question(rng, op) for _ in range(n)]
+    else:
+        qs = []
+        for _ in range(n):
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            if op == "+" and rng.random() < 0.2:
+                a, b = rng.randint(1000, 9999), rng.randint(100, 9999)
+            qs.append((arithmetic_wording(op, a, b, rng, "heldout"), a, b))
     box = default_toolbox().call if tools else None
     answers = our_chat(model, tok, box).answer_questions([q for q, _, _ in qs], 40)
-    name = "multiply 3x3 " + ("(calculator)" if tools else "(no tools)")
-    return _score(name, answers, lambda i, a: _final_number(a) == qs[i][1] * qs[i][2], [q for q, _, _ in qs])
+    name = ("multiply 3x3 " if op == "*" else "add ") + ("(calculator)" if tools else "(no tools)")
+    value = [a * b if op == "*" else a + b for _, a, b in qs]
+    return _score(name + UNSEEN[wording], answers, lambda i, a: _final_number(a) == value[i], [q for q, _, _ in qs])
 
 
-def eval_identity(model, tok, card: ModelCard | None = None) -> EvalResult:
+def eval_identity(model, tok, card: ModelCard | None = None, wording: Wording = "unseen") -> EvalResult:
+    """Questions about itself: paraphrases never trained on (``unseen``, the default, in three spellings
+    and in held-out wordings), or the trained questions (``seen``); correct when the answer names the
+    model (name questions) or its maker (maker questions)."""
     card = card or ModelCard()
-    items = [(q, card.name) for q in IDENTITY_EVAL["name"]] + [(q, card.maker) for q in IDENTITY_EVAL["maker"]]
-    variants = [(v, key) for q, key in items for v in (q, q.lower(), q.rstrip("?.") + "?")]
+    key = {"name": card.name, "maker": card.maker}
+    if wording == "seen":
+        variants = [(q, key[k]) for k in key for q in IDENTITY_QUESTIONS[k]]
+    else:
+        rng = random.Random(EVAL_SEED)
+        items = [(q, key[k]) for k in key for q in IDENTITY_HELDOUT[k]]
+        variants = [(v, k) for q, k in items for v in (q, q.lower(), q.rstrip("?.") + "?")]
+        variants += [(identity_wording(q, rng, "heldout"), k) for q, k in items for _ in range(3)]
     answers = our_chat(model, tok).answer_questions([q for q, _ in variants], 40)
-    return _score("identity", answers, lambda i, a: variants[i][1].lower() in a.lower(), [q for q, _ in variants])
+    return _score(
+        "identity" + UNSEEN[wording],
+        answers,
+        lambda i, a: variants[i][1].lower() in a.lower(),
+        [q for q, _ in variants],
+    )
 
 
-def eval_spelling(model, tok, words: list[str], n: int = 50) -> EvalResult:
-    rng = random.Random(EVAL_SEED)
+def eval_spelling(model, tok, words: list[str], n: int = 50, wording: Wording = "seen") -> EvalResult:
+    """Letter counts with the Python tool, of words the spelling data never uses."""
+    rng = random.Random(EVAL_SEED + (wording == "unseen"))
     pairs = [(w, rng.choice(w)) for w in rng.sample(words, min(n, len(words)))]
-    qs = [f"How many {ltr}'s are in {w}?" for w, ltr in pairs]
+    if wording == "seen":
+        qs = [f"How many {ltr}'s are in {w}?" for w, ltr in pairs]
+    else:
+        qs = [spelling_wording(w, ltr, rng, "heldout") for w, ltr in pairs]
     answers = our_chat(model, tok, default_toolbox().call).answer_questions(qs, 60)
-    return _score("letter count (python)", answers, lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1]), qs)
+    ok = lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1])  # noqa: E731
+    return _score("letter count (python)" + UNSEEN[wording], answers, ok, qs)
 
 
 def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int = 500) -> list[EvalResult]:
+    """Each skill on seen and on unseen wordings (chat/wording.py), and products without tools."""
+    unseen = max(1, min(n, 300))
     results = [
         eval_arithmetic(model, tok, n, tools=True),
-        eval_arithmetic(model, tok, n, tools=False),
+        eval_arithmetic(model, tok, unseen, tools=True, wording="unseen"),
+        eval_arithmetic(model, tok, max(1, n // 5), tools=True, op="+"),
+        eval_arithmetic(model, tok, max(1, n // 5), tools=True, op="+", wording="unseen"),
+        eval_arithmetic(model, tok, max(1, n // 5), tools=False),
+        eval_identity(model, tok, wording="seen"),
         eval_identity(model, tok),
     ]
     if corpus_texts:
-        results.append(eval_spelling(model, tok, words_from(corpus_texts)[1000:2000], n=min(n, 50)))
+        words = words_from(corpus_texts)[1000:2000]
+        results.append(eval_spelling(model, tok, words, n=min(n, 100)))
+        results.append(eval_spelling(model, tok, words, n=min(n, 100), wording="unseen"))
     return results
+
+
+def wording_table(results: list[EvalResult]) -> list[str]:
+    """Seen-wording and unseen-wording accuracy side by side, with 95% intervals, one skill a line."""
+    by = {r.name: r for r in results}
+
+    def cell(r: EvalResult | None) -> str:
+        return f"{r.accuracy:6.1%} [{r.interval()[0]:.0%}, {r.interval()[1]:.0%}] of {r.total}" if r else "-"
+
+    lines = [f"{'skill':<26} {'seen wording':>26}   {'unseen wording':>26}"]
+    for r in results:
+        if not r.name.endswith(UNSEEN["unseen"]):
+            lines.append(f"{r.name:<26} {cell(r):>26}   {cell(by.get(r.name + UNSEEN['unseen'])):>26}")
+    return lines
 
 
 def run_assistant_eval(source: str | Path, n: int = 500, out: Path | None = None) -> tuple[list[EvalResult], Path]:
