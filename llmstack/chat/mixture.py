@@ -111,7 +111,7 @@ def arithmetic_question(rng: random.Random, op: str = "*") -> tuple[str, int, in
     return rng.choice(ARITH_TEMPLATES[op]).format(a=a, b=b), a, b
 
 
-WORDING_SHARE = 0.8  # this share of questions is worded from chat/wording.py's training families
+WORDING_SHARE = 0.0  # arithmetic worded from the trained families: off in the main job (docs/assistant.md)
 FIVE_DIGIT_EXTRA = 0.2  # this share of products is redrawn until it is 5 digits long: 34% of products, not 17%
 
 
