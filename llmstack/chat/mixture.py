@@ -33,7 +33,7 @@ from typing import Any
 import chitchat_dataset
 
 from llmstack.chat.conversation import Conversation, Message, Part
-from llmstack.chat.wording import SPELLING_FRAMES, arithmetic_wording, identity_wording, spelling_wording
+from llmstack.chat.wording import SPELLING_FRAMES, arithmetic_wording, identity_wording, spelling_wording, widen_sum
 from llmstack.data.corpus import default_corpus_texts
 from llmstack.io import jsonl_objects
 from llmstack.tools.calculator import calculator
@@ -132,8 +132,7 @@ def arithmetic(n: int, seed: int) -> list[Conversation]:
             while a * b >= 100_000:
                 q, a, b = arithmetic_question(rng, op)
         if WORDING_SHARE and rng.random() < WORDING_SHARE:  # the same numbers in one of the many wordings
-            if op == "+" and rng.random() < 0.2:  # a share of 4-digit sums, written 1,234 or 1234
-                a, b = rng.randint(1000, 9999), rng.randint(100, 9999)
+            a, b = widen_sum(op, a, b, rng)
             q = arithmetic_wording(op, a, b, rng, "train")
         value = a * b if op == "*" else a + b
         parts = [

@@ -184,6 +184,16 @@ def number(n: int, rng: random.Random) -> str:
     return f"{n:,}" if n >= 1000 and rng.random() < 0.5 else str(n)
 
 
+WIDE_SUMS = 0.2  # share of sums with 4-digit operands (written 1,234 or 1234)
+
+
+def widen_sum(op: str, a: int, b: int, rng: random.Random) -> tuple[int, int]:
+    """``a, b`` as they are, or for a share of sums, operands of up to 4 digits."""
+    if op == "+" and rng.random() < WIDE_SUMS:
+        return rng.randint(1000, 9999), rng.randint(100, 9999)
+    return a, b
+
+
 def arithmetic_wording(op: str, a: int, b: int, rng: random.Random, split: Split) -> str:
     """A question for ``a op b`` in one of ``split``'s frames, varied, sometimes inside a longer message."""
     sa, sb = number(a, rng), number(b, rng)

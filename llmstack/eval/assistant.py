@@ -26,7 +26,7 @@ from typing import Literal
 
 from llmstack.chat.answer import our_chat
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_QUESTIONS, ModelCard, arithmetic_question, words_from
-from llmstack.chat.wording import IDENTITY_HELDOUT, arithmetic_wording, identity_wording, spelling_wording
+from llmstack.chat.wording import IDENTITY_HELDOUT, arithmetic_wording, identity_wording, spelling_wording, widen_sum
 from llmstack.data.corpus import default_corpus_texts
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
@@ -89,9 +89,7 @@ def eval_arithmetic(
     else:
         qs = []
         for _ in range(n):
-            a, b = rng.randint(100, 999), rng.randint(100, 999)
-            if op == "+" and rng.random() < 0.2:
-                a, b = rng.randint(1000, 9999), rng.randint(100, 9999)
+            a, b = widen_sum(op, rng.randint(100, 999), rng.randint(100, 999), rng)
             qs.append((arithmetic_wording(op, a, b, rng, "heldout"), a, b))
     box = default_toolbox().call if tools else None
     answers = our_chat(model, tok, box).answer_questions([q for q, _, _ in qs], 40)

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
+from llmstack.tools.jail import CLONE_NEWNET, CLONE_NEWUSER
+
 RUN_UIDS = range(3_000_000, 3_900_000)  # fresh uids for runs: above every system and subuid range in use
 SANDBOX_DIR = "/tmp/sandbox"  # the working folder, inside the jail
 JAIL = Path(__file__).with_name("jail.py")  # the launcher that builds the jail (a stdlib-only script)
@@ -188,7 +187,8 @@ def jail_problem(python: str, as_root: bool) -> str:
 
 def _run(python: str, code: str, limits: SandboxLimits, as_root: bool, jail: bool) -> SandboxResult:
     uid = _fresh_uid() if as_root else os.getuid()
-    nproc = limits.max_processes + (0 if as_root or jail else len(_processes_of(uid)))
+    # RLIMIT_NPROC counts every process of the uid: a fresh uid has none, the caller's own has its others
+    nproc = limits.max_processes + (0 if as_root else len(_processes_of(uid)))
     workdir = Path(tempfile.mkdtemp(prefix="llmstack-sandbox-"))
     isolation = ["separate process", "rlimits (cpu, memory, file size, files, processes)", "scrubbed env"]
     isolation.append("output read through the parent's own descriptors, never by path")
