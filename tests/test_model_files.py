@@ -152,7 +152,7 @@ def test_no_valid_checkpoint_at_all_is_an_error_even_when_asked(pretrained, shar
 
 
 def test_sft_resumes_past_a_damaged_latest_only_when_asked(pretrained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(finetune, "sft_mixtures", lambda extra, val_extra: (arithmetic(16, 1), arithmetic(4, 2)))
+    monkeypatch.setattr(finetune, "sft_mixtures", lambda *a, **k: (arithmetic(16, 1), arithmetic(4, 2)))
     out = tmp_path / "sft"
     argv = ["sft", "--model", str(pretrained), "--out", str(out), "--hierarchy", "0", "--ckpt-every", "1"]
     argv += ["--batch-size", "2", "--eval-every", "0", "--warmup-steps", "1", "--dtype", "float32"]

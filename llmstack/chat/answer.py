@@ -5,10 +5,9 @@
   function is given (``name: argument`` -> result text), and the reply's tool spans can be shown as
   text or left out (``visible``).
 * Any other chat model (SmolLM2, an imported HF / GGUF model): the messages are rendered with the
-  model's own Jinja chat template, the way ``transformers`` does (``messages``, ``add_generation_prompt``,
-  ``bos_token``, ``eos_token``, ``raise_exception``) in a sandbox. The rendered prompt is trusted text,
-  so special-token names in it become control tokens; what the user typed cannot, because it is only
-  ever substituted into the template. It has no tools.
+  model's own Jinja chat template by ``chat/template.py``'s ``TemplateFormat`` (the one the training
+  stages use too): the template's text becomes control tokens, what the user typed never does. It
+  runs no tools here.
 
 Chat, serve, eval, the arena, the red team, synthetic data, preferences and RL all answer through
 here. What is not here: a base model continuing a document (``inference/simulate.py``), multi-modal turns.
@@ -19,46 +18,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.template import TemplateFormat, chat_format, is_ours, render_template
 from llmstack.inference.engine import Engine, Event
 from llmstack.inference.sample import SamplingConfig, stream_text
-from llmstack.interop.bundle import Bundle, llmstack_bundle
+from llmstack.interop.bundle import Bundle, bundle_of
 from llmstack.tokenizer import special as S
-from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.tools.registry import tool_use
 
 Message = dict[str, Any]
 ROOM = 16  # new tokens a prompt must leave room for in the model's context
 
 
-def is_ours(bundle: Bundle) -> bool:
-    """Our chat format and tool tokens (else: the model's own chat template, no tools)."""
-    tok = bundle.tokenizer
-    return isinstance(tok, Tokenizer) and all(
-        s in tok.special_tokens for s in (S.ASSISTANT_START, S.ASSISTANT_END, S.TOOL_CALL_START)
-    )
-
-
 def render(bundle: Bundle, messages: list[Message], add_generation_prompt: bool = True) -> str:
     """The prompt text for ``messages`` under the bundle's chat template."""
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(bundle.template()).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bundle.bos_token or "",
-            eos_token=bundle.eos_token or "",
-        )
-    except TemplateError as e:
-        raise ValueError(f"chat template error: {e}") from None
+    return render_template(
+        bundle.template(),
+        messages,
+        bos_token=bundle.bos_token,
+        eos_token=bundle.eos_token,
+        add_generation_prompt=add_generation_prompt,
+    )
 
 
 class ChatModel:
@@ -71,9 +51,7 @@ class ChatModel:
     def __init__(self, bundle: Bundle, tools: Callable[[str], str] | None = None) -> None:
         self.bundle, self.tok = bundle, bundle.tokenizer
         self.ours = is_ours(bundle)
-        if not self.ours:
-            bundle.template()  # no chat template: say so now, not at the first question
-        self.fmt = ChatFormat(self.tok) if self.ours else None
+        self.fmt: ChatFormat | TemplateFormat = chat_format(bundle)  # no chat template: says so now
         self.tools = tools
         self.context = int(bundle.model.config.max_seq_len)
         bos = self.tok.bos_id if self.ours else None
@@ -93,13 +71,13 @@ class ChatModel:
     # ------------------------------------------------------------------------- prompts
     def prompt(self, messages: list[Message] | Conversation, max_tokens: int | None = None) -> list[int]:
         """Messages (OpenAI style, or our ``Conversation``) -> ids that ask for the next assistant turn."""
-        if self.fmt is not None:
+        if isinstance(self.fmt, ChatFormat):
             conv = messages if isinstance(messages, Conversation) else Conversation.from_openai(messages)
             return self.fmt.prompt(conv, max_tokens=max_tokens)
         if isinstance(messages, Conversation):
-            raise ValueError("a template model takes OpenAI-style messages, not a Conversation")
+            return self.fmt.prompt(messages, max_tokens=max_tokens)
         plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
-        return self.tok.encode_with_special(render(self.bundle, plain))
+        return self.fmt.prompt(plain, max_tokens=max_tokens)
 
     def ask(self, question: str, system: str | None = None) -> list[Message]:
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
@@ -237,6 +215,7 @@ def chat_repl(model: ChatModel, cfg: SamplingConfig, system: str | None, out: An
     repl(reply, out, read)
 
 
-def our_chat(model: Any, tok: Tokenizer, tools: Callable[[str], str] | None = None) -> ChatModel:
-    """A ChatModel for a model being trained or evaluated in-process (ours: our chat format and tools)."""
-    return ChatModel(llmstack_bundle(model, tok), tools)
+def our_chat(model: Any, tok: Any, tools: Callable[[str], str] | None = None) -> ChatModel:
+    """A ChatModel for a model being trained or evaluated in-process: ours (our chat format and tools), or
+    any other (its tokenizer carries its chat template)."""
+    return ChatModel(bundle_of(model, tok), tools)

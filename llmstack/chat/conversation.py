@@ -24,6 +24,7 @@ message format: ``tool_calls`` on assistant messages, ``role: tool`` for results
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,7 +91,10 @@ class Conversation:
                 parts = [Part("text", content)] if content else []
                 for call in m.get("tool_calls") or []:
                     fn = call.get("function", call)
-                    parts.append(Part("tool_call", f"{fn['name']}: {fn.get('arguments', '')}"))
+                    args = fn.get("arguments", "")
+                    if isinstance(args, dict):  # transformers' convention; ours is ``name: argument`` text
+                        args = args["input"] if set(args) == {"input"} else json.dumps(args, ensure_ascii=False)
+                    parts.append(Part("tool_call", f"{fn['name']}: {args}"))
                 if out and out[-1].role == "assistant" and out[-1].parts and out[-1].parts[-1].kind == "tool_result":
                     out[-1].content = out[-1].parts + parts  # the turn continues after its tool result
                 else:
@@ -119,6 +123,8 @@ class ChatFormat:
         self.end = {"system": sid(S.SYSTEM_END), "user": sid(S.USER_END), "assistant": sid(S.ASSISTANT_END)}
         self.call = (sid(S.TOOL_CALL_START), sid(S.TOOL_CALL_END))
         self.result = (sid(S.TOOL_RESULT_START), sid(S.TOOL_RESULT_END))
+        self.pad_id = sid(S.PAD)
+        self.stop_ids = frozenset({self.end["assistant"], self.bos})  # a reply ends at either
 
     def _message(self, m: Message, close: bool = True) -> Rendered:
         enc = self.tok.encode_ordinary
@@ -140,8 +146,10 @@ class ChatFormat:
             mask.append(1)
         return Rendered(ids, mask)
 
-    def render(self, conv: Conversation, max_tokens: int | None = None) -> Rendered:
+    def render(self, conv: Conversation | list[dict[str, Any]], max_tokens: int | None = None) -> Rendered:
         """Tokens and loss mask of a whole conversation (for SFT), truncated by the stated policy."""
+        if not isinstance(conv, Conversation):  # OpenAI-style messages (a user's data file)
+            conv = Conversation.from_openai(conv)
         msgs = conv.messages
         head = [Rendered([self.bos], [0])]
         if msgs and msgs[0].role == "system":

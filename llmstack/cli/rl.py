@@ -8,8 +8,10 @@ from pathlib import Path
 
 from llmstack.cli.common import (
     FMT,
+    add_lora_args,
     add_rl_args,
     add_train_overrides,
+    lora_config,
     rl_base,
 )
 from llmstack.rl.stage import evaluate_model, run_rl
@@ -27,7 +29,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
                                         for k, v in metrics.items()))  # fmt: skip
         return 0
     keys = ("group_size", "prompts_per_batch", "temperature", "kl_coef", "clip_eps", "loss_type", "max_new_tokens",
-            "tool_credit", "n_train", "n_heldout")  # fmt: skip
+            "tool_credit", "n_train", "n_heldout", "reward_fn", "eval_k_problems")  # fmt: skip
     grpo = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.updates_per_rollout is not None:
         grpo["updates_per_rollout"] = args.updates_per_rollout
@@ -40,7 +42,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else base / "rl"
     try:
         summary = run_rl(policy, out, args.preset, tasks=tasks, device=args.device, resume=not args.no_resume,
-                         grpo_overrides=grpo, train_overrides=train)  # fmt: skip
+                         grpo_overrides=grpo, train_overrides=train, lora=lora_config(args))  # fmt: skip
     except FloatingPointError as e:
         print(f"llmstack: error: {e}", file=sys.stderr)
         return 2
@@ -80,7 +82,9 @@ basic_arithmetic (reasoning-gym, two terms of 1-2 digits), multiply, add (3-digi
   llmstack rl --eval-only --model runs/tiny/sft          # held-out pass@1 / pass@k of any model, no training
   llmstack rl --eval-only --model runs/tiny/rl
   llmstack rl --tasks multiply,chain_sum --loss dr_grpo --kl-coef 0.02 --out /tmp/rl-drgrpo
-  llmstack rl --preset gpu --device cuda --run-dir runs/d20""",
+  llmstack rl --preset gpu --device cuda --run-dir runs/d20
+  llmstack rl --model smollm2 --tasks basic_arithmetic --lora-rank 8 --out runs/smol-rl   # any model, LoRA
+  llmstack rl --model runs/tiny/sft --reward-fn my_rewards.py:score                      # your own reward""",
     )
     add_rl_args(rlp, "rl")
     rlp.add_argument("--tasks", help="comma-separated problem sets (default: the preset's; tiny: basic_arithmetic_3d)")
@@ -96,7 +100,17 @@ basic_arithmetic (reasoning-gym, two terms of 1-2 digits), multiply, add (3-digi
     rlp.add_argument("--tool-credit", type=float, help="reward of a wrong answer after the right tool result")
     rlp.add_argument("--train-problems", dest="n_train", type=int, help="training problems (default 4000)")
     rlp.add_argument("--heldout", dest="n_heldout", type=int, help="held-out problems for pass@1 (default 100)")
+    rlp.add_argument(
+        "--pass-k-problems", dest="eval_k_problems", type=int, help="held-out problems sampled k times for pass@k"
+    )
+    rlp.add_argument(
+        "--reward-fn",
+        metavar="MODULE:FUNCTION",
+        help="your reward instead of the verifiers: module:function or file.py:function, called as "
+        "function(question, completion, answer) -> float",
+    )
     add_train_overrides(rlp)
+    add_lora_args(rlp)
     rlp.set_defaults(func=cmd_rl)
 
     tc = sub.add_parser(

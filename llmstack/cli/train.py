@@ -6,21 +6,23 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from llmstack.chat.finetune import run_sft
+from llmstack.chat.finetune import BUILTIN, mixture_parts, run_sft
 from llmstack.chat.mixture import corpus_words, read_conversations
 from llmstack.cli.common import (
     FMT,
     add_loop_levers,
+    add_lora_args,
     add_resume_fallback,
     add_run_args,
     add_train_overrides,
     load_tokenizer,
+    lora_config,
     run_dir,
     train_overrides,
 )
 from llmstack.data.shards import ShardIndex
 from llmstack.hallucination.interrogate import InterrogateConfig, run_interrogation
-from llmstack.interop.load import load_trainable
+from llmstack.interop.load import load_ours
 from llmstack.paths import runs_dir
 from llmstack.security.hierarchy import HIERARCHY_CONVERSATIONS, hierarchy_sets
 from llmstack.training.checkpoint import load_meta
@@ -45,16 +47,29 @@ def cmd_sft(args: argparse.Namespace) -> int:
         trained_with = load_meta(source).meta.get("tokenizer_fingerprint")
         if load_tokenizer(args.tokenizer, args).fingerprint != trained_with:
             raise ValueError(f"{source} was trained with another tokenizer than {args.tokenizer}")
+    for f in args.data:
+        if f.split(":")[0] == BUILTIN and not Path(f).exists():
+            mixture_parts(f)  # a bad kind is named now, before the model loads
+        elif not Path(f).is_file():
+            raise FileNotFoundError(f"--data {f}: no such file (or `{BUILTIN}` for the built-in mixture)")
     extra = [c for f in args.extra_conversations for c in read_conversations(f)]  # e.g. from `llmstack synth`
     pages, held_out_pages = hierarchy_sets(args.hierarchy)
-    out = Path(args.out) if args.out else base / "sft"
-    run_sft(source, out, train_overrides(args), args.device, extra + pages, held_out_pages, not args.no_resume)
+    if args.out:
+        out = Path(args.out)
+    elif args.checkpoint and not (Path(args.checkpoint) / "checkpoints").is_dir():  # not a run of ours
+        out = runs_dir() / f"{Path(str(args.checkpoint)).stem}-sft"
+    else:
+        out = base / "sft"
+    run_sft(
+        source, out, train_overrides(args), args.device, extra + pages, held_out_pages, not args.no_resume,
+        data=args.data, lora=lora_config(args),
+    )  # fmt: skip
     return 0
 
 
 def cmd_interrogate(args: argparse.Namespace) -> int:
-    model, tok, bundle = load_trainable(args.base or runs_dir() / "tiny" / "sft")
-    assert bundle.checkpoint is not None  # load_trainable opened one of our runs
+    model, tok, bundle = load_ours(args.base or runs_dir() / "tiny" / "sft")
+    assert bundle.checkpoint is not None  # load_ours opened one of our runs
     run = bundle.checkpoint.path.parent.parent
     out = Path(args.out) if args.out else run / "interrogate"
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(InterrogateConfig)}  # one flag a field
@@ -100,17 +115,37 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
     pt.set_defaults(func=cmd_pretrain)
     sf = sub.add_parser(
         "sft",
-        help="supervised finetuning into an assistant (conversations, tool use, identity)",
+        help="supervised finetuning into an assistant (conversations, tool use, identity), full or LoRA",
         formatter_class=FMT,
-        description="""Finetune a base checkpoint on the SFT mixture (llmstack/chat/mixture.py).
+        description="""Finetune a model on conversations: the built-in mixture (llmstack/chat/mixture.py), your own
+files (--data), or both. Any model: our run, a Hugging Face folder, a .gguf file, `smollm2`. Conversations
+render in the model's own chat template and only the assistant's turns are trained.
 
-  llmstack sft --run-dir runs/tiny                # base runs/tiny -> runs/tiny/sft
+  llmstack sft --run-dir runs/tiny                # base runs/tiny -> runs/tiny/sft (the mixture)
   llmstack sft --extra-conversations data/synth/conversations.jsonl   # + a teacher's (`llmstack synth`)
-  torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20""",
+  llmstack sft --model smollm2 --data mine.jsonl --lora-rank 8 --out runs/smol-mine   # your data, LoRA
+  llmstack sft --model path/to/hf-folder --data mine.jsonl --data builtin            # yours + the mixture
+  torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20
+
+--data files: JSONL of {"messages": [...]} (OpenAI: system/user/assistant/tool, tool_calls), ShareGPT
+{"conversations": [{"from": "human"|"gpt", "value": ...}]}, {"prompt", "completion"} pairs, Alpaca rows,
+or .parquet. Bad rows are skipped and counted by reason; 5% of each file is held out for validation.""",
     )
     add_run_args(sf)
     sf.add_argument(
-        "--model", "--checkpoint", dest="checkpoint", help="the base model: run or checkpoint (default: <run>)"
+        "--model",
+        "--checkpoint",
+        dest="checkpoint",
+        help="the model to finetune: our run or checkpoint, an HF folder, a .gguf, smollm2 (default: <run>)",
+    )
+    sf.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"train on this conversation file (repeatable); `{BUILTIN}` names the built-in mixture, "
+        f"`{BUILTIN}:identity,spelling` some of its kinds (arithmetic, identity, spelling, gsm, chitchat, "
+        "reasoning). Without --data: the mixture alone",
     )
     sf.add_argument("--tokenizer")
     sf.add_argument("--out", help="output run directory (default: <run>/sft)")
@@ -134,6 +169,7 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
     )
     add_train_overrides(sf)
     add_loop_levers(sf)
+    add_lora_args(sf)
     add_resume_fallback(sf)
     sf.set_defaults(func=cmd_sft)
     it = sub.add_parser(

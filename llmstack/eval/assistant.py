@@ -28,7 +28,7 @@ from llmstack.chat.answer import our_chat
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_QUESTIONS, ModelCard, arithmetic_question, words_from
 from llmstack.chat.wording import IDENTITY_HELDOUT, arithmetic_wording, identity_wording, spelling_wording, widen_sum
 from llmstack.data.corpus import default_corpus_texts
-from llmstack.interop.load import load_trainable
+from llmstack.interop.load import load_ours
 from llmstack.io import write_json
 from llmstack.tools.registry import default_toolbox
 
@@ -169,9 +169,9 @@ def wording_table(results: list[EvalResult]) -> list[str]:
 def run_assistant_eval(source: str | Path, n: int = 500, out: Path | None = None) -> tuple[list[EvalResult], Path]:
     """Our assistant's held-out problems (tools, identity, spelling) -> results, written to ``out`` as JSON
     (default: eval.json in the model's run)."""
-    model, tok, bundle = load_trainable(source)
+    model, tok, bundle = load_ours(source)
     results = evaluate_assistant(model, tok, default_corpus_texts(), n=n)
-    assert bundle.checkpoint is not None  # load_trainable opened one of our runs
+    assert bundle.checkpoint is not None  # load_ours opened one of our runs
     out = out or bundle.checkpoint.path.parent.parent / "eval.json"
     fields = ("accuracy", "correct", "total")
     write_json(out, {r.name: {**{f: getattr(r, f) for f in fields}, "interval": r.interval(), "examples": r.examples}

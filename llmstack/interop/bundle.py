@@ -44,6 +44,10 @@ class Bundle:
     tokenizer_dir: Path | None = None  # where the tokenizer was read from, for our runs
     source: str = ""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, HFTokenizer) and self.chat_template:
+            self.tokenizer.chat_template = self.chat_template  # so that (model, tokenizer) is enough to chat
+
     @property
     def meta(self) -> dict[str, Any]:
         """The checkpoint's metadata (empty for a model read straight from HF or GGUF)."""
@@ -70,17 +74,20 @@ class Bundle:
             )
         return self.tokenizer
 
+    def format_meta(self) -> dict[str, Any]:
+        """What a checkpoint trained from this model stores to be opened with the same chat format: nothing for
+        ours (our template is implied), the template and bos/eos names for any other."""
+        if isinstance(self.tokenizer, Tokenizer) and self.chat_template in (None, LLMSTACK_CHAT_TEMPLATE):
+            return {}
+        return {"chat_template": self.chat_template, "bos_token": self.bos_token, "eos_token": self.eos_token}
+
     @property
     def architecture(self) -> str:
         return "gpt2" if isinstance(self.model, GPT2) else "llama"
 
     def stop_ids(self) -> set[int]:
         """Ids that end a generated reply: eos, plus any end-of-turn special the tokenizer has."""
-        names = {n for n in (self.eos_token, *END_OF_TURN_NAMES) if n}
-        ids = {self.tokenizer.special_tokens[n] for n in names if n in self.tokenizer.special_tokens}
-        if isinstance(self.tokenizer, HFTokenizer) and self.tokenizer.eos_id is not None:
-            ids.add(self.tokenizer.eos_id)
-        return ids
+        return stop_ids_of(self.tokenizer, self.eos_token)
 
     def template(self) -> str:
         if self.chat_template:
@@ -88,6 +95,15 @@ class Bundle:
         if ASSISTANT_END in self.tokenizer.special_tokens:
             return LLMSTACK_CHAT_TEMPLATE
         raise ValueError("this model has no chat template (tokenizer_config.json / tokenizer.chat_template)")
+
+
+def stop_ids_of(tok: AnyTokenizer, eos_token: str | None) -> set[int]:
+    """Ids that end a generated reply under ``tok``: eos, plus any end-of-turn special it has."""
+    names = {n for n in (eos_token, *END_OF_TURN_NAMES) if n}
+    ids = {tok.special_tokens[n] for n in names if n in tok.special_tokens}
+    if isinstance(tok, HFTokenizer) and tok.eos_id is not None:
+        ids.add(tok.eos_id)
+    return ids
 
 
 def check_vocab(model_vocab: int, tokenizer: AnyTokenizer, where: str) -> None:
@@ -104,6 +120,14 @@ def llmstack_bundle(model: GPT, tok: Tokenizer) -> Bundle:
     eos = ASSISTANT_END if ASSISTANT_END in tok.special_tokens else None
     bos = BOS if BOS in tok.special_tokens else None
     return Bundle(model, tok, LLMSTACK_CHAT_TEMPLATE if eos else None, bos, eos)
+
+
+def bundle_of(model: GPT, tok: AnyTokenizer) -> Bundle:
+    """The bundle of a model being trained and its tokenizer: ours (our specials and template), or any other
+    with the chat template its tokenizer carries."""
+    if isinstance(tok, Tokenizer):
+        return llmstack_bundle(model, tok)
+    return Bundle(model, tok, tok.chat_template, tok.bos_token, tok.eos_token)
 
 
 # ----------------------------------------------------------------------------- run directories

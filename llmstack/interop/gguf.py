@@ -1,12 +1,29 @@
-"""GGUF (llama.cpp's file format): import Llama-architecture models, export ours as F16 or Q8_0.
+"""GGUF (llama.cpp's file format): import llama / qwen2 architecture models, export ours as F16 or Q8_0.
 
 Read and written with the ``gguf`` package (``GGUFReader`` + ``gguf.quants.dequantize`` / ``quantize``).
 Two conversions matter for correctness:
 
-- **Tensor names**: GGUF's ``blk.N.attn_q.weight`` etc. map one-to-one to HF Llama names (``NAMES``).
-- **Q/K row order**: llama.cpp applies RoPE to adjacent pairs (GPT-J style) while HF/our model rotates
-  halves; its converter permutes the rows of ``attn_q``/``attn_k`` so that the two agree. Import undoes
-  that permutation (``unpermute_qk``), export applies it (``permute_qk``).
+- **Tensor names**: GGUF's ``blk.N.attn_q.weight`` (and Qwen2's ``blk.N.attn_q.bias``) etc. map
+  one-to-one to HF Llama names (``NAMES``).
+- **Q/K row order**: for the ``llama`` architecture llama.cpp applies RoPE to adjacent pairs (GPT-J style)
+  while HF/our model rotates halves; its converter permutes the rows of ``attn_q``/``attn_k`` so that the
+  two agree. Import undoes that permutation (``unpermute_qk``), export applies it (``permute_qk``). The
+  ``qwen2`` architecture rotates halves in llama.cpp too: its rows are stored as HF has them.
+
+Families (``ModelConfig.family``), as llama.cpp's ``convert_hf_to_gguf.py`` writes them: ``llama`` and
+``mistral`` are ``general.architecture = "llama"``, ``qwen2`` is ``"qwen2"`` (with q/k/v bias tensors). A
+sliding window is written as ``{arch}.attention.sliding_window``, which llama.cpp's converter does not
+write for Mistral and its llama / qwen2 graphs do not read (they attend to the whole context: the same
+result while it is no longer than the window); import reads it back, and a llama file with a window
+imports as family ``mistral``. An explicit head_dim is ``{arch}.attention.key_length``.
+
+RoPE scaling, as llama.cpp reads it: ``linear`` and ``yarn`` as ``{arch}.rope.scaling.*`` keys (type,
+factor, original_context_length, yarn_beta_fast / slow, yarn_attn_factor); ``llama3`` as the
+``rope_freqs.weight`` tensor of per-frequency divisors (``llama3_freq_factors``); ``dynamic`` as nothing
+(within the context it is plain RoPE). Our exact parameters also travel in ``llmstack.rope_scaling`` (JSON;
+llama.cpp ignores the key), which import prefers. A file without it (llama.cpp's own Llama 3.1-3.3
+conversions) whose ``rope_freqs`` match Llama 3's (factor, 1, 4, 8192), llama.cpp's converter's
+defaults, imports as that ``llama3`` scaling; other factors are refused.
 
 The tokenizer travels as GGUF metadata: ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE), the
 vocabulary as byte-level strings indexed by id, merges as "a b" strings, token types (control for
@@ -17,17 +34,16 @@ Imported tokenizers become ``HFTokenizer`` (see ``interop/tokenizer.py`` for why
 ``import_gguf(path, emulate="llama.cpp")`` computes as llama.cpp's CPU backend does on the file's tensor
 types (``interop/llamacpp_numerics.py``), for comparisons with llama.cpp.
 
-What is not covered: architectures other than ``llama``, rope scaling, and quantisation types outside
-``SUPPORTED_TYPES`` (each refused by name); export quantises 2-D weights only, norms stay F32.
+What is not covered: architectures other than ``llama`` and ``qwen2``, rope scaling types other than the
+above, partial RoPE, the llama.cpp emulation of anything but plain llama models, and quantisation types
+outside ``SUPPORTED_TYPES`` (each refused by name); export quantises 2-D weights only, norms and biases
+stay F32.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +52,7 @@ import numpy as np
 import torch
 
 from llmstack.interop.bundle import Bundle, check_vocab
+from llmstack.interop.gguf_layout import check_gguf_layout
 from llmstack.interop.llamacpp_numerics import emulate_llamacpp
 from llmstack.interop.tokenizer import (
     HFTokenizer,
@@ -44,8 +61,9 @@ from llmstack.interop.tokenizer import (
     hf_from_vocab_merges,
     merges_from_ranks,
 )
-from llmstack.model.config import ModelConfig
+from llmstack.model.config import ModelConfig, RopeScaling
 from llmstack.model.llama import GPT
+from llmstack.model.rope import llama3_freq_factors
 from llmstack.tokenizer.bpe import Tokenizer
 from llmstack.training.checkpoint import ModelFileError, load_state
 
@@ -68,18 +86,18 @@ LAYER_NAMES = {
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 """Tensor types import dequantises (``gguf.quants`` implements them in numpy)."""
 
+ARCHITECTURES = ("llama", "qwen2")
+"""GGUF ``general.architecture`` values import reads."""
+ROPE_FREQS = "rope_freqs.weight"
+"""llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling), one per rotated pair."""
+ROPE_SCALING_KEY = "llmstack.rope_scaling"
+"""Our exact ``RopeScaling`` as JSON, beside llama.cpp's keys (which cannot hold all of it)."""
+
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 """f16 and q8_0 are the ones to ship; f32, q4_0 and q4_1 exist so tests can write every type import reads."""
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
 EMULATIONS = (None, "llama.cpp")
 """``import_gguf(emulate=...)``: None computes in float32; "llama.cpp" rounds as its CPU backend does."""
-
-VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-"""Bytes of each fixed-size GGUF metadata value type (uint8 .. float64; 8 is a string, 9 an array)."""
-GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
-MAX_METADATA_ITEMS, MAX_TENSORS = 1 << 21, 1 << 16
-"""Bounds on a file's metadata array elements (``GGUFReader`` keeps a numpy view per element, ~0.7 KB and ~8 us
-each with gguf 0.19; Llama 3's 128k tokens + 280k merges stay well under) and on its tensors (a few thousand)."""
 
 
 def gguf_to_hf_name(name: str) -> str:
@@ -115,7 +133,7 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- import
 def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
-    """Load a llama-architecture GGUF file: config from metadata, dequantised weights, tokenizer, template.
+    """Load a llama / qwen2 architecture GGUF file: config from metadata, dequantised weights, tokenizer, template.
 
     ``emulate="llama.cpp"`` makes the model round activations, the KV cache and RoPE angles as llama.cpp's
     CPU backend does on this file's tensor types (``interop/llamacpp_numerics.py``): for comparisons
@@ -135,8 +153,8 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         raise ModelFileError(path, f"not a readable GGUF file ({e})") from None
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: llama)")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}  # GGML type of each tensor, and Q4_1 / Q5_1 block minima, for emulation
     mins: dict[str, torch.Tensor] = {}
@@ -145,7 +163,7 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         if qtype not in SUPPORTED_TYPES:
             raise ValueError(f"{path}: tensor {t.name} has unsupported type {qtype} (supported: {SUPPORTED_TYPES})")
         try:
-            name = gguf_to_hf_name(t.name)
+            name = t.name if t.name == ROPE_FREQS else gguf_to_hf_name(t.name)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         shape = tuple(reversed(t.shape.tolist()))
@@ -158,8 +176,11 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
             mins[name] = _block_minima(t.data, t.tensor_type, shape)
     if "model.embed_tokens.weight" not in state:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
-    cfg = _config_from_metadata(meta, path, vocab_size=state["model.embed_tokens.weight"].shape[0])
-    for tensors in (state, mins):
+    rope_freqs = state.pop(ROPE_FREQS, None)
+    cfg = _config_from_metadata(meta, arch, path, state["model.embed_tokens.weight"].shape[0], rope_freqs)
+    if emulate and (cfg.family != "llama" or cfg.rope_scaling):
+        raise ValueError(f"{path}: llama.cpp emulation covers plain llama models (no biases, window, rope scaling)")
+    for tensors in (state, mins) if arch == "llama" else ():
         for name in list(tensors):
             if name.endswith("q_proj.weight"):
                 tensors[name] = unpermute_qk(tensors[name], cfg.n_head)
@@ -197,22 +218,29 @@ def _field_value(field: Any) -> Any:
         return None
 
 
-def _config_from_metadata(meta: dict[str, Any], path: Path, vocab_size: int) -> ModelConfig:
+def _config_from_metadata(
+    meta: dict[str, Any], arch: str, path: Path, vocab_size: int, rope_freqs: torch.Tensor | None
+) -> ModelConfig:
     def get(key: str, default: Any = None, kind: type = int) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise ModelFileError(path, f"metadata llama.{key} is missing")
+            raise ModelFileError(path, f"metadata {arch}.{key} is missing")
         try:
             return kind(value)
         except (TypeError, ValueError):
-            raise ModelFileError(path, f"metadata llama.{key} is {str(value)[:40]!r}, not a number") from None
+            raise ModelFileError(path, f"metadata {arch}.{key} is {str(value)[:40]!r}, not a number") from None
 
-    if meta.get("llama.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
-    head_dim = get("rope.dimension_count", n_embd // max(1, n_head))
-    if head_dim != n_embd // max(1, n_head):
-        raise ValueError(f"{path}: rope.dimension_count {head_dim} != embedding_length / head_count (partial RoPE)")
+    head_dim = get("attention.key_length", n_embd // max(1, n_head))
+    if get("attention.value_length", head_dim) != head_dim:
+        raise ValueError(f"{path}: attention.value_length != attention.key_length is not supported")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(
+            f"{path}: rope.dimension_count {get('rope.dimension_count')} != head dim {head_dim} (partial RoPE)"
+        )
+    theta = get("rope.freq_base", 10000.0, float)
+    window = get("attention.sliding_window", 0) or None  # 0: none (llama.cpp's way of saying so)
+    scaling = _rope_scaling(meta, arch, path, head_dim, theta, rope_freqs)
     try:
         return ModelConfig(
             vocab_size=vocab_size,  # the embedding's rows; the tokenizer is checked against it
@@ -222,12 +250,60 @@ def _config_from_metadata(meta: dict[str, Any], path: Path, vocab_size: int) -> 
             n_kv_head=get("attention.head_count_kv", n_head),
             intermediate_size=get("feed_forward_length"),
             max_seq_len=get("context_length"),
-            rope_theta=get("rope.freq_base", 10000.0, float),
+            rope_theta=theta,
             norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
             tie_embeddings=False,
+            head_dim=head_dim,
+            attention_bias=arch == "qwen2",
+            sliding_window=window,
+            rope_scaling=scaling,
+            family="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
         )
     except ValueError as e:  # ModelConfig's own checks: sizes that cannot go together
-        raise ModelFileError(path, f"metadata is not a usable llama configuration ({e})") from None
+        raise ModelFileError(path, f"metadata is not a usable {arch} configuration ({e})") from None
+
+
+def _rope_scaling(
+    meta: dict[str, Any], arch: str, path: Path, head_dim: int, theta: float, rope_freqs: torch.Tensor | None
+) -> RopeScaling | None:
+    """The file's RoPE scaling: ours if stored, else llama.cpp's keys, else Llama 3's from ``rope_freqs``."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    stored = meta.get(ROPE_SCALING_KEY)
+
+    def key(name: str) -> Any:
+        return meta.get(f"{arch}.rope.scaling.{name}")
+
+    try:
+        if stored is not None:
+            scaling = RopeScaling(**json.loads(stored))
+        elif kind in (None, "none"):
+            scaling = None
+        elif kind == "linear":
+            scaling = RopeScaling("linear", float(key("factor")))
+        elif kind == "yarn":
+            scaling = RopeScaling(
+                "yarn",
+                float(key("factor")),
+                original_max_position_embeddings=int(key("original_context_length")),
+                attention_factor=key("yarn_attn_factor"),
+                beta_fast=key("yarn_beta_fast"),
+                beta_slow=key("yarn_beta_slow"),
+            )
+        else:
+            raise ValueError(f"{path}: unsupported rope scaling {kind!r} (supported: none, linear, yarn, llama3)")
+    except (TypeError, json.JSONDecodeError) as e:  # a missing key (None), a mistyped value, broken JSON
+        raise ModelFileError(path, f"unreadable rope scaling metadata ({e})") from None
+    if rope_freqs is None:
+        return scaling
+    if scaling is None:  # llama.cpp's conversion of Llama 3.1-3.3: the factors alone, made with these defaults
+        factor = float(rope_freqs.max())
+        scaling = RopeScaling(
+            "llama3", factor, original_max_position_embeddings=8192, low_freq_factor=1.0, high_freq_factor=4.0
+        )
+    expected = llama3_freq_factors(head_dim, theta, scaling) if scaling.rope_type == "llama3" else None
+    if expected is None or expected.shape != rope_freqs.shape or not torch.allclose(expected, rope_freqs, rtol=1e-5):
+        raise ValueError(f"{path}: {ROPE_FREQS} does not hold Llama 3 rope scaling factors of {scaling} (unsupported)")
+    return scaling
 
 
 def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
@@ -265,121 +341,9 @@ def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
     return HFTokenizer(raw, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), gguf_pre=pre)
 
 
-def check_gguf_layout(path: Path) -> None:
-    """Refuse a GGUF file whose header promises more than the file holds, before ``GGUFReader`` allocates for it.
-
-    The reader trusts every count and length in the header (a 121-byte file claiming a 2**40-element array grew
-    it to 7 GB). Here each one is checked against the bytes left in the file, the metadata's array elements and
-    the tensor count against ``MAX_METADATA_ITEMS`` / ``MAX_TENSORS``, and each tensor's data against the end
-    of the file. Raises ``ModelFileError`` naming the file and the first field that does not fit.
-    """
-    size = path.stat().st_size
-    if size < 24:
-        raise ModelFileError(path, f"not a GGUF file ({size} bytes, shorter than a GGUF header)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _GGUFHeader(buf, path).check()
-
-
-class _GGUFHeader:
-    """A walk over a GGUF header (magic, version, counts, metadata, tensor infos) with every length bounded."""
-
-    def __init__(self, buf: Any, path: Path) -> None:
-        self.buf, self.path, self.size, self.pos, self.order, self.items = buf, path, len(buf), 0, "<", 0
-
-    def fail(self, reason: str) -> ModelFileError:
-        return ModelFileError(self.path, f"damaged GGUF file: {reason}")
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise self.fail(
-                f"{what} needs {n:,} bytes at offset {self.pos:,}; the file has {self.size - self.pos:,} left"
-            )
-
-    def read(self, fmt: str, what: str) -> int:
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        (value,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
-        self.pos += n
-        return value
-
-    def string(self, what: str) -> bytes:
-        n = self.read("Q", f"{what}'s length")
-        self.need(n, f"{what} ({n:,} bytes)")
-        self.pos += n
-        return bytes(self.buf[self.pos - n : self.pos])
-
-    def value(self, vtype: int, what: str) -> None:
-        if vtype == GGUF_ARRAY:
-            itype, count = self.read("I", what), self.read("Q", what)
-            self.items += count
-            if self.items > MAX_METADATA_ITEMS:
-                raise self.fail(f"{what}: {self.items:,} metadata array elements, more than {MAX_METADATA_ITEMS:,}")
-            if itype not in VALUE_SIZES and itype != GGUF_STRING:  # llama.cpp reads no nested arrays either
-                raise self.fail(f"{what}: an array of value type {itype}")
-            self.need(count * VALUE_SIZES.get(itype, 8), f"{what} (an array of {count:,} elements)")
-            for _ in range(count if itype == GGUF_STRING else 0):
-                self.string(what)
-            self.pos += count * VALUE_SIZES.get(itype, 0)
-        elif vtype == GGUF_STRING:
-            self.string(what)
-        elif vtype in VALUE_SIZES:
-            self.need(VALUE_SIZES[vtype], what)
-            self.pos += VALUE_SIZES[vtype]
-        else:
-            raise self.fail(f"{what}: unknown value type {vtype}")
-
-    def check(self) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy: see import_gguf
-
-        if bytes(self.buf[:4]) != b"GGUF":
-            raise self.fail(f"the file starts with {bytes(self.buf[:4])!r}, not the GGUF magic")
-        self.pos = 4
-        version = self.read("I", "version")
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            self.order, self.pos = ">", 4
-            version = self.read("I", "version")
-        if version not in (2, 3):
-            raise self.fail(f"version {version} (supported: 2, 3)")
-        n_tensors, n_kv = self.read("Q", "tensor count"), self.read("Q", "metadata count")
-        if n_tensors > MAX_TENSORS:
-            raise self.fail(f"{n_tensors:,} tensors, more than {MAX_TENSORS:,}")
-        self.need(n_kv * 13 + n_tensors * 24, f"{n_kv:,} metadata entries and {n_tensors:,} tensor infos")
-        alignment = 32
-        for i in range(n_kv):
-            key = self.string(f"metadata key {i}")
-            what = f"metadata {key[:60].decode('utf-8', 'replace')!r}"
-            vtype = self.read("I", what)
-            if key == b"general.alignment" and vtype == GGUF_UINT32:
-                alignment = self.read("I", what)
-            else:
-                self.value(vtype, what)
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise self.fail(f"general.alignment {alignment} is not a power of two")
-        tensors = []
-        for i in range(n_tensors):
-            name = self.string(f"tensor {i}'s name").decode("utf-8", "replace")
-            n_dims = self.read("I", f"tensor {name}'s dimension count")
-            if n_dims > 4:
-                raise self.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 4)")
-            dims = [self.read("Q", f"tensor {name}'s shape") for _ in range(n_dims)]
-            tensors.append(
-                (name, dims, self.read("I", f"tensor {name}'s type"), self.read("Q", f"tensor {name}'s offset"))
-            )
-        data_start = -(-self.pos // alignment) * alignment
-        for name, dims, ttype, offset in tensors:
-            try:
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
-                raise self.fail(f"tensor {name} has unknown type {ttype}") from None
-            start = data_start + offset
-            end = start + math.prod(dims) * type_size // block
-            if end > self.size:
-                raise self.fail(f"tensor {name}'s data (bytes {start:,}..{end:,}) runs past the end ({self.size:,})")
-
-
 # ----------------------------------------------------------------------------- export
 def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
-    """Write ``bundle`` (Llama architecture) to ``out`` as GGUF; written to a temp file, then renamed."""
+    """Write ``bundle`` (a ``GPT`` of any family) to ``out`` as GGUF; written to a temp file, then renamed."""
     from gguf import GGUFWriter  # heavy: see import_gguf
 
     out = Path(out)
@@ -394,7 +358,7 @@ def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = GGUFWriter(str(tmp), "llama")
+        writer = GGUFWriter(str(tmp), gguf_architecture(bundle.model.config))
         _write_metadata(writer, bundle, bundle.model.config, quant)
         _write_tokenizer(writer, bundle)
         _write_tensors(writer, bundle.model, quant)
@@ -409,6 +373,11 @@ def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
     return out
 
 
+def gguf_architecture(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture for a family: Mistral is a llama to it."""
+    return "qwen2" if cfg.family == "qwen2" else "llama"
+
+
 def _write_metadata(writer: Any, bundle: Bundle, cfg: ModelConfig, quant: str) -> None:
     from gguf import LlamaFileType  # heavy: see import_gguf
 
@@ -419,11 +388,37 @@ def _write_metadata(writer: Any, bundle: Bundle, cfg: ModelConfig, quant: str) -
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+    if cfg.rope_scaling is not None:
+        _write_rope_scaling(writer, cfg.rope_scaling)
     writer.add_file_type(LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
+
+
+def _write_rope_scaling(writer: Any, s: RopeScaling) -> None:
+    """llama.cpp's keys where it has them (as its converter writes them), and ours in full."""
+    from gguf import RopeScalingType  # heavy: see import_gguf
+
+    if s.rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(RopeScalingType(s.rope_type))
+        writer.add_rope_scaling_factor(s.factor)
+    if s.rope_type == "yarn":
+        assert s.original_max_position_embeddings is not None
+        writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
+        for value, add in (
+            (s.attention_factor, writer.add_rope_scaling_yarn_attn_factor),
+            (s.beta_fast, writer.add_rope_scaling_yarn_beta_fast),
+            (s.beta_slow, writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if value is not None:
+                add(value)
+    writer.add_string(ROPE_SCALING_KEY, json.dumps(s.to_hf()))
 
 
 def _write_tokenizer(writer: Any, bundle: Bundle) -> None:
@@ -464,11 +459,15 @@ def _write_tensors(writer: Any, model: GPT, quant: str) -> None:
     state = model.state_dict()
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
+    permute = gguf_architecture(cfg) == "llama"
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.rope_type == "llama3":
+        writer.add_tensor(ROPE_FREQS, llama3_freq_factors(cfg.head_dim, cfg.rope_theta, scaling).numpy())
     for name, tensor in state.items():
         w = tensor.detach().float().cpu()
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             w = permute_qk(w, cfg.n_head)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             w = permute_qk(w, cfg.n_kv_head)
         array = w.numpy()
         gguf_name = hf_to_gguf_name(name)

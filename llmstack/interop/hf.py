@@ -1,13 +1,19 @@
-"""Hugging Face model directories: import (Llama and GPT-2 families) and export (``LlamaForCausalLM``).
+"""Hugging Face model directories: import (Llama, Qwen2, Mistral and GPT-2 families) and export.
 
 Import reads ``config.json``, the weights (``model.safetensors``, a sharded safetensors index, or
 ``pytorch_model.bin``) and the tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``)
 with ``tokenizer_config.json`` for bos/eos and the chat template. It needs neither ``transformers``
-nor network access. What is not covered: SentencePiece (non byte-level) tokenizers, rope scaling,
-biases in Llama layers, other architectures; each is refused with its name.
+nor network access. ``LlamaForCausalLM`` (Llama 1-3.x, SmolLM2), ``Qwen2ForCausalLM`` (Qwen2 / 2.5) and
+``MistralForCausalLM`` directories become our ``GPT`` (``ModelConfig.family`` records which; rope
+scaling, q/k/v biases and sliding windows as ``model/config.py`` lists), ``GPT2LMHeadModel`` our
+``GPT2``. Weights keep the file's dtype (bf16 stays bf16) unless ``import_hf(path, dtype=...)`` asks for
+another. What is not covered: SentencePiece (non byte-level) tokenizers, other architectures, and the
+config features ``ModelConfig.from_hf_dict`` refuses (longrope, partial rotary, Llama's o_proj bias,
+MLP biases, a sliding window on some layers only); each is refused with its name.
 
-Export writes what ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(dir)`` read offline:
-``config.json``, ``generation_config.json``, ``model.safetensors``, ``tokenizer.json``,
+Export writes the model's own family (``LlamaForCausalLM`` for ours, ``Qwen2ForCausalLM`` for an
+imported Qwen2, ...) with float32 weights, as ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(dir)``
+read it offline: ``config.json``, ``generation_config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` (with the chat template) and ``special_tokens_map.json``. The directory is
 assembled under a temporary name and renamed at the end, so a failure never leaves half of one.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from llmstack.interop.bundle import Bundle, check_vocab
 from llmstack.interop.tokenizer import HFTokenizer, hf_from_ranks
 from llmstack.io import write_json
-from llmstack.model.config import ModelConfig
+from llmstack.model.config import FAMILIES, ModelConfig
 from llmstack.model.gpt2 import GPT2, GPT2Config
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
@@ -44,9 +51,10 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 
 # ----------------------------------------------------------------------------- import
-def import_hf(path: str | Path) -> Bundle:
-    """Load a local HF model directory (Llama or GPT-2 family) into our engine.
+def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Bundle:
+    """Load a local HF model directory (Llama, Qwen2, Mistral or GPT-2 family) into our engine.
 
+    ``dtype``: the model's parameter dtype; None keeps the file's (that of most of its weights).
     A damaged file (config.json, weights, tokenizer files) raises ``ModelFileError`` naming it."""
     path = Path(path)
     config_file = path / "config.json"
@@ -59,16 +67,18 @@ def import_hf(path: str | Path) -> Bundle:
     if model_type == "gpt2" or "GPT2LMHeadModel" in archs:
         model = GPT2(_parse_config(GPT2Config.from_hf_dict, config, config_file))
         state = _gpt2_state(read_weights(path))
-    elif model_type == "llama" or "LlamaForCausalLM" in archs:
+    elif model_type in FAMILIES or set(FAMILIES.values()) & set(archs):
         model = GPT(_parse_config(ModelConfig.from_hf_dict, config, config_file))
         state = read_weights(path)
         if not model.config.tie_embeddings and "lm_head.weight" not in state:
             raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
     else:
+        supported = ", ".join(f"{family} / {arch}" for family, arch in FAMILIES.items())
         raise ValueError(
             f"{config_file}: unsupported architecture {archs or model_type!r} "
-            "(supported: llama / LlamaForCausalLM, gpt2 / GPT2LMHeadModel)"
+            f"(supported: {supported}, gpt2 / GPT2LMHeadModel)"
         )
+    model.to(dtype or _weights_dtype(state))
     load_state(model, state, str(weights_file(path)), tied=isinstance(model, GPT2) or model.config.tie_embeddings)
     tok, tok_config = read_tokenizer(path)
     check_vocab(model.config.vocab_size, tok, str(path))
@@ -96,7 +106,7 @@ def weights_file(path: Path) -> Path:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory as float32, whichever of the usual file layouts it uses."""
+    """All tensors of an HF directory in their stored dtypes, whichever of the usual file layouts it uses."""
     f = weights_file(path)
     if f.name == "model.safetensors":
         state = read_safetensors(f)
@@ -112,7 +122,16 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged zip or pickle
             raise ModelFileError(f, f"unreadable weights, the file is truncated or corrupt ({e})") from None
-    return {k: v.float() for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
+    return {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+
+def _weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the weights (a checkpoint may keep a few small tensors in fp32)."""
+    sizes: Counter[torch.dtype] = Counter()
+    for v in state.values():
+        if v.is_floating_point():
+            sizes[v.dtype] += v.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
 def _gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -174,7 +193,7 @@ def _chat_template(path: Path, tok_config: dict[str, Any]) -> str | None:
 
 # ----------------------------------------------------------------------------- export
 def export_hf(bundle: Bundle, out: str | Path) -> Path:
-    """Write ``bundle`` (a Llama-architecture model) as an HF ``LlamaForCausalLM`` directory at ``out``."""
+    """Write ``bundle`` (a ``GPT``: Llama, Qwen2 or Mistral family) as an HF directory of its family at ``out``."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new --out (export never overwrites)")
@@ -206,8 +225,6 @@ def _write_hf(bundle: Bundle, model: GPT, tmp: Path) -> None:
         tmp / "config.json",
         {
             **cfg.to_hf_dict(),
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
             "pad_token_id": pad_id,

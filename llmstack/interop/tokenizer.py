@@ -147,6 +147,7 @@ class HFTokenizer:
         self._specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         self._id_to_special = {i: name for name, i in self._specials.items()}
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template: str | None = None  # its model's, set by the Bundle (as transformers' tokenizers carry it)
         for name in (bos_token, eos_token):
             if name is not None and name not in self._specials and hf.token_to_id(name) is None:
                 raise ValueError(f"token {name!r} is not in the tokenizer's vocabulary")

@@ -1,8 +1,13 @@
 """A decoder-only Transformer whose modules and weight names equal Hugging Face ``LlamaForCausalLM``.
 
-RoPE (rotate-half layout, as HF), RMSNorm, SwiGLU MLP, grouped-query attention, no biases, tied or
-untied embeddings. ``GPT.state_dict()`` keys are HF's keys, so a Llama checkpoint loads with
-``load_state_dict`` and ours saves as one.
+RoPE (rotate-half layout, as HF; scaled as ``model/rope.py`` describes), RMSNorm, SwiGLU MLP,
+grouped-query attention, tied or untied embeddings. ``GPT.state_dict()`` keys are HF's keys, so a Llama
+checkpoint loads with ``load_state_dict`` and ours saves as one. The same class runs the Qwen2 and
+Mistral families (``ModelConfig.family``), whose weight names are Llama's: Qwen2's q/k/v biases
+(``attention_bias``; HF's ``q_proj.bias`` etc.) and a sliding window (``sliding_window``: a token attends
+to the latest ``sliding_window`` keys, itself included, as transformers' mask). The window is a mask
+over a cache that keeps every position (no rolling buffer); where no query can see past it, attention
+takes the same unmasked / ``is_causal`` paths as a model without one.
 
 Attention is ``scaled_dot_product_attention``. (Running q/k/v, and gate/up, as one matmul over
 concatenated weights was measured slower on CPU: the concatenation and its backward cost more than
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstack.model.config import ModelConfig
+from llmstack.model.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -44,22 +50,15 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (T, head_dim) in HF's rotate-half layout (frequencies repeated twice)."""
-    # float32 arithmetic in the same order as HF, so that logits match at long positions too
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    t = torch.arange(max_seq_len, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the last dim; cos/sin broadcast over the leading dims."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(T, S) bool for the last T of S positions: each query sees keys up to itself, and with ``window``
+    only the latest ``window`` of them (transformers' sliding window: key > query - window)."""
+    q_T1 = torch.arange(S - T, S, device=device)[:, None]
+    k_S = torch.arange(S, device=device)
+    mask = k_S <= q_T1
+    if window is not None:
+        mask &= k_S > q_T1 - window
+    return mask
 
 
 class KVCache:
@@ -84,6 +83,7 @@ class KVCache:
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool; None: every key is valid
         self.pos_t: torch.Tensor | None = None  # static mode: the position as a device tensor
         self.fused = False  # the model's fused projections are current (``GPT.fuse_for_decode``): use them
+        self.window: int | None = getattr(cfg, "sliding_window", None)  # GPT2 shares this cache and has none
         self._static = False
 
     @property
@@ -111,9 +111,12 @@ class KVCache:
         self._static = True
 
     def static_mask(self) -> torch.Tensor:
-        """(B, 1, 1, max_len): valid keys up to and including the current position."""
+        """(B, 1, 1, max_len): valid keys up to and including the current position (within the window)."""
         assert self.pos_t is not None and self.key_valid is not None
-        return (self.key_valid & (self._slots <= self.pos_t))[:, None, None, :]
+        visible = self.key_valid & (self._slots <= self.pos_t)
+        if self.window is not None:
+            visible &= self._slots > self.pos_t - self.window
+        return visible[:, None, None, :]
 
     def update_static(
         self, layer: int, k_BH1D: torch.Tensor, v_BH1D: torch.Tensor
@@ -126,11 +129,11 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def attention_mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
-        """(B, 1, T, S) bool: causal, minus padded keys; a padded query still sees itself (stays finite)."""
+        """(B, 1, T, S) bool: causal (within the window), minus padded keys; a padded query still sees itself
+        (stays finite). None without padding."""
         if self.key_valid is None:
             return None
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-        mask = causal[None, None] & self.key_valid[:, None, None, :S]
+        mask = causal_mask(T, S, self.window, device)[None, None] & self.key_valid[:, None, None, :S]
         idx = torch.arange(T, device=device)
         mask[:, :, idx, idx + S - T] = True
         return mask
@@ -153,12 +156,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        d = cfg.n_embd
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.window = cfg.sliding_window
+        d, bias = cfg.n_embd, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
         self.qkv: torch.Tensor | None = None  # fused q/k/v weight for static decode steps (``GPT.fuse_for_decode``)
+        self.qkv_bias: torch.Tensor | None = None  # and its fused bias, with attention_bias
 
     def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
@@ -182,16 +187,17 @@ class Attention(nn.Module):
             k_BHTD = k_BHTD.repeat_interleave(H // KV, dim=1)
             v_BHTD = v_BHTD.repeat_interleave(H // KV, dim=1)
 
-        pad_mask = cache.attention_mask(T, k_BHTD.shape[2], x_BTC.device) if cache is not None else None
+        S = k_BHTD.shape[2]
+        windowed = self.window is not None and self.window < S  # a query has keys beyond its window
+        pad_mask = cache.attention_mask(T, S, x_BTC.device) if cache is not None else None
         if pad_mask is not None:
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=pad_mask)
-        elif past == 0:
+        elif past == 0 and not windowed:
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
-        elif T == 1:  # one new token sees the whole cache
+        elif T == 1 and not windowed:  # one new token sees the whole cache
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD)
-        else:  # a chunk after a non-empty cache: causal mask aligned to the end (bottom-right)
-            S = k_BHTD.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(diagonal=S - T)
+        else:  # a chunk after a non-empty cache, or a window: the mask aligned to the end (bottom-right)
+            mask = causal_mask(T, S, self.window, x_BTC.device)
             y = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask)
         y_BTC = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y_BTC)
@@ -200,7 +206,7 @@ class Attention(nn.Module):
         """q, k, v projections: one fused matmul when the engine prepared it for this cache."""
         if cache is not None and cache.fused and self.qkv is not None:
             H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-            return F.linear(x_BTC, self.qkv).split((H * D, KV * D, KV * D), dim=-1)
+            return F.linear(x_BTC, self.qkv, self.qkv_bias).split((H * D, KV * D, KV * D), dim=-1)
         return self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
 
     def _static_step(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -331,7 +337,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -343,13 +349,16 @@ class GPT(nn.Module):
         """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layer) (GPT-2)."""
         out_std = std / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.ndim == 1:
                 p.fill_(1.0)  # RMSNorm gains
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.normal_(0.0, out_std)
             else:
                 p.normal_(0.0, std)
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
@@ -384,19 +393,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def fuse_for_decode(self) -> None:
-        """(Re)build the fused q/k/v and gate/up weights static decode steps use: one matmul instead of
-        three, and of two. Copies the current weights into the same buffers each time (a captured CUDA
-        graph keeps pointing at them), so call it again after the weights change (the engine does at
-        every generation). Costs the memory of those weights once more."""
+        """(Re)build the fused q/k/v (and q/k/v bias) and gate/up weights static decode steps use: one
+        matmul instead of three, and of two. Copies the current weights into the same buffers each time (a
+        captured CUDA graph keeps pointing at them), so call it again after the weights change (the engine
+        does at every generation). Costs the memory of those weights once more."""
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if a.q_proj.bias is not None else None
             if a.qkv is None or a.qkv.dtype != qkv[0].dtype or a.qkv.device != qkv[0].device:
                 a.qkv = torch.cat(qkv)
+                a.qkv_bias = torch.cat(biases) if biases else None
                 m.gate_up = torch.cat((m.gate_proj.weight, m.up_proj.weight))
             else:
                 assert m.gate_up is not None
                 torch.cat(qkv, out=a.qkv)
+                if biases:
+                    assert a.qkv_bias is not None
+                    torch.cat(biases, out=a.qkv_bias)
                 torch.cat((m.gate_proj.weight, m.up_proj.weight), out=m.gate_up)
 
     def num_params(self) -> int:

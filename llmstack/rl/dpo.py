@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmstack.chat.conversation import ChatFormat
+from llmstack.chat.template import format_of
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
 from llmstack.model.llama import GPT
@@ -45,6 +46,7 @@ from llmstack.rl.preferences import (
 from llmstack.training.config import TrainConfig, resolve_dtype
 from llmstack.training.distributed import DistInfo
 from llmstack.training.loop import train
+from llmstack.training.lora import LoRAConfig, apply_lora
 from llmstack.training.pretrain import logits_of
 from llmstack.training.sft import IGNORE, collate
 
@@ -108,9 +110,9 @@ class DPOTask(PairStream):
     ) -> None:
         if nll_weight < 0 or beta <= 0:
             raise ValueError(f"DPO needs beta > 0 and nll_weight >= 0 (got beta {beta}, nll_weight {nll_weight})")
-        fmt = ChatFormat(tok)
+        fmt = format_of(tok)
         self.tok, self.beta, self.problems, self.nll_weight = tok, beta, list(problems), nll_weight
-        self.pad = tok.special_id("<|pad|>")
+        self.pad = fmt.pad_id
         ctx = self.ctx = model.config.max_seq_len
 
         def encode(pairs: Sequence[Pair]) -> list[Encoded]:
@@ -195,23 +197,25 @@ def run_dpo(
     resume: bool = True,
     log: Callable[[str], None] = print,
     nll_weight: float = 1.0,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
-    """DPO from ``policy`` (the SFT run, also the frozen reference) on ``pairs/train.jsonl``; the gold
-    score of ``heldout`` held-out questions' replies, greedy and sampled at T 1, before and after;
-    ``out/summary.json``."""
+    """DPO from ``policy`` (any model source; also the frozen reference) on ``pairs/train.jsonl``, the whole
+    model or a LoRA adapter; the gold score of ``heldout`` held-out questions' replies, greedy and sampled
+    at T 1, before and after; ``out/summary.json``."""
     out, pairs = Path(out), Path(pairs)
     model, tok, bundle = load_trainable(policy)
-    ckpt = bundle.checkpoint
-    assert ckpt is not None  # load_trainable opened one of our runs
+    where = str(bundle.checkpoint.path if bundle.checkpoint else bundle.source)
+    if lora:
+        apply_lora(model, lora)  # B = 0: the starting model (the reference) exactly
     train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
     val_pairs = read_pairs(pairs / "heldout.jsonl")
     bundle.copy_tokenizer(out)
     problems = arithmetic_problems(heldout, HELDOUT_SEED, pairs_questions(pairs))  # the pairs' question set
     task = DPOTask(model, train_pairs, val_pairs, tok, cfg, dist, beta, problems if dist.is_main else (), nll_weight)
     log(f"dpo: {len(task.train)} pairs, beta {beta}, NLL weight {nll_weight}, {cfg.max_steps} steps "
-        f"from {ckpt.path} -> {out}")  # fmt: skip
-    meta = {"stage": "dpo", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "beta": beta,
-            "nll_weight": nll_weight}  # fmt: skip
+        f"from {where} -> {out}{f'; LoRA r={lora.r}' if lora else ''}")  # fmt: skip
+    meta = {"stage": "dpo", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": where, "beta": beta,
+            "nll_weight": nll_weight, **bundle.format_meta(), **({"lora": asdict(lora)} if lora else {})}  # fmt: skip
     result = train(model, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "beta": beta, "nll_weight": nll_weight}
     summary["evals"] = result.evals

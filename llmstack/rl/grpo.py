@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.template import format_of
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
-from llmstack.rl.verifiers import Problem, reward, tool_found_answer
-from llmstack.tokenizer import special as S
+from llmstack.rl.verifiers import Problem, custom_reward, load_reward_function, reward, tool_found_answer
 from llmstack.tools.registry import tool_use
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
@@ -62,6 +62,7 @@ class GRPOConfig:
     kl_coef: float = 0.0  # weight of the k3 KL penalty to the reference model
     tools: bool = True  # the calculator / python tools answer calls during rollouts
     tool_credit: float = 0.0  # training reward of a wrong final answer whose tool results hold the right one
+    reward_fn: str = ""  # module:function or file.py:function (question, completion, answer) -> float; "" = verifiers
     n_train: int = 4000
     n_heldout: int = 100  # pass@1 (greedy) on these
     eval_k: int = 8  # pass@k: k samples on each of the first eval_k_problems held-out problems
@@ -203,9 +204,10 @@ class Sampler:
     """Batched completions of chat prompts: one engine, the tools answering calls."""
 
     def __init__(self, model: torch.nn.Module, tok: Any, tools: Any | None = None) -> None:
-        self.tok, self.fmt = tok, ChatFormat(tok)
-        self.engine = Engine(model, tool_use(tok, tools.call) if tools is not None else None)
-        self.stop = frozenset({tok.special_id(S.ASSISTANT_END), tok.bos_id} - {None})
+        self.tok, self.fmt = tok, format_of(tok)
+        runs_tools = tools is not None and isinstance(self.fmt, ChatFormat)  # a template model runs no tools
+        self.engine = Engine(model, tool_use(tok, tools.call) if tools is not None and runs_tools else None)
+        self.stop = self.fmt.stop_ids
 
     def prompt(self, question: str) -> list[int]:
         return self.fmt.prompt(Conversation.of(("user", question)))
@@ -298,7 +300,7 @@ class GRPOTask:
         self.train, self.heldout, self.cfg, self.grad_accum = train, heldout, cfg, tcfg.grad_accum
         self.rank, self.world, self.device = dist.rank, dist.world_size, dist.device
         self.sampler = Sampler(model, tok, tools if cfg.tools else None)
-        self.pad_id = tok.special_id(S.PAD)
+        self.pad_id = format_of(tok).pad_id
         self.log, self.progress = log, progress
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, None)
         self.cursor = 0  # problems consumed by all ranks together
@@ -308,6 +310,7 @@ class GRPOTask:
         self._uses = 0
         self._step_stats: list[dict[str, float]] = []
         self.errors: list[str] = []  # verifier errors (also logged)
+        self.reward_fn = load_reward_function(cfg.reward_fn) if cfg.reward_fn else None
 
     # --- data
     def _index(self, g: int) -> int:
@@ -331,7 +334,10 @@ class GRPOTask:
         errors = 0
         for i, (p, comps) in enumerate(zip(problems, rollout.completions, strict=True)):
             for j, c in enumerate(comps):
-                rewards[i, j], err = reward(p, c.text, self.cfg.tool_credit)
+                if self.reward_fn is not None:
+                    rewards[i, j], err = custom_reward(self.reward_fn, p, c.text)
+                else:
+                    rewards[i, j], err = reward(p, c.text, self.cfg.tool_credit)
                 if err is not None:
                     errors += 1
                     self.errors.append(err)

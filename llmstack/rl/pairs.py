@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from llmstack.chat.conversation import ChatFormat, Conversation, Part
+from llmstack.chat.template import TemplateFormat
 from llmstack.io import atomic_write, jsonl_objects
 from llmstack.tokenizer import special as S
 
@@ -102,9 +103,18 @@ def parse_reply(text: str) -> Reply:
     return Reply(parts, finished)
 
 
-def encode_reply(fmt: ChatFormat, prompt: str, reply: str) -> tuple[list[int], list[int]]:
+def encode_reply(fmt: ChatFormat | TemplateFormat, prompt: str, reply: str) -> tuple[list[int], list[int]]:
     """(ids, mask) of the user's prompt and the assistant's reply; mask 1 on the tokens the model wrote
-    (its text, tool calls and ``<|assistant_end|>``), 0 on the prompt and on tool results."""
+    (its text, tool calls and ``<|assistant_end|>``), 0 on the prompt and on tool results.
+
+    Under a model's own template (``TemplateFormat``) a reply is text that may end with one of its stop
+    tokens written out (``<|im_end|>``): the prompt's ids, the text's, then that token's."""
+    if isinstance(fmt, TemplateFormat):
+        ask = fmt.prompt([{"role": "user", "content": prompt}])
+        stop = next((t for t in sorted(fmt.stop_ids) if reply.endswith(fmt.tok.decode([t]))), None)
+        body = reply.removesuffix(fmt.tok.decode([stop])) if stop is not None else reply
+        said = fmt.tok.encode_ordinary(body) + ([stop] if stop is not None else [])
+        return ask + said, [0] * len(ask) + [1] * len(said)
     r = parse_reply(reply)
     prompt_ids = fmt.prompt(Conversation.of(("user", prompt)))
     ids = fmt.prompt(Conversation.of(("user", prompt), ("assistant", r.parts)))

@@ -41,9 +41,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from llmstack.chat.conversation import ChatFormat
+from llmstack.chat.template import TemplateFormat, format_of
 from llmstack.interop.load import load_trainable
 from llmstack.io import write_json
 from llmstack.model.config import ModelConfig
@@ -60,7 +62,7 @@ from llmstack.rl.preferences import (
     pairs_questions,
     read_pairs,
 )
-from llmstack.training.checkpoint import load_meta, load_model_weights
+from llmstack.training.checkpoint import CKPT_VERSION, load_meta, load_model_weights, model_state_for_saving
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.loop import train
@@ -145,13 +147,20 @@ def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[Re
     return rm.to(device).eval(), ckpt
 
 
-def save_reference(sft_ckpt: Any, out: Path) -> None:
-    """Copy the SFT checkpoint's weights and meta into ``out/reference`` (atomically: a whole copy or none)."""
+def save_reference(sft: Any, out: Path, meta: dict[str, Any] | None = None) -> None:
+    """The frozen SFT model into ``out/reference`` (atomically: a whole copy or none): a checkpoint's files are
+    copied; a model that has none (an HF folder, a GGUF) is written with ``meta``."""
     dst = out / "reference"  # rewritten each run: a new RM in an old folder must not keep another SFT model
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=out))
-    for name in ("model.safetensors", "meta.json"):
-        shutil.copy2(sft_ckpt.path / name, tmp / name)
+    if isinstance(sft, GPT):
+        cfg = sft.config
+        save_file(model_state_for_saving(sft, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "meta.json", {**(meta or {}), "model_config": cfg.to_dict(), "step": 0,
+                                       "format_version": CKPT_VERSION})  # fmt: skip
+    else:
+        for name in ("model.safetensors", "meta.json"):
+            shutil.copy2(sft.path / name, tmp / name)
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -191,8 +200,8 @@ class RewardScorer:
     """A trained reward model as a reward function: (prompts, replies) -> scores."""
 
     def __init__(self, rm: RewardModel, tok: Any, batch_size: int = 64) -> None:
-        self.rm, self.fmt, self.batch_size = rm, ChatFormat(tok), batch_size
-        self.pad = tok.special_id("<|pad|>")
+        self.rm, self.fmt, self.batch_size = rm, format_of(tok), batch_size
+        self.pad = format_of(tok).pad_id
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
@@ -210,7 +219,9 @@ class RewardScorer:
         return out
 
 
-def encode_pairs(pairs: Sequence[Pair], fmt: ChatFormat, max_len: int) -> tuple[list[tuple[Encoded, Encoded]], int]:
+def encode_pairs(
+    pairs: Sequence[Pair], fmt: ChatFormat | TemplateFormat, max_len: int
+) -> tuple[list[tuple[Encoded, Encoded]], int]:
     """(chosen, rejected) encodings of each pair that fits the context, and how many did not."""
     out = []
     for p in pairs:
@@ -247,8 +258,8 @@ class RewardTask(PairStream):
     def __init__(
         self, train: Sequence[Pair], val: Sequence[Pair], tok: Any, cfg: TrainConfig, dist: DistInfo, max_len: int
     ) -> None:
-        fmt = ChatFormat(tok)
-        self.pad = tok.special_id("<|pad|>")
+        fmt = format_of(tok)
+        self.pad = format_of(tok).pad_id
         self.train, self.skipped = encode_pairs(train, fmt, max_len)
         self.val, _ = encode_pairs(val, fmt, max_len)
         self._start(len(self.train), cfg, dist)
@@ -292,7 +303,7 @@ def hhh_accuracy(rm: RewardModel, tok: Any, pad_id: int) -> dict[str, Any]:
         pairs = hhh_pairs(data_dir() / "eval" / "bigbench")
     except FileNotFoundError as e:
         return {"note": str(e)}
-    encoded, skipped = encode_pairs(pairs, ChatFormat(tok), rm.config.max_seq_len)
+    encoded, skipped = encode_pairs(pairs, format_of(tok), rm.config.max_seq_len)
     acc, _ = pairwise_accuracy(rm, encoded, pad_id)
     return {"accuracy": acc, "pairs": len(encoded), "too_long": skipped}
 
@@ -313,13 +324,12 @@ def run_reward_model(
     and on hhh_alignment; writes ``out/summary.json``. ``pool``: where the reward is read (module doc)."""
     out, pairs = Path(out), Path(pairs)
     model, tok, bundle = load_trainable(policy)
-    ckpt = bundle.checkpoint
-    assert ckpt is not None  # load_trainable opened one of our runs
+    where = str(bundle.checkpoint.path if bundle.checkpoint else bundle.source)
     train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
     val_pairs = read_pairs(pairs / "heldout.jsonl")
     rm = RewardModel.from_policy(model, pool, likelihood)
     if likelihood and dist.is_main:
-        save_reference(ckpt, out)
+        save_reference(bundle.checkpoint or model, out, {"stage": "reference", "source": where})
     bundle.copy_tokenizer(out)
     task = RewardTask(train_pairs, val_pairs, tok, cfg, dist, rm.config.max_seq_len)
     log(f"reward model: {len(task.train)} training pairs ({', '.join(sources)}), {len(task.val)} held out; "
@@ -327,8 +337,9 @@ def run_reward_model(
         f"{' with their log-likelihood as an input' if likelihood else ''}; "
         f"{cfg.max_steps} steps -> {out}")  # fmt: skip
     questions = pairs_questions(pairs)  # the question set the pairs were drawn on: RLHF and the probe use it
-    meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path), "pool": pool,
-            "likelihood": likelihood, "questions": questions, "pairs": str(pairs.resolve())}  # fmt: skip
+    meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": where, "pool": pool,
+            "likelihood": likelihood, "questions": questions, "pairs": str(pairs.resolve()),
+            **bundle.format_meta()}  # fmt: skip
     result = train(rm, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "heldout_pairs": len(task.val), "pool": pool}
     summary["likelihood"] = likelihood

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from llmstack.chat.conversation import ChatFormat
+from llmstack.chat.template import format_of
 from llmstack.interop.load import load_trainable
 from llmstack.io import atomic_write, pyplot, save_png, write_json
 from llmstack.model.llama import GPT
@@ -71,6 +71,7 @@ from llmstack.training.checkpoint import load_meta
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.loop import train
+from llmstack.training.lora import LoRAConfig, apply_lora
 from llmstack.training.metrics import read_metrics
 from llmstack.training.sft import IGNORE, collate
 
@@ -131,8 +132,8 @@ class RLHFTask:
         self.ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the SFT model
         self.ctx = policy.config.max_seq_len
         self.problems, self.heldout = list(problems), list(heldout)
-        self.fmt = ChatFormat(tok)
-        self.pad = tok.special_id("<|pad|>")
+        self.fmt = format_of(tok)
+        self.pad = format_of(tok).pad_id
         self.device, self.seed = dist.device, cfg.seed
         self.cursor = 0  # prompts consumed
         self.history: list[dict[str, float]] = []  # per step: the rollouts' mean RM, gold, KL
@@ -321,12 +322,12 @@ def refresh_reward_model(
     pool = [*random.Random(step).sample(old, min(len(old), replay * len(new))), *new]
     val = read_pairs(Path(base_pairs) / "heldout.jsonl")
     rm, prev_ckpt = load_reward_model(str(prev), dist.device)
-    fmt_new, _ = encode_pairs(new, ChatFormat(tok), rm.config.max_seq_len)
-    pad = tok.special_id("<|pad|>")
+    fmt_new, _ = encode_pairs(new, format_of(tok), rm.config.max_seq_len)
+    pad = format_of(tok).pad_id
     before, _ = pairwise_accuracy(rm, fmt_new, pad)
     if rm.reference is not None and not (here / "reference" / "model.safetensors").exists():
         save_reference(load_meta(prev_ckpt.path.parent.parent / "reference"), here)  # the same frozen SFT copy
-    fitting, _ = encode_pairs(pool, ChatFormat(tok), rm.config.max_seq_len)
+    fitting, _ = encode_pairs(pool, format_of(tok), rm.config.max_seq_len)
     if not fitting:
         log(f"rlhf: no pair of the refresh at step {step} fits the RM's context; RM kept")
         return None
@@ -391,12 +392,14 @@ def run_rlhf(
     log: Callable[[str], None] = print,
     questions: str | None = None,
     pairs: str | Path | None = None,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
-    """RLHF from ``policy`` (the SFT run) against ``reward_model``; held-out RM and gold scores every
-    ``cfg.eval_every`` steps, ``out/overoptimisation.png``, ``out/rollouts.jsonl``, ``out/summary.json``.
-    ``questions``: the question set (``QUESTION_SETS``); by default the one the RM's pairs were drawn on.
-    With ``rl.refresh_every``, the RM is retrained every so many steps (``refresh_reward_model``) on
-    ``pairs`` (default: the RM's own) and the gold judge's pairs of the rollouts; ``out/rm-refresh``."""
+    """RLHF from ``policy`` (any model source; the whole model or a LoRA adapter) against ``reward_model``;
+    held-out RM and gold scores every ``cfg.eval_every`` steps, ``out/overoptimisation.png``,
+    ``out/rollouts.jsonl``, ``out/summary.json``. ``questions``: the question set (``QUESTION_SETS``); by
+    default the one the RM's pairs were drawn on. With ``rl.refresh_every``, the RM is retrained every so
+    many steps (``refresh_reward_model``) on ``pairs`` (default: the RM's own) and the gold judge's pairs of
+    the rollouts; ``out/rm-refresh``."""
     out = Path(out)
     if min(rl.refresh_every, rl.refresh_replay) < 0 or min(rl.refresh_steps, rl.eval_samples) < 1:
         raise ValueError(
@@ -404,11 +407,12 @@ def run_rlhf(
             f"{rl.refresh_every}, {rl.refresh_replay}, {rl.refresh_steps}, {rl.eval_samples})"
         )
     model, tok, bundle = load_trainable(policy, dist.device)
-    ckpt = bundle.checkpoint
-    assert ckpt is not None  # load_trainable opened one of our runs
+    base = str(bundle.checkpoint.path if bundle.checkpoint else bundle.source)
+    if lora:
+        apply_lora(model, lora)
     rm, rm_ckpt = load_reward_model(str(reward_model), dist.device)
     if rm_ckpt.meta.get("tokenizer_fingerprint") != tok.fingerprint:
-        raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {ckpt.path}")
+        raise ValueError(f"{rm_ckpt.path}: the reward model uses another tokenizer than {base}")
     base_pairs = Path(pairs or rm_ckpt.meta.get("pairs", ""))
     if 0 < rl.refresh_every < cfg.max_steps and not (base_pairs / "train.jsonl").exists():
         raise FileNotFoundError(
@@ -422,8 +426,9 @@ def run_rlhf(
     refresh = f", the RM refreshed every {rl.refresh_every} steps" if rl.refresh_every else ""
     log(f"rlhf: {rl.prompts_per_step} x {rl.group} rollouts a step on {questions} questions, kl_coef {rl.kl_coef}, "
         f"{cfg.max_steps} steps, reward model {rm_ckpt.path}{refresh} -> {out}")  # fmt: skip
-    meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(ckpt.path),
-            "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl), "questions": questions}  # fmt: skip
+    meta = {"stage": "rlhf", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": base,
+            "reward_model": str(rm_ckpt.path), "rlhf": asdict(rl), "questions": questions,
+            **bundle.format_meta(), **({"lora": asdict(lora)} if lora else {})}  # fmt: skip
     if rl.refresh_every and (out / "checkpoints").exists():
         if not resume:
             raise ValueError(f"{out} holds an RLHF run already; a run in rounds resumes it, or give a new --out")

@@ -20,11 +20,12 @@ import torch
 from llmstack.interop.load import load_trainable
 from llmstack.io import pyplot, save_png, write_json
 from llmstack.rl.grpo import GRPOConfig, GRPOTask, Sampler, evaluate_problems
-from llmstack.rl.verifiers import heldout_problems, make_splits
+from llmstack.rl.verifiers import heldout_problems, load_reward_function, make_splits
 from llmstack.tools.registry import default_toolbox
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import init_distributed, shutdown
 from llmstack.training.loop import train
+from llmstack.training.lora import LoRAConfig, apply_lora
 from llmstack.training.metrics import MetricsLog, read_metrics
 
 
@@ -111,9 +112,11 @@ def run_rl(
     progress: bool = True,
     grpo_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
+    lora: LoRAConfig | None = None,
 ) -> RLSummary:
-    """GRPO from the SFT model in ``sft_dir`` into ``out_dir`` (checkpoints, tokenizer, metrics.jsonl,
-    rl.png, rl_summary.json); resumes from ``out_dir``'s latest checkpoint unless ``resume=False``.
+    """GRPO from the model at ``sft_dir`` (any source: our SFT run, an HF folder, a GGUF, ``smollm2``) into
+    ``out_dir`` (checkpoints, tokenizer, metrics.jsonl, rl.png, rl_summary.json), the whole model or a LoRA
+    adapter; resumes from ``out_dir``'s latest checkpoint unless ``resume=False``.
 
     Raises ``FloatingPointError`` if the loss stops being finite (the last checkpoint is kept).
     """
@@ -122,11 +125,15 @@ def run_rl(
     t: dict[str, Any] = {**(train_overrides or {}), **({"max_steps": max_steps} if max_steps else {})}
     cfg, tcfg = replace(cfg, **g), replace(tcfg, **t)
     tcfg = replace(tcfg, batch_size=cfg.prompts_per_batch * cfg.group_size)  # rows per micro-batch, for the record
+    if cfg.reward_fn:
+        load_reward_function(cfg.reward_fn)  # a bad one is named before any model loads
     out = Path(out_dir)
     dist = init_distributed(device)
     model, bundle, tok = _load(sft_dir, dist.device)
     reference, _, _ = _load(sft_dir, dist.device)  # frozen: the KL penalty and the logged KL
     reference.eval().requires_grad_(False)
+    if lora:
+        apply_lora(model, lora)
     if dist.is_main:
         bundle.copy_tokenizer(out)
     train_problems, heldout = make_splits(cfg.tasks, cfg.n_train, cfg.n_heldout)
@@ -153,8 +160,11 @@ def run_rl(
     meta = {
         "stage": "rl",
         "tokenizer_fingerprint": tok.fingerprint,
-        "sft_checkpoint": str(bundle.checkpoint.path),
+        "sft_checkpoint": str(bundle.checkpoint.path if bundle.checkpoint else bundle.source),
+        "base_checkpoint": str(bundle.checkpoint.path if bundle.checkpoint else bundle.source),
         "grpo_config": cfg.to_dict(),
+        **bundle.format_meta(),
+        **({"lora": asdict(lora)} if lora else {}),
     }
     t0 = time.perf_counter()
     result = train(model, task, tcfg, out, dist, meta=meta, resume=resume, progress=progress)

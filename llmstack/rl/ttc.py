@@ -26,7 +26,7 @@ import torch
 
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.inference.sample import SamplingConfig
-from llmstack.interop.load import load_trainable
+from llmstack.interop.load import load_ours
 from llmstack.io import pyplot, save_png, write_json
 from llmstack.rl.grpo import Sampler
 from llmstack.rl.verifiers import HELDOUT_SEED, Problem, final_answer, make_splits, reward, reward_of_answer
@@ -166,7 +166,7 @@ def run_ttc(
     """Sample ``n`` completions of ``n_problems`` held-out problems from the model in ``model_dir``; write
     ``ttc.json`` and ``ttc.png`` (accuracy against n) into ``out_dir``. ``extra_scorers`` (a reward
     model, say) join the built-in ``oracle`` / ``logprob``."""
-    model, tok, bundle = load_trainable(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok, bundle = load_ours(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, problems = make_splits(list(tasks), 1, n_problems, heldout_seed=seed, train_seed=seed + 1)
     sampler = Sampler(model, tok, default_toolbox())
     t0 = time.perf_counter()

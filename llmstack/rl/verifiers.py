@@ -19,12 +19,15 @@ their own ``extract``).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from llmstack.chat.mixture import (
@@ -98,6 +101,41 @@ def reward(problem: Problem, completion: str, tool_credit: float = 0.0) -> tuple
     if r < tool_credit and tool_found_answer(problem, completion):
         r = tool_credit
     return r, err
+
+
+def load_reward_function(spec: str) -> Callable[[str, str, str], float]:
+    """A reward given as ``module:function`` (a module on the path, or ``path/to/file.py:function``), called as
+    ``function(question, completion, answer) -> float`` (the answer is the problem's reference, as text)."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"reward function {spec!r}: expected module:function or path/to/file.py:function")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"reward function {spec!r}: {path} is not a file")
+        loaded = importlib.util.spec_from_file_location(path.stem, path)
+        if loaded is None or loaded.loader is None:
+            raise ValueError(f"reward function {spec!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(loaded)
+        try:
+            loaded.loader.exec_module(module)
+        except Exception as e:
+            raise ValueError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"reward function {spec!r}: cannot import module {where!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def custom_reward(fn: Callable[[str, str, str], float], problem: Problem, completion: str) -> tuple[float, str | None]:
+    """(reward, error) from a user's reward function; one that raises or returns a non-number gives 0 and the
+    error (logged), as a verifier does."""
+    return reward_of_answer(replace(problem, check=lambda _: fn(problem.question, completion, problem.answer)), None)
 
 
 def _exact(answer: str) -> Callable[[str | None], float]:

@@ -47,7 +47,7 @@ from llmstack.chat.mixture import (
 )
 from llmstack.eval.assistant import EVAL_SEED, eval_arithmetic, eval_identity
 from llmstack.eval.suite import wilson
-from llmstack.interop.load import load_trainable
+from llmstack.interop.load import load_ours
 from llmstack.io import atomic_write, pyplot, save_png, write_json
 from llmstack.security import judges
 from llmstack.tokenizer import special
@@ -237,7 +237,7 @@ def run_experiment(
     results: list[RunResult] = []
     for k in cfg.counts:
         t0 = time.perf_counter()
-        model, ours, bundle = load_trainable(model_path)
+        model, ours, bundle = load_ours(model_path)
         if ours.fingerprint != tok.fingerprint:
             raise ValueError(f"{model_path} was trained with another tokenizer than {tok}")
         convs = list(clean) + poison[:k]

@@ -8,7 +8,9 @@ Two kinds of chat model sit behind one interface:
 * any other bundle (SmolLM2 from its GGUF, an HF directory): messages are rendered with the model's
   own chat template; it has no tool tokens, so a request with ``tools`` is refused.
 
-A custom assistant (``llmstack.assistants``) is a served model of its own: its instructions and the
+A LoRA adapter directory is a served model of its own over its base model's weights (loaded once, shared
+by all its adapters): the ``model`` field of a request picks the adapter. A custom assistant
+(``llmstack.assistants``) is a served model of its own: its instructions and the
 passages retrieved from its knowledge files are put in front of the client's messages, and its
 answer gets a ``Sources:`` footer.
 """
@@ -27,6 +29,7 @@ from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import load_model, resolve_model
 from llmstack.tokenizer import special as S
 from llmstack.tools.registry import ToolBox, default_toolbox
+from llmstack.training.lora import adapted_copy, adapter_base, is_adapter_dir
 
 
 class RequestError(ValueError):
@@ -138,10 +141,18 @@ class ModelRegistry:
         self.device = device
 
     def bundle(self, spec: str | Path) -> Bundle:
+        """The loaded model at ``spec``. A LoRA adapter directory (PEFT's layout, e.g. ``<run>/checkpoints/
+        step_N/adapter``) is served over its base model, which is loaded once and shared by every adapter."""
         key = str(resolve_model(spec).resolve())
         if key not in self._bundles:
-            bundle = load_model(spec)
-            bundle.model.to(self.device)
+            if is_adapter_dir(resolve_model(spec)):
+                base = self.bundle(adapter_base(spec))
+                model = adapted_copy(base.model, spec)
+                bundle = Bundle(model, base.tokenizer, base.chat_template, base.bos_token, base.eos_token)  # type: ignore[arg-type]
+                bundle.source = str(spec)
+            else:
+                bundle = load_model(spec)
+                bundle.model.to(self.device)
             self._bundles[key] = bundle
         return self._bundles[key]
 

@@ -27,7 +27,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +131,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
     protect: Collection[str] = (),
+    state: dict[str, torch.Tensor] | None = None,
+    extra: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step``, point LATEST at it, then rotate: of the checkpoints older than this one, all
-    but the newest ``keep - 1`` are deleted (``keep <= 0`` keeps everything); names in ``protect`` never are."""
+    but the newest ``keep - 1`` are deleted (``keep <= 0`` keeps everything); names in ``protect`` never are.
+
+    ``state`` replaces the model's own state dict (a LoRA run saves its merged weights); ``extra(folder)``
+    writes more files into the checkpoint before it appears (a LoRA run's adapter)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -141,7 +146,10 @@ def save_checkpoint(
     cfg = ModelConfig.from_dict(meta["model_config"])
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
-        save_file(model_state_for_saving(model, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights = model_state_for_saving(model, cfg) if state is None else state
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
         if optimizer is not None:
             rng: dict[str, Any] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():

