@@ -204,14 +204,7 @@ def test_dpo_pair_encoding_under_a_template(chatml_dir):
 
 
 def test_dpo_with_lora_on_an_hf_model(chatml_dir, tmp_path):
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    rows = [
-        {"prompt": f"What is {a} + {a}?", "chosen": f"It is {2 * a}.<|im_end|>", "rejected": "Hello there!<|im_end|>"}
-        for a in range(1, 41)
-    ]
-    (pairs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    (pairs / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    pairs = _pairs(tmp_path)
     out = tmp_path / "dpo"
     argv = ["dpo", "--model", str(chatml_dir), "--pairs", str(pairs), "--lora-rank", "4", "--out", str(out)]
     assert (
@@ -302,3 +295,36 @@ def test_tool_calls_in_a_data_file_survive_a_template_without_a_tool_format(chat
         trained
         == '<tool_call>\n{"name": "calculator", "arguments": {"input": "12*34"}}\n</tool_call><|im_end|>408.<|im_end|>'
     )
+
+
+def _pairs(tmp_path: Path) -> Path:
+    pairs = tmp_path / "pairs"
+    pairs.mkdir(exist_ok=True)
+    rows = [
+        {"prompt": f"What is {a} + {a}?", "chosen": f"It is {2 * a}.<|im_end|>", "rejected": "Hello there!<|im_end|>"}
+        for a in range(1, 41)
+    ]
+    (pairs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    (pairs / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    return pairs
+
+
+def test_a_reward_model_of_an_hf_model_rewards_grpo(chatml_dir, tmp_path):
+    rm = tmp_path / "rm"
+    argv = ["reward-model", "--model", str(chatml_dir), "--pairs", str(_pairs(tmp_path)), "--out", str(rm)]
+    assert (
+        main(
+            [*argv, "--max-steps", "12", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "12", "--lora-rank", "4"]
+        )
+        == 0
+    )
+    summary = json.loads((rm / "summary.json").read_text())
+    assert summary["heldout_accuracy"] >= 0.75  # it ranks the held-out pairs as they were labelled
+    assert (rm / "checkpoints" / "step_000012" / "adapter" / "adapter_config.json").exists()  # a LoRA backbone
+    out = tmp_path / "rl"
+    argv = ["rl", "--model", str(chatml_dir), "--reward-model", str(rm), "--tasks", "basic_arithmetic"]
+    argv += ["--max-steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--out", str(out), "--lora-rank", "4"]
+    assert main([*argv, "--heldout", "4", "--train-problems", "8", "--max-new-tokens", "6", "--eval-every", "2"]) == 0
+    rollouts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rollouts if r["kind"] == "rl"]
+    assert len(rewards) == 2 and any(not float(r).is_integer() for r in rewards)  # RM scores, not 0/1 verdicts

@@ -54,7 +54,7 @@ def cmd_reward_model(args: argparse.Namespace) -> int:
     dist = init_distributed(args.device)
     reward_model.run_reward_model(
         policy, pairs, out_dir(args, base / "rm"), cfg, dist, args.sources.split(","), resume=not args.no_resume,
-        pool=args.pool, likelihood=not args.no_likelihood,
+        pool=args.pool, likelihood=not args.no_likelihood, lora=lora_config(args),
     )  # fmt: skip
     shutdown(dist)
     return 0
@@ -152,6 +152,7 @@ hhh_alignment (held-out human preferences, chance 50%). Makes the pairs first if
         help="no implicit-reward term (each written token's log-ratio to a frozen SFT copy): the head alone",
     )
     add_train_overrides(rmp)
+    add_lora_args(rmp)
     rmp.set_defaults(func=cmd_reward_model)
 
     dp = sub.add_parser(

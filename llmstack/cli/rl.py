@@ -29,7 +29,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
                                         for k, v in metrics.items()))  # fmt: skip
         return 0
     keys = ("group_size", "prompts_per_batch", "temperature", "kl_coef", "clip_eps", "loss_type", "max_new_tokens",
-            "tool_credit", "n_train", "n_heldout", "reward_fn", "eval_k_problems")  # fmt: skip
+            "tool_credit", "n_train", "n_heldout", "reward_fn", "eval_k_problems", "reward_model")  # fmt: skip
     grpo = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.updates_per_rollout is not None:
         grpo["updates_per_rollout"] = args.updates_per_rollout
@@ -102,6 +102,9 @@ basic_arithmetic (reasoning-gym, two terms of 1-2 digits), multiply, add (3-digi
     rlp.add_argument("--heldout", dest="n_heldout", type=int, help="held-out problems for pass@1 (default 100)")
     rlp.add_argument(
         "--pass-k-problems", dest="eval_k_problems", type=int, help="held-out problems sampled k times for pass@k"
+    )
+    rlp.add_argument(
+        "--reward-model", metavar="RUN", help="a reward model's run (`llmstack reward-model`) scores the completions"
     )
     rlp.add_argument(
         "--reward-fn",

@@ -37,6 +37,7 @@ from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.template import format_of
 from llmstack.inference.engine import Engine, Request
 from llmstack.inference.sample import SamplingConfig
+from llmstack.rl.reward_model import RewardScorer, load_reward_model
 from llmstack.rl.verifiers import Problem, custom_reward, load_reward_function, reward, tool_found_answer
 from llmstack.tools.registry import tool_use
 from llmstack.training.config import TrainConfig
@@ -63,6 +64,7 @@ class GRPOConfig:
     tools: bool = True  # the calculator / python tools answer calls during rollouts
     tool_credit: float = 0.0  # training reward of a wrong final answer whose tool results hold the right one
     reward_fn: str = ""  # module:function or file.py:function (question, completion, answer) -> float; "" = verifiers
+    reward_model: str = ""  # a reward model's run (`llmstack reward-model`) scores completions instead of a verifier
     n_train: int = 4000
     n_heldout: int = 100  # pass@1 (greedy) on these
     eval_k: int = 8  # pass@k: k samples on each of the first eval_k_problems held-out problems
@@ -311,6 +313,9 @@ class GRPOTask:
         self._step_stats: list[dict[str, float]] = []
         self.errors: list[str] = []  # verifier errors (also logged)
         self.reward_fn = load_reward_function(cfg.reward_fn) if cfg.reward_fn else None
+        self.reward_model = None
+        if cfg.reward_model:
+            self.reward_model = RewardScorer(load_reward_model(cfg.reward_model, self.device)[0], tok)
 
     # --- data
     def _index(self, g: int) -> int:
@@ -332,9 +337,15 @@ class GRPOTask:
         self.model.train()  # the engine leaves it in eval mode
         rewards = torch.zeros(P, k)
         errors = 0
+        scored = None
+        if self.reward_model is not None:
+            asks = [p.question for p, comps in zip(problems, rollout.completions, strict=True) for _ in comps]
+            scored = self.reward_model(asks, [c.text for comps in rollout.completions for c in comps])
         for i, (p, comps) in enumerate(zip(problems, rollout.completions, strict=True)):
             for j, c in enumerate(comps):
-                if self.reward_fn is not None:
+                if scored is not None:
+                    rewards[i, j], err = scored[i * len(comps) + j], None
+                elif self.reward_fn is not None:
                     rewards[i, j], err = custom_reward(self.reward_fn, p, c.text)
                 else:
                     rewards[i, j], err = reward(p, c.text, self.cfg.tool_credit)

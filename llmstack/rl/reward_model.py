@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from llmstack.training.checkpoint import CKPT_VERSION, load_meta, load_model_wei
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
 from llmstack.training.loop import train
+from llmstack.training.lora import LoRAConfig, apply_lora
 
 STAGE = "reward_model"
 
@@ -319,15 +321,19 @@ def run_reward_model(
     log: Callable[[str], None] = print,
     pool: str = "mean",
     likelihood: bool = True,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
-    """Train a reward model from ``policy`` (the SFT run) on ``pairs/train.jsonl``, judged on ``pairs/heldout.jsonl``
-    and on hhh_alignment; writes ``out/summary.json``. ``pool``: where the reward is read (module doc)."""
+    """Train a reward model from ``policy`` (any model source) on ``pairs/train.jsonl``, judged on
+    ``pairs/heldout.jsonl`` and on hhh_alignment; writes ``out/summary.json``. ``pool``: where the reward is
+    read (module doc). With ``lora`` the backbone gets an adapter and the score head trains whole."""
     out, pairs = Path(out), Path(pairs)
     model, tok, bundle = load_trainable(policy)
     where = str(bundle.checkpoint.path if bundle.checkpoint else bundle.source)
     train_pairs = [p for p in read_pairs(pairs / "train.jsonl") if p.source in sources]
     val_pairs = read_pairs(pairs / "heldout.jsonl")
     rm = RewardModel.from_policy(model, pool, likelihood)
+    if lora:  # on the backbone only: the frozen reference inside the RM stays as it is
+        apply_lora(rm.model, lora)
     if likelihood and dist.is_main:
         save_reference(bundle.checkpoint or model, out, {"stage": "reference", "source": where})
     bundle.copy_tokenizer(out)
@@ -339,7 +345,7 @@ def run_reward_model(
     questions = pairs_questions(pairs)  # the question set the pairs were drawn on: RLHF and the probe use it
     meta = {"stage": STAGE, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": where, "pool": pool,
             "likelihood": likelihood, "questions": questions, "pairs": str(pairs.resolve()),
-            **bundle.format_meta()}  # fmt: skip
+            **bundle.format_meta(), **({"lora": asdict(lora)} if lora else {})}  # fmt: skip
     result = train(rm, task, cfg, out, dist, meta=meta, resume=resume)
     summary: dict[str, Any] = {"train_pairs": len(task.train), "heldout_pairs": len(task.val), "pool": pool}
     summary["likelihood"] = likelihood
