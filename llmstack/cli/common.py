@@ -47,6 +47,12 @@ def add_train_overrides(sp: argparse.ArgumentParser) -> None:
 def add_loop_levers(sp: argparse.ArgumentParser, chunked_ce: bool = False) -> None:
     """--optimizer for the stages on the shared loop (pretrain, sft); --chunked-ce for pretraining."""
     sp.add_argument("--optimizer", choices=["adamw", "muon"], help="muon: Muon on hidden matrices, AdamW on the rest")
+    sp.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp replicates the weights and optimizer state on every process; fsdp (FSDP2) "
+        "shards them, 1/N each (default ddp)",
+    )
     if chunked_ce:
         sp.add_argument(
             "--chunked-ce",

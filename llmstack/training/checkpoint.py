@@ -133,12 +133,14 @@ def save_checkpoint(
     protect: Collection[str] = (),
     state: dict[str, torch.Tensor] | None = None,
     extra: Callable[[Path], Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step``, point LATEST at it, then rotate: of the checkpoints older than this one, all
     but the newest ``keep - 1`` are deleted (``keep <= 0`` keeps everything); names in ``protect`` never are.
 
     ``state`` replaces the model's own state dict (a LoRA run saves its merged weights); ``extra(folder)``
-    writes more files into the checkpoint before it appears (a LoRA run's adapter)."""
+    writes more files into the checkpoint before it appears (a LoRA run's adapter); ``optimizer_state``
+    replaces ``optimizer.state_dict()`` (FSDP's full state, gathered from every process)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -150,11 +152,12 @@ def save_checkpoint(
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if extra is not None:
             extra(tmp)
-        if optimizer is not None:
+        if optimizer is not None or optimizer_state is not None:
             rng: dict[str, Any] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+            opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()  # type: ignore[union-attr]
+            torch.save({"optimizer": opt, "rng": rng}, tmp / "optimizer.pt")
         write_json(tmp / "meta.json", {**meta, "step": step, "format_version": CKPT_VERSION})
         if final.exists():  # re-saving the same step (e.g. after a resume): swap it out
             old = ckpt_root / f".{name}.old"

@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicated (DDP) or sharded weights (FSDP2)
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden matrices + AdamW on the rest (optim.py)
     muon_lr: float = 0.02  # muon: peak rate of the hidden matrices (lr drives the AdamW part); same schedule
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
@@ -73,6 +74,10 @@ class TrainConfig:
             problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if self.schedule not in ("cosine", "wsd"):
             problems.append(f"schedule must be 'cosine' or 'wsd' (got {self.schedule!r})")
+        if self.parallel not in ("ddp", "fsdp"):
+            problems.append(f"parallel must be 'ddp' or 'fsdp' (got {self.parallel!r})")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            problems.append("muon orthogonalises whole matrices: use it with parallel 'ddp', not 'fsdp'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"dtype must be 'auto', 'float32' or 'bfloat16' (got {self.dtype!r})")
         if problems:
@@ -102,6 +107,7 @@ TRAIN_OVERRIDES = (
     "compile",
     "chunked_ce",
     "optimizer",
+    "parallel",
     "resume_from_latest_valid",
 )
 """TrainConfig fields a command line (or a caller) may override; None leaves the preset's value."""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from llmstack.model.llama import GPT
 from llmstack.training import checkpoint as ckpt_io
-from llmstack.training import lora
+from llmstack.training import lora, sharding
 from llmstack.training.config import TrainConfig, resolve_dtype
 from llmstack.training.distributed import DistInfo, all_reduce_mean, barrier
 from llmstack.training.metrics import MetricsLog, plot_metrics
@@ -75,7 +75,9 @@ def _tidy_checkpoints(run_dir: Path, fallback: bool) -> None:
             print(note)
 
 
-def _resume(model: GPT, optimizer: torch.optim.Optimizer, task: Task, run_dir: Path, meta: dict, announce: bool) -> int:
+def _resume(
+    model: GPT, optimizer: torch.optim.Optimizer, task: Task, run_dir: Path, meta: dict, announce: bool, sharded: bool
+) -> int:
     """Load the latest checkpoint (weights, optimizer and RNG states, the task's data cursor); its step, or 0 for
     a run with no checkpoints. A damaged one raises ModelFileError: training never silently starts over."""
     try:
@@ -90,6 +92,12 @@ def _resume(model: GPT, optimizer: torch.optim.Optimizer, task: Task, run_dir: P
             )
         if ckpt.meta["model_config"] != model.config.to_dict():
             raise ValueError(f"{ckpt.path}: checkpoint model config differs from this run's; use a new run directory")
+        if sharded:  # every process reads the whole files and keeps its shards
+            saved = ckpt_io.read_training_state(ckpt)
+            sharding.load_full_state(model, optimizer, ckpt_io.read_weights(ckpt), saved["optimizer"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            task.load_state_dict(ckpt.meta["task_state"])
+            return ckpt.step
         if lora.lora_layers(model):  # the frozen base came from the source; the adapter is what trained
             lora.set_adapter_weights(model, ckpt.path / lora.ADAPTER_DIR)
             others = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
@@ -131,24 +139,33 @@ def train(
     device = dist.device
     amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
+    sharded = dist.enabled and cfg.parallel == "fsdp"
+    if sharded:
+        if lora.lora_layers(model):
+            raise ValueError("LoRA adapters are small: train them with --parallel ddp, not fsdp")
+        sharding.shard_model(model)  # before the optimizer: it is built on the shards
     optimizer = build_optimizer(model, cfg, device)
     if dist.is_main:
         _tidy_checkpoints(run_dir, fallback=resume and cfg.resume_from_latest_valid)
     barrier(dist)
-    step = _resume(model, optimizer, task, run_dir, meta, announce=dist.is_main and progress) if resume else 0
+    announce = dist.is_main and progress
+    step = _resume(model, optimizer, task, run_dir, meta, announce, sharded) if resume else 0
     # checkpoints newer than the start were left by another run (e.g. before --no-resume): rotation keeps them
     foreign = {p.name for p in ckpt_io.checkpoint_dirs(run_dir / "checkpoints") if ckpt_io.step_of(p) > step}
     model.train()
     fwd_model: Any = model  # possibly compiled and/or DDP-wrapped
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
-    if dist.enabled:
+    if dist.enabled and not sharded:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     result = TrainResult(step=step)
 
     def checkpoint_now(at: int) -> None:
+        gathered, optim_state = None, None
+        if sharded:  # collective: every process gathers, rank 0 writes
+            gathered, optim_state = sharding.full_model_state(model), sharding.full_optimizer_state(model, optimizer)
         if dist.is_main:
             full_meta = {
                 **meta,
@@ -156,7 +173,7 @@ def train(
                 "train_config": cfg.to_dict(),
                 "task_state": task.state_dict(),
             }
-            state, extra = None, None
+            state, extra = gathered, None
             if lora.lora_layers(model):  # the merged model (any stage opens it) + the adapter in PEFT's layout
                 adapter = lora.LoRAConfig(**meta["lora"])
                 state = lora.merged_state_dict(model)
@@ -175,15 +192,17 @@ def train(
                 protect=foreign,
                 state=state,
                 extra=extra,
+                optimizer_state=optim_state,
             )
         barrier(dist)
 
     def evaluate_now(at: int) -> None:
-        if dist.is_main:
+        if dist.is_main or sharded:  # a sharded model runs on every process (each gathers its layers' weights)
             model.eval()
             with torch.no_grad(), _autocast(device, amp_dtype):
                 metrics = task.evaluate(model)
             model.train()
+        if dist.is_main:
             result.evals.append({"step": at, **metrics})
             log.write({"kind": "eval", "step": at, **metrics})
             if progress:
@@ -213,14 +232,17 @@ def train(
         for micro in range(cfg.grad_accum):
             batch = task.next_batch()
             sync = micro == cfg.grad_accum - 1 or not dist.enabled
-            with contextlib.nullcontext() if sync else fwd_model.no_sync(), _autocast(device, amp_dtype):
+            if sharded:  # FSDP2: gradients reduce-scattered on the last micro-batch only
+                model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+            with contextlib.nullcontext() if sync or sharded else fwd_model.no_sync(), _autocast(device, amp_dtype):
                 loss, n_tokens = task.loss(fwd_model, batch)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += n_tokens
         grad_norm = 0.0
         if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

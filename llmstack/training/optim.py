@@ -60,7 +60,8 @@ def build_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tor
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = device.type in ("cpu", "cuda")
+    sharded = any(type(p).__name__ == "DTensor" for p in params)  # FSDP2: the foreach kernels take DTensors
+    fused = device.type in ("cpu", "cuda") and not sharded
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
