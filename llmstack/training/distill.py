@@ -33,11 +33,10 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from llmstack.data.loader import PackedLoader
 from llmstack.data.shards import ShardIndex
 from llmstack.training.config import TrainConfig
 from llmstack.training.distributed import DistInfo
-from llmstack.training.pretrain import bits_per_byte, logits_of
+from llmstack.training.pretrain import bits_per_byte, logits_of, shard_loaders
 
 KLKind = Literal["forward", "reverse"]
 
@@ -153,18 +152,7 @@ class DistillTask:
         self.device = dist.device
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.distill = distill
-        self.train_loader = PackedLoader(
-            shards.arrays("train"),
-            shards.bos_id,
-            cfg.seq_len,
-            cfg.batch_size,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            seed=cfg.seed,
-        )
-        self.val_loader = PackedLoader(
-            shards.arrays("val"), shards.bos_id, cfg.seq_len, min(cfg.batch_size, 8), shuffle=False
-        )
+        self.train_loader, self.val_loader = shard_loaders(shards, cfg, dist)
         self.eval_batches = cfg.eval_batches
         self.byte_lengths = text_byte_lengths(tok)
         self.teacher_bpb: float | None = None  # constant (the teacher is frozen): measured once

@@ -31,6 +31,22 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def shard_loaders(shards: ShardIndex, cfg: TrainConfig, dist: DistInfo) -> tuple[PackedLoader, PackedLoader]:
+    """Packed rows of ``cfg.seq_len`` over the shards: this rank's shuffled training walk, and the validation
+    split in order (at most 8 rows a batch)."""
+    train = PackedLoader(
+        shards.arrays("train"),
+        shards.bos_id,
+        cfg.seq_len,
+        cfg.batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.seed,
+    )
+    val = PackedLoader(shards.arrays("val"), shards.bos_id, cfg.seq_len, min(cfg.batch_size, 8), shuffle=False)
+    return train, val
+
+
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
     """UTF-8 bytes each token id stands for; 0 for special tokens (they are not text)."""
     lengths = torch.zeros(tok.vocab_size, dtype=torch.int64)
@@ -67,22 +83,7 @@ class PretrainTask:
             raise ValueError("pretraining needs a tokenizer with a <|bos|> document-boundary token")
         self.device = dist.device
         self.chunked_ce = cfg.chunked_ce
-        self.train_loader = PackedLoader(
-            shards.arrays("train"),
-            shards.bos_id,
-            cfg.seq_len,
-            cfg.batch_size,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            seed=cfg.seed,
-        )
-        self.val_loader = PackedLoader(
-            shards.arrays("val"),
-            shards.bos_id,
-            cfg.seq_len,
-            min(cfg.batch_size, 8),
-            shuffle=False,
-        )
+        self.train_loader, self.val_loader = shard_loaders(shards, cfg, dist)
         self.eval_batches = cfg.eval_batches
         self.byte_lengths = token_byte_lengths(tok)
 
