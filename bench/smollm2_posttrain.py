@@ -50,6 +50,10 @@ def measure(source: str | Path, mc: str, mc_limit: int) -> dict[str, Any]:
     return out
 
 
+def cell(r: dict[str, Any]) -> str:
+    return f"{r['accuracy']:.1%} [{r['interval'][0]:.0%}, {r['interval'][1]:.0%}] n={r['total']}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -80,7 +84,6 @@ def main() -> None:
     print(f"{'row':<28}{'before':>26}{'after':>26}")
     for key in before:
         b, a = before[key], after[key]
-        cell = lambda r: f"{r['accuracy']:.1%} [{r['interval'][0]:.0%}, {r['interval'][1]:.0%}] n={r['total']}"  # noqa: E731
         print(f"{key:<28}{cell(b):>26}{cell(a):>26}")
     print(f"SFT (LoRA r={args.rank}, {args.steps} steps): {t2 - t1:.0f}s; results: {out / 'posttrain.json'}")
     print(json.dumps(report["seconds"]))

@@ -151,7 +151,7 @@ def test_sft_lora_on_an_hf_model_with_user_data_end_to_end(chatml_dir, tmp_path,
     argv = ["sft", "--model", str(chatml_dir), "--data", str(data), "--lora-rank", "4", "--out", str(out)]
     assert main([*argv, "--max-steps", "30", "--lr", "1e-2", "--eval-every", "10", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "1 unknown role" in printed or "unknown role" in printed  # the bad row was named, not fatal
+    assert "unknown role" in printed  # the bad row was named, not fatal
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [e["val_loss"] for e in evals if e["kind"] == "eval"]
     assert losses[-1] < 0.5 * losses[0]

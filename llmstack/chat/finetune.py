@@ -54,6 +54,11 @@ class SFTData:
     note: str = ""
 
 
+def is_builtin(spec: str | Path) -> bool:
+    """``--data builtin`` or ``builtin:kinds`` names the mixture (a file of that name wins)."""
+    return str(spec).split(":")[0] == BUILTIN and not Path(spec).exists()
+
+
 def mixture_parts(spec: str) -> MixtureConfig:
     """``builtin`` (the whole mixture) or ``builtin:identity,spelling`` (those kinds only, in their amounts)."""
     full = MixtureConfig()
@@ -103,7 +108,7 @@ def sft_datasets(
     mixture with its extras. No ``data`` at all means the mixture alone (what the main job trains)."""
     out: list[SFTData] = []
     for item in data or [BUILTIN]:
-        if str(item).split(":")[0] == BUILTIN and not Path(item).exists():
+        if is_builtin(item):
             train_convs, val_convs = sft_mixtures(extra, val_extra, seed, mixture_parts(str(item)))
             out.append(SFTData(str(item), train_convs, val_convs, f"{item}: {len(train_convs)} conversations"))
             continue

@@ -69,7 +69,6 @@ def render_template(
     bos_token: str | None = None,
     eos_token: str | None = None,
     add_generation_prompt: bool = True,
-    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The text of ``messages`` under a Jinja chat template, as ``transformers.apply_chat_template`` renders it."""
     try:
@@ -78,7 +77,7 @@ def render_template(
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
-            tools=tools,
+            tools=None,  # as transformers passes it when no tools are given (``tools is none`` holds)
         )
     except TemplateError as e:
         raise ValueError(f"chat template error: {e}") from None
@@ -89,10 +88,9 @@ def hermes_call(name: str, arguments: dict[str, Any]) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
-def to_messages(conv: Conversation, structured_calls: bool) -> list[Message]:
+def to_messages(conv: Conversation) -> list[Message]:
     """Our conversation -> OpenAI-style messages: an assistant turn with tool use becomes assistant
-    messages (with ``tool_calls``, transformers' convention: arguments as a dict) and ``tool`` results.
-    ``structured_calls`` False writes the calls into the assistant's text instead (``hermes_call``)."""
+    messages (with ``tool_calls``, transformers' convention: arguments as a dict) and ``tool`` results."""
     out: list[Message] = []
     for m in conv.messages:
         if m.role != "assistant":
@@ -111,11 +109,8 @@ def to_messages(conv: Conversation, structured_calls: bool) -> list[Message]:
                 text += p.text
             elif p.kind == "tool_call":
                 name, _, arg = p.text.partition(":")
-                arguments = {"input": arg.strip()}
-                if structured_calls:
-                    calls.append({"type": "function", "function": {"name": name.strip(), "arguments": arguments}})
-                else:
-                    text += hermes_call(name.strip(), arguments)
+                call = {"name": name.strip(), "arguments": {"input": arg.strip()}}
+                calls.append({"type": "function", "function": call})
             else:
                 flush(text, calls)
                 text, calls = "", []
@@ -166,11 +161,10 @@ class TemplateFormat:
 
     def messages(self, conv: Conversation | list[Message]) -> list[Message]:
         """OpenAI-style messages for the template; tool calls as text where it has no tool format."""
-        if isinstance(conv, Conversation):
-            return to_messages(conv, self.structured_calls)
+        msgs = to_messages(conv) if isinstance(conv, Conversation) else list(conv)
         if self.structured_calls:
-            return list(conv)
-        return [_calls_as_text(m) if m.get("tool_calls") else m for m in conv]
+            return msgs
+        return [_calls_as_text(m) if m.get("tool_calls") else m for m in msgs]
 
     def _encode(self, text: str, contents: list[str]) -> list[int]:
         """Template text with specials, sentinel'd message contents as ordinary text."""

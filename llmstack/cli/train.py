@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from llmstack.chat.finetune import BUILTIN, mixture_parts, run_sft
+from llmstack.chat.finetune import BUILTIN, is_builtin, mixture_parts, run_sft
 from llmstack.chat.mixture import corpus_words, read_conversations
 from llmstack.cli.common import (
     FMT,
@@ -48,7 +48,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         if load_tokenizer(args.tokenizer, args).fingerprint != trained_with:
             raise ValueError(f"{source} was trained with another tokenizer than {args.tokenizer}")
     for f in args.data:
-        if f.split(":")[0] == BUILTIN and not Path(f).exists():
+        if is_builtin(f):
             mixture_parts(f)  # a bad kind is named now, before the model loads
         elif not Path(f).is_file():
             raise FileNotFoundError(f"--data {f}: no such file (or `{BUILTIN}` for the built-in mixture)")

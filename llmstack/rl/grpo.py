@@ -302,7 +302,7 @@ class GRPOTask:
         self.train, self.heldout, self.cfg, self.grad_accum = train, heldout, cfg, tcfg.grad_accum
         self.rank, self.world, self.device = dist.rank, dist.world_size, dist.device
         self.sampler = Sampler(model, tok, tools if cfg.tools else None)
-        self.pad_id = format_of(tok).pad_id
+        self.pad_id = self.sampler.fmt.pad_id
         self.log, self.progress = log, progress
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, None)
         self.cursor = 0  # problems consumed by all ranks together

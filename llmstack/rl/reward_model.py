@@ -203,7 +203,7 @@ class RewardScorer:
 
     def __init__(self, rm: RewardModel, tok: Any, batch_size: int = 64) -> None:
         self.rm, self.fmt, self.batch_size = rm, format_of(tok), batch_size
-        self.pad = format_of(tok).pad_id
+        self.pad = self.fmt.pad_id
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
@@ -261,7 +261,7 @@ class RewardTask(PairStream):
         self, train: Sequence[Pair], val: Sequence[Pair], tok: Any, cfg: TrainConfig, dist: DistInfo, max_len: int
     ) -> None:
         fmt = format_of(tok)
-        self.pad = format_of(tok).pad_id
+        self.pad = fmt.pad_id
         self.train, self.skipped = encode_pairs(train, fmt, max_len)
         self.val, _ = encode_pairs(val, fmt, max_len)
         self._start(len(self.train), cfg, dist)

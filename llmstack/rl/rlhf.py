@@ -133,7 +133,7 @@ class RLHFTask:
         self.ctx = policy.config.max_seq_len
         self.problems, self.heldout = list(problems), list(heldout)
         self.fmt = format_of(tok)
-        self.pad = format_of(tok).pad_id
+        self.pad = self.fmt.pad_id
         self.device, self.seed = dist.device, cfg.seed
         self.cursor = 0  # prompts consumed
         self.history: list[dict[str, float]] = []  # per step: the rollouts' mean RM, gold, KL
@@ -322,12 +322,13 @@ def refresh_reward_model(
     pool = [*random.Random(step).sample(old, min(len(old), replay * len(new))), *new]
     val = read_pairs(Path(base_pairs) / "heldout.jsonl")
     rm, prev_ckpt = load_reward_model(str(prev), dist.device)
-    fmt_new, _ = encode_pairs(new, format_of(tok), rm.config.max_seq_len)
-    pad = format_of(tok).pad_id
+    fmt = format_of(tok)
+    fmt_new, _ = encode_pairs(new, fmt, rm.config.max_seq_len)
+    pad = fmt.pad_id
     before, _ = pairwise_accuracy(rm, fmt_new, pad)
     if rm.reference is not None and not (here / "reference" / "model.safetensors").exists():
         save_reference(load_meta(prev_ckpt.path.parent.parent / "reference"), here)  # the same frozen SFT copy
-    fitting, _ = encode_pairs(pool, format_of(tok), rm.config.max_seq_len)
+    fitting, _ = encode_pairs(pool, fmt, rm.config.max_seq_len)
     if not fitting:
         log(f"rlhf: no pair of the refresh at step {step} fits the RM's context; RM kept")
         return None

@@ -96,9 +96,7 @@ def _resume(
             saved = ckpt_io.read_training_state(ckpt)
             sharding.load_full_state(model, optimizer, ckpt_io.read_weights(ckpt), saved["optimizer"])
             torch.set_rng_state(saved["rng"]["torch"])
-            task.load_state_dict(ckpt.meta["task_state"])
-            return ckpt.step
-        if lora.lora_layers(model):  # the frozen base came from the source; the adapter is what trained
+        elif lora.lora_layers(model):  # the frozen base came from the source; the adapter is what trained
             lora.set_adapter_weights(model, ckpt.path / lora.ADAPTER_DIR)
             others = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
             if others:  # trained beside the adapter (a reward model's head): saved under their own names
@@ -108,7 +106,8 @@ def _resume(
                         p.copy_(saved[name])
         else:
             ckpt_io.load_model_weights(model, ckpt)
-        ckpt_io.load_training_state(ckpt, optimizer)
+        if not sharded:
+            ckpt_io.load_training_state(ckpt, optimizer)
     except ckpt_io.ModelFileError as e:
         raise ckpt_io.ModelFileError(e.path, f"{e.reason}; {RESUME_HINT}") from None
     task.load_state_dict(ckpt.meta["task_state"])
