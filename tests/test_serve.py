@@ -160,14 +160,16 @@ def test_completions_echo_logprobs_equal_a_forward_pass(client, scripted_run):
     text = " the model reads tokens"
     r = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
-    assert r.choices[0].text == text and "".join(lp.tokens) == text
+    # every prompt token has an entry, BOS included (harnesses count tokens); the text is the prompt's
+    assert r.choices[0].text == text and lp.tokens[0] == "<|bos|>" and "".join(lp.tokens[1:]) == text
     b = load_model(scripted_run)
     ids = [b.tokenizer.bos_id, *b.tokenizer.encode_ordinary(text)]
+    assert len(lp.tokens) == len(ids) == r.usage.prompt_tokens
     with torch.no_grad():
         ref = b.model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)
     want = [float(ref[i, t]) for i, t in enumerate(ids[1:])]
-    assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
-    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(text) - len(lp.tokens[-1])
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert lp.text_offset[:2] == [0, 0] and lp.text_offset[-1] == len(text) - len(lp.tokens[-1])
     gen = client.completions.create(model="tiny", prompt=[ids[1:]], max_tokens=3, temperature=0)
     assert gen.choices[0].finish_reason in ("length", "stop")
 

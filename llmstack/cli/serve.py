@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from llmstack.serve import build_registry
 from llmstack.serve.app import ServeConfig, create_app
 from llmstack.serve.config import ConnectionLimits
 from llmstack.serve.connections import run_server
+from llmstack.serve.metrics import request_log
 
 
 def cmd_assistant(args: argparse.Namespace) -> int:
@@ -107,6 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=key,
         max_tokens_cap=args.max_tokens_cap,
         max_rows=args.max_batch,
+        scheduler=args.scheduler,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
         output_filter=not args.no_output_filter,
         allowed_hosts=tuple(args.allow_host) if args.allow_host else ServeConfig.allowed_hosts,
         spotlight=args.spotlight,
@@ -118,8 +123,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     limits = ConnectionLimits(
-        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        drain_s=args.drain,
     )
+    if args.request_log:  # one JSON line per generation request (serve/metrics.py)
+        to = args.request_log
+        handler = logging.StreamHandler(sys.stderr) if to == "-" else logging.FileHandler(to)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        request_log.addHandler(handler)
+        request_log.setLevel(logging.INFO)
+        request_log.propagate = False
     run_server(app, args.host, args.port, limits, args.log_level)
     return 0
 
@@ -211,7 +226,30 @@ Examples:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMSTACK_API_KEY)")
     sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
-    sv.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
+    sv.add_argument("--max-batch", type=int, default=ServeConfig.max_rows, help="most rows decoded together")
+    sv.add_argument(
+        "--scheduler",
+        choices=["continuous", "static"],
+        default=ServeConfig.scheduler,
+        help="continuous: requests join and leave the running batch between decode steps; static: a batch "
+        "runs from start to end and requests arriving meanwhile wait (the old behaviour, for comparison)",
+    )
+    sv.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="rows waiting for a slot before 429s")
+    sv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=ServeConfig.request_timeout_s,
+        help="seconds a generation request may run before it is cancelled (504)",
+    )
+    sv.add_argument(
+        "--request-log",
+        metavar="FILE",
+        help="write one JSON line per generation request (id, model, status, tokens, time to first token, user) "
+        "to FILE, or to stderr with -",
+    )
+    sv.add_argument(
+        "--drain", type=int, default=ConnectionLimits.drain_s, help="on shutdown, seconds running streams get to end"
+    )
     sv.add_argument("--max-connections", type=int, default=ConnectionLimits.max_connections, help="open at once")
     sv.add_argument(
         "--header-timeout", type=float, default=ConnectionLimits.header_timeout_s, help="seconds for request headers"

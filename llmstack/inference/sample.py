@@ -21,6 +21,14 @@ class SamplingConfig:
     top_k: int | None = 50
     top_p: float | None = None
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus this x how often a token was generated so far
+    presence_penalty: float = 0.0  # minus this once a token was generated at all
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether logits are changed before sampling (penalties or a bias)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -31,6 +39,29 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+def adjust_logits(logits_1V: torch.Tensor, cfg: SamplingConfig, counts: dict[int, int]) -> torch.Tensor:
+    """OpenAI's penalties and ``logit_bias`` on one row's logits (a new tensor): ``counts`` are the
+    tokens generated so far (the prompt does not count, as OpenAI's)."""
+    out = logits_1V.float().clone()
+    if counts and (cfg.frequency_penalty or cfg.presence_penalty):
+        ids = torch.tensor(list(counts), device=out.device)
+        n = torch.tensor(list(counts.values()), dtype=out.dtype, device=out.device)
+        out[:, ids] -= cfg.frequency_penalty * n + cfg.presence_penalty
+    if cfg.logit_bias:
+        ids = torch.tensor([i for i, _ in cfg.logit_bias], device=out.device)
+        out[:, ids] += torch.tensor([b for _, b in cfg.logit_bias], dtype=out.dtype, device=out.device)
+        # as OpenAI documents them: -100 bans a token, +100 selects it exclusively (whatever the logits' scale)
+        banned = [i for i, b in cfg.logit_bias if b <= -100]
+        if banned:
+            out[:, banned] = float("-inf")
+        chosen = [i for i, b in cfg.logit_bias if b >= 100]
+        if chosen:
+            keep = out[:, chosen].clone()
+            out.fill_(float("-inf"))
+            out[:, chosen] = keep
+    return out
 
 
 def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:

@@ -85,6 +85,30 @@ class KVCache:
         self.fused = False  # the model's fused projections are current (``GPT.fuse_for_decode``): use them
         self.window: int | None = getattr(cfg, "sliding_window", None)  # GPT2 shares this cache and has none
         self._static = False
+        self.per_row = False  # static mode with a position per row (``over``): continuous batching
+
+    @classmethod
+    def over(
+        cls,
+        cfg: ModelConfig,
+        k: list[torch.Tensor],
+        v: list[torch.Tensor],
+        pos: int = 0,
+        pos_B: torch.Tensor | None = None,
+    ) -> KVCache:
+        """A cache over tensors someone else owns (views into a batcher's slots; writes land there).
+        With ``pos_B`` (B,) it is in static mode with one position per row: each row's new key is written
+        at its own position and sees keys up to it (rows of different lengths, no padding); the caller
+        advances ``pos_B``. Without it, an ordinary cache whose next position is ``pos``."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k[0].shape[2], pos
+        cache.key_valid, cache.pos_t, cache.fused, cache.per_row = None, pos_B, False, pos_B is not None
+        cache.window = getattr(cfg, "sliding_window", None)
+        cache._static = pos_B is not None
+        if pos_B is not None:
+            cache._slots = torch.arange(cache.max_len, device=pos_B.device)
+            cache._rows = torch.arange(pos_B.shape[0], device=pos_B.device)
+        return cache
 
     @property
     def static(self) -> bool:
@@ -112,16 +136,23 @@ class KVCache:
 
     def static_mask(self) -> torch.Tensor:
         """(B, 1, 1, max_len): valid keys up to and including the current position (within the window)."""
-        assert self.pos_t is not None and self.key_valid is not None
-        visible = self.key_valid & (self._slots <= self.pos_t)
+        assert self.pos_t is not None
+        pos = self.pos_t[:, None]  # (B or 1, 1)
+        visible = self._slots <= pos
+        if self.key_valid is not None:
+            visible = visible & self.key_valid
         if self.window is not None:
-            visible &= self._slots > self.pos_t - self.window
+            visible &= self._slots > pos - self.window
         return visible[:, None, None, :]
 
     def update_static(
         self, layer: int, k_BH1D: torch.Tensor, v_BH1D: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.pos_t is not None
+        if self.per_row:  # row b's key at its own position pos_t[b]
+            self.k[layer][self._rows, :, self.pos_t] = k_BH1D[:, :, 0].to(self.k[layer].dtype)
+            self.v[layer][self._rows, :, self.pos_t] = v_BH1D[:, :, 0].to(self.v[layer].dtype)
+            return self.k[layer], self.v[layer]
         # under autocast the new keys may be bf16 while the cache holds the weights' dtype; slicing
         # assignment (``update``) casts by itself, ``index_copy_`` does not
         self.k[layer].index_copy_(2, self.pos_t, k_BH1D.to(self.k[layer].dtype))
@@ -373,6 +404,8 @@ class GPT(nn.Module):
         if cache is not None and cache.static:  # one token per row at cache.pos_t; the caller advances
             assert cache.pos_t is not None and T == 1
             cos, sin = self.rope_cos.index_select(0, cache.pos_t), self.rope_sin.index_select(0, cache.pos_t)
+            if cache.per_row:  # (B, 1, D): each row rotated at its own position
+                cos, sin = cos[:, None], sin[:, None]
         else:
             start = cache.pos if cache is not None else 0
             if start + T > self.config.max_seq_len:

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llmstack.serve.config import ServeConfig
+from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.models import ModelRegistry, RequestError
 from llmstack.serve.planning import completion_prompts, echo_prompt, engine_row, plan_chat
 from llmstack.serve.protocol import (
@@ -71,21 +72,34 @@ from llmstack.serve.responses import (
     token_usage,
 )
 from llmstack.serve.routes_arena import BattleRequest, VoteRequest, add_arena_routes
-from llmstack.serve.scheduler import Job, Scheduler
+from llmstack.serve.scheduler import Job, make_scheduler
 from llmstack.tools.spotlight import Spotlight
 
 STATIC = Path(__file__).parent / "static"
+COUNTED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/tokenize", "/api/arena/battles"}
 log = logging.getLogger("llmstack.serve")
 
 
 def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> FastAPI:
-    scheduler = Scheduler(max_rows=config.max_rows)
+    scheduler = make_scheduler(config.scheduler, config.max_rows, config.max_queue)
+    metrics = ServeMetrics(scheduler.stats)
     if config.spotlight:  # tool results are marked where they are made: in each model's toolbox
         for served in registry.models.values():
             if served.toolbox is not None:
                 served.toolbox.mark = Spotlight().datamark
     app = FastAPI(title="llmstack", description="OpenAI-compatible API over llmstack models", docs_url="/docs")
     app.state.registry, app.state.scheduler, app.state.config = registry, scheduler, config
+    app.state.metrics = metrics
+
+    def submit(sm: Any, rows: list[Any], route: str, req: Any, prompt_tokens: int) -> Job:
+        """A generation request's job, submitted: counted in the metrics, logged when it ends, and
+        cancelled past the request timeout."""
+        info = {"id": new_id("req"), "route": route, "model": sm.name, "user": req.user, "prompt_tokens": prompt_tokens}
+        j = Job(sm, rows, asyncio.get_running_loop(), metrics=metrics, timeout_s=config.request_timeout_s, info=info)
+        metrics.prompt_tokens.inc(prompt_tokens)
+        scheduler.submit(j)
+        return j
+
     app.router.on_shutdown.append(scheduler.close)
 
     def authorized(request: Request) -> bool:
@@ -108,11 +122,14 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
                 )
             )
         try:
-            return await call_next(request)
+            response = await call_next(request)
         except Exception as e:  # a bug, not the client's mistake: logged here, a plain 500 there
             log.error("%s %s failed: %s", request.method, path, type(e).__name__, exc_info=e)
             body = error_body("the server failed on this request (logged)", "server_error", code="internal_error")
-            return JSONResponse(body, status_code=500)
+            response = JSONResponse(body, status_code=500)
+        if guarded:
+            metrics.requests.labels(path if path in COUNTED_ROUTES else "other", str(response.status_code)).inc()
+        return response
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -144,12 +161,17 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         return {
             "status": "ok",
             "models": sorted(registry.models),
-            "batches": scheduler.batches,
-            "rows": scheduler.rows_run,
+            "scheduler": config.scheduler,
+            **scheduler.stats(),
             "output_filter": config.output_filter,
             "spotlight": config.spotlight,
             "guard": config.guard is not None,
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus' text format: requests, tokens, time to first token, queue, running rows, caches."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -180,9 +202,10 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
             if flagged is not None:
                 return guard_refusal(flagged, sm, req, "input")
         plan = plan_chat(sm, req, config)
-        job = Job(sm, plan.rows, asyncio.get_running_loop())
-        scheduler.submit(job)
-        choices = [Choice(sm, req.stops(), plan.call_prefix, links=config.links()) for _ in plan.rows]
+        job = submit(sm, plan.rows, "chat", req, plan.prompt_tokens * len(plan.rows))
+        choices = [
+            Choice(sm, req.stops(), plan.call_prefix, links=config.links(), bare_keys=plan.bare_keys) for _ in plan.rows
+        ]
         meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": sm.name}
         if req.stream:
             usage = req.stream_options.include_usage if req.stream_options else False
@@ -217,9 +240,8 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         for p in prompts:
             for k in range(req.n):
                 rows.append(engine_row(sm, p, req, req.max_tokens, k, req.logprobs, "off", config))
-        job = Job(sm, rows, asyncio.get_running_loop())
-        scheduler.submit(job)
-        choices = [Choice(sm, req.stops()) for _ in rows]
+        job = submit(sm, rows, "completions", req, sum(map(len, prompts)) * req.n)
+        choices = [Choice(sm, req.stops(), raw=True) for _ in rows]
         if req.stream:
             return sse_response(completion_chunks(job, choices, meta))
         await collect_answers(job, choices)

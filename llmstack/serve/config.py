@@ -18,7 +18,10 @@ class ServeConfig:
     max_messages: int = 256
     max_tokens_cap: int = 2048
     max_n: int = 8
-    max_rows: int = 32  # engine rows decoded together; a request's prompts x n must fit
+    max_rows: int = 64  # engine rows decoded together; a request's prompts x n must fit
+    scheduler: str = "continuous"  # or "static": whole batches from start to end (serve/scheduler.py)
+    max_queue: int = 256  # rows waiting for a slot; past it a request gets 429 with Retry-After
+    request_timeout_s: float = 600.0  # a generation request running longer is cancelled (504, or an error event)
     output_filter: bool = True  # images and links to hosts off allowed_hosts are removed from chat answers
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     spotlight: bool = False  # datamark tool results and retrieved passages; a system note for models not ours
@@ -37,3 +40,4 @@ class ConnectionLimits:
     max_header_bytes: int = 16 * 1024  # request line + headers
     backlog: int = 2048  # connections the kernel queues before they are accepted
     log_every_s: float = 10.0  # the same log message at most once per this many seconds, then with a count
+    drain_s: int = 30  # on shutdown (SIGTERM, Ctrl-C), streams still running get this long to finish

@@ -216,6 +216,7 @@ def run_server(
         timeout_keep_alive=limits.keep_alive_s,
         h11_max_incomplete_event_size=limits.max_header_bytes,
         backlog=backlog,
+        timeout_graceful_shutdown=limits.drain_s,  # in-flight streams finish; then the engine stops
     )
     quiet = RateLimitFilter(limits.log_every_s)
     for name in ("asyncio", "uvicorn.error", "llmstack.serve"):  # not the access log: each line there differs

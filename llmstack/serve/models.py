@@ -81,17 +81,22 @@ class ServedModel:
             raise RequestError(f"messages: {e}", "messages") from None
         return self.chat.prompt(conv)
 
+    def runs_tool(self, name: str) -> bool:
+        """Whether the server itself runs a tool of this name for this model (calculator, python, ...)."""
+        return self.ours and self.toolbox is not None and name in self.toolbox.tools
+
     def tool_call_prefix(self, name: str | None) -> list[int]:
         """Ids that force a tool call (``tool_choice``): the call-start token and the tool's name."""
         tok = self.bundle.tokenizer
         return [tok.special_id(S.TOOL_CALL_START), *(tok.encode_ordinary(f"{name}: ") if name else [])]
 
     def text_ids(self, text: str) -> list[int]:
-        """A completion prompt: the text as ordinary tokens, after BOS when the model has one."""
+        """A completion prompt: the text as ordinary tokens, after BOS where the model's files say a text starts
+        with it (``Bundle.add_bos``: ours yes, SmolLM2's GGUF no), so that it reads the text as it was trained."""
         tok = self.bundle.tokenizer
         ids = tok.encode_ordinary(text)
         bos = self.bundle.bos_token
-        if bos and bos in tok.special_tokens:
+        if self.bundle.add_bos and bos and bos in tok.special_tokens:
             ids = [tok.special_tokens[bos], *ids]
         return ids
 
@@ -122,14 +127,15 @@ def arguments_text(arguments: str) -> str:
     return arguments
 
 
-def arguments_json(argument: str) -> str:
-    """Our call argument -> OpenAI ``arguments``: a JSON object as is, else ``{"input": ...}``."""
+def arguments_json(argument: str, key: str = "input") -> str:
+    """Our call argument -> OpenAI ``arguments``: a JSON object as is, else ``{key: ...}`` (the tool's one
+    string parameter, ``constrain.bare_key``)."""
     try:
         if isinstance(json.loads(argument), dict):
             return argument
     except ValueError:
         pass
-    return json.dumps({"input": argument})
+    return json.dumps({key: argument})
 
 
 class ModelRegistry:

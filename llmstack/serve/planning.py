@@ -4,11 +4,13 @@ their echo, and every row checked against the server's limits and the model's co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from llmstack.inference.constrain import bare_key
 from llmstack.inference.engine import Request as Row
 from llmstack.inference.sample import SamplingConfig
+from llmstack.serve import constraints
 from llmstack.serve.config import ServeConfig
 from llmstack.serve.models import RequestError, ServedModel
 from llmstack.serve.protocol import ChatRequest, CompletionRequest
@@ -24,6 +26,7 @@ class ChatPlan:
     call_prefix: list[int] | None
     sources: list[Any]
     assistant: Any
+    bare_keys: dict[str, str] = field(default_factory=dict)  # declared tool -> its one string parameter
 
 
 def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPlan:
@@ -52,21 +55,28 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
         req, default_max = _assistant_defaults(sm.assistant, req)
     tools = [t.function.model_dump() for t in req.tools] if req.tools else None
     choice = req.tool_choice
-    if choice is not None and not tools and choice != "none":
-        raise RequestError("tool_choice needs tools", "tool_choice")
+    named = None if isinstance(choice, str | None) else choice.function.name
+    builtin = named is not None and not any(t["name"] == named for t in tools or []) and sm.runs_tool(named)
+    if choice is not None and not tools and choice != "none" and not builtin:
+        raise RequestError("tool_choice needs tools (or the name of one of the server's own tools)", "tool_choice")
     if tools and not sm.ours:
         raise RequestError(f"model {sm.name!r} has no tool tokens: it does not support tools", "tools")
-    prompt = sm.prompt_ids(messages, tools if choice != "none" else None)
+    if named is not None and not builtin and tools and named not in {t["name"] for t in tools}:
+        raise RequestError(f"tool_choice: no tool named {named!r} in tools", "tool_choice")
+    offered = None if choice == "none" or builtin else tools
+    prompt = sm.prompt_ids(messages, offered)
+    # the client's tools: each call is constrained to a declared name and its arguments' schema
+    call_grammar = constraints.tool_calls(sm, [t for t in offered if named in (None, t["name"])]) if offered else None
     call_prefix: list[int] = []
-    if choice == "required" or not isinstance(choice, str | None):
-        name = None if isinstance(choice, str) else choice.function.name
-        if name is None and tools and len(tools) == 1:
-            name = tools[0]["name"]  # "required" with one tool: that tool
-        if name is not None and tools and name not in {t["name"] for t in tools}:
-            raise RequestError(f"tool_choice: no tool named {name!r} in tools", "tool_choice")
-        call_prefix = sm.tool_call_prefix(name)
+    if choice == "required" or named is not None:
+        if named is None and offered and len(offered) == 1:
+            named = offered[0]["name"]  # "required" with one tool: that tool
+        call_prefix = sm.tool_call_prefix(named)  # the call grammar is advanced over it (engine.open_row)
         prompt = prompt + call_prefix
-    mode = ("return" if tools else "run") if choice != "none" else "off"
+    mode = ("return" if tools and not builtin else "run") if choice != "none" else "off"
+    grammar = constraints.response_format(sm, req.response_format)
+    if grammar is not None and mode == "return" and choice != "auto" and choice is not None:
+        raise RequestError("response_format with a forced tool call: the reply is the call", "response_format")
     max_tokens = req.max_completion_tokens or req.max_tokens
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs is not None and not req.logprobs:
@@ -74,8 +84,11 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
     if req.logprobs and top is None:
         top = 0
     rows = [engine_row(sm, prompt, req, max_tokens, k, top, mode, config, default_max) for k in range(req.n)]
+    for row in rows:
+        row.grammar, row.call_grammar = grammar, call_grammar
+    bare = {t["name"]: k for t in tools or [] if (k := bare_key(t.get("parameters"))) is not None}
     return ChatPlan(
-        rows, len(prompt) - len(call_prefix), call_prefix[1:] if call_prefix else None, sources, sm.assistant
+        rows, len(prompt) - len(call_prefix), call_prefix[1:] if call_prefix else None, sources, sm.assistant, bare
     )
 
 
@@ -132,6 +145,11 @@ def engine_row(
             "context_length_exceeded",
         )
     seed = None if req.seed is None else (req.seed + k) % (1 << 63)
+    vocab = sm.bundle.model.config.vocab_size
+    bias = tuple((int(key), float(b)) for key, b in (req.logit_bias or {}).items())
+    bad = [t for t, _ in bias if t >= vocab]
+    if bad:
+        raise RequestError(f"logit_bias: token id {bad[0]} is not in the vocabulary (size {vocab})", "logit_bias")
     cfg = SamplingConfig(
         max_new_tokens=max_tokens,
         # greedy in all but name: dividing the logits by a smaller temperature overflows them
@@ -139,6 +157,9 @@ def engine_row(
         top_k=req.top_k,
         top_p=req.top_p if req.top_p < 1 else None,
         seed=seed,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+        logit_bias=bias,
     )
     stops = tuple(s.encode("utf-8") for s in req.stops())
     return Row(prompt, cfg, sm.stop_ids, stops, mode if sm.ours else "off", logprobs)
@@ -168,7 +189,8 @@ def completion_prompts(sm: ServedModel, req: CompletionRequest, config: ServeCon
 
 
 def echo_prompt(sm: ServedModel, ids: list[int], req: CompletionRequest) -> dict[str, Any]:
-    """The prompt as text, and with ``logprobs`` its tokens' log-probabilities (for harnesses)."""
+    """The prompt as text (special tokens left out), and with ``logprobs`` every prompt token's
+    log-probability, special ones included (for harnesses, which count tokens)."""
     tok = sm.bundle.tokenizer
     shown = [i for i in ids if i not in sm.special_ids]
     text = tok.decode(shown)
@@ -181,9 +203,7 @@ def echo_prompt(sm: ServedModel, ids: list[int], req: CompletionRequest) -> dict
     scored = sm.engine.prompt_logprobs(ids, req.logprobs)
     per: list[tuple[float | None, list[tuple[int, float]]]] = [(None, []), *scored]
     tokens, lps, tops, offsets, pos = [], [], [], [], 0
-    for i, (lp, top) in zip(ids, per, strict=True):
-        if i in sm.special_ids:
-            continue
+    for i, (lp, top) in zip(ids, per, strict=True):  # every token, BOS included: one entry per prompt token
         piece = tok.decode_token_bytes(i).decode("utf-8", errors="replace")
         tokens.append(piece)
         lps.append(lp)
@@ -191,7 +211,8 @@ def echo_prompt(sm: ServedModel, ids: list[int], req: CompletionRequest) -> dict
             None if lp is None else {tok.decode_token_bytes(t).decode("utf-8", errors="replace"): v for t, v in top}
         )
         offsets.append(pos)
-        pos += len(piece)
+        if i not in sm.special_ids:  # a special token is not in the echoed text: it takes no room there
+            pos += len(piece)
     return {
         "text": text,
         "logprobs": {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets},

@@ -81,7 +81,24 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Req):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Req):
+    # OpenAI refuses arguments it does not know, and so do we: a parameter we do not implement is a 400
+    # naming it, never silently ignored (nested objects, such as messages a client echoes back, keep
+    # tolerating fields they do not need)
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field(min_length=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -91,6 +108,22 @@ class _Sampling(_Req):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    user: str | None = Field(None, max_length=256)  # logged with the request
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (got {key!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100] (got {bias} for {key})")
+        if v is not None and len(v) > 300:
+            raise ValueError(f"at most 300 biases (got {len(v)})")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -114,6 +147,9 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # our models write one call per turn (a "return" row ends at the call's end): at most one call either way
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -155,6 +191,8 @@ def parse(body: bytes, schema: type[_Req], max_depth: int = 64) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise RequestError(f"Unrecognized request argument supplied: {loc}", loc, "unsupported_parameter") from None
         raise RequestError(f"{loc}: {err['msg']}" if loc else err["msg"], loc or None) from None
 
 
@@ -255,6 +293,8 @@ class Choice:
     n_tokens: int = 0
     links: Any = None  # an output filter (llmstack.security.output_filter.LinkFilter) over the text, or None
     logprobs_sent: int = 0  # how many of ``logprobs`` went out in stream chunks
+    raw: bool = False  # /v1/completions: every token is text (special ones by name) and has its logprob
+    bare_keys: dict[str, str] = field(default_factory=dict)  # tool -> its one string parameter (bare-text calls)
 
     def __post_init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -262,7 +302,7 @@ class Choice:
         self._call: list[int] | None = None if self.call_prefix is None else list(self.call_prefix)
         self._result: list[int] | None = None
         tu = self.sm.engine.tools
-        self._ids = (tu.call_start, tu.call_end, tu.result_start, tu.result_end) if tu else None
+        self._ids = (tu.call_start, tu.call_end, tu.result_start, tu.result_end) if tu and not self.raw else None
 
     def feed(self, ev: Event) -> list[dict[str, Any]]:
         self.n_tokens += 1
@@ -289,7 +329,10 @@ class Choice:
                     "index": len(self.tool_calls),
                     "id": new_id("call"),
                     "type": "function",
-                    "function": {"name": name.strip(), "arguments": arguments_json(argument.strip())},
+                    "function": {
+                        "name": name.strip(),
+                        "arguments": arguments_json(argument.strip(), self.bare_keys.get(name.strip(), "input")),
+                    },
                 }
                 self.tool_calls.append(tc)
                 out.append({"tool_calls": [tc]})
@@ -298,8 +341,11 @@ class Choice:
                 out.append({"llmstack_tool": {"type": "call", "text": call}})
         elif self._call is not None:
             self._call.append(tok)
-        elif tok not in self.sm.special_ids:
-            raw = self.sm.bundle.tokenizer.decode_token_bytes(tok)
+        elif self.raw or tok not in self.sm.special_ids:
+            # raw text shows a special token by name, except the stop token that ends the reply (it is in
+            # the logprobs and the token count, as OpenAI's <|endoftext|>, but not in the text)
+            ends = ev.finish == "stop" and tok in self.sm.stop_ids and tok in self.sm.special_ids
+            raw = b"" if ends else self.sm.bundle.tokenizer.decode_token_bytes(tok)
             piece = self._stop.feed(self._utf8.decode(raw))
             if self.links is not None:
                 piece = self.links.feed(piece)

@@ -4,6 +4,7 @@ refusal in the shape of a normal answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llmstack.inference.engine import Event
+from llmstack.serve.metrics import log_request
 from llmstack.serve.models import RequestError, ServedModel
 from llmstack.serve.planning import ChatPlan
 from llmstack.serve.protocol import ChatRequest, Choice, error_body, new_id
@@ -20,13 +22,38 @@ from llmstack.serve.scheduler import DONE, Job
 
 
 async def _events(job: Job) -> AsyncIterator[Event]:
-    while True:
-        item = await job.out.get()
-        if item is DONE:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
+    """The job's events until it is done; past its timeout, a 504 (and the job is cancelled by the
+    caller's ``finally``). The request log gets one line when it ends, however it ends."""
+    status = "cancelled"  # the client went away (the consumer stopped reading)
+    try:
+        while True:
+            left = None if job.timeout_s is None else job.started + job.timeout_s - time.perf_counter()
+            try:
+                item = await asyncio.wait_for(job.out.get(), timeout=left)
+            except TimeoutError:
+                status = "timeout"
+                raise RequestError(
+                    f"the request ran past the server's limit of {job.timeout_s:g} s", code="timeout", status=504
+                ) from None
+            if item is DONE:
+                status = "ok"
+                return
+            if isinstance(item, Exception):
+                status = f"error: {type(item).__name__}"
+                raise item
+            yield item
+    finally:
+        took = time.perf_counter() - job.started
+        if job.metrics is not None and status == "ok":
+            job.metrics.latency.observe(took)
+        if job.info:
+            log_request(
+                **job.info,
+                status=status,
+                completion_tokens=job.tokens,
+                ttft_s=None if job.first_token_s is None else round(job.first_token_s, 4),
+                seconds=round(took, 4),
+            )
 
 
 async def collect_answers(job: Job, choices: list[Choice]) -> None:
@@ -144,8 +171,9 @@ def model_card(sm: ServedModel) -> dict[str, Any]:
 
 
 def error_response(e: RequestError) -> JSONResponse:
-    kind = "authentication_error" if e.status == 401 else "invalid_request_error"
-    return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
+    kind = {401: "authentication_error", 429: "rate_limit_error", 504: "timeout"}.get(e.status, "invalid_request_error")
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status, headers=headers)
 
 
 def completion_logprobs(c: Choice, echoed: dict[str, Any] | None, offset: int) -> dict[str, Any]:
