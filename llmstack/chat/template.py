@@ -52,10 +52,19 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    """transformers' ``tojson``: plain ``json.dumps`` (Jinja's own sorts keys and escapes ``<>&'`` for HTML,
+    so a template's tool calls would come out as other text, and other tokens, than under transformers)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template)
     except TemplateError as e:

@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
+        constrain=not args.no_constrain,
         output_filter=not args.no_output_filter,
         allowed_hosts=tuple(args.allow_host) if args.allow_host else ServeConfig.allowed_hosts,
         spotlight=args.spotlight,
@@ -240,6 +241,11 @@ Examples:
         type=float,
         default=ServeConfig.request_timeout_s,
         help="seconds a generation request may run before it is cancelled (504)",
+    )
+    sv.add_argument(
+        "--no-constrain",
+        action="store_true",
+        help="do not constrain response_format JSON and tool-call arguments to their schemas (to measure the gap)",
     )
     sv.add_argument(
         "--request-log",

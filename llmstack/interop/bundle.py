@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from llmstack.interop.tokenizer import (
-    LLMSTACK_CHAT_TEMPLATE,
     AnyTokenizer,
     HFTokenizer,
     as_tiktoken,
@@ -26,7 +25,7 @@ from llmstack.io import atomic_write, write_json
 from llmstack.model.gpt2 import GPT2
 from llmstack.model.llama import GPT
 from llmstack.tokenizer.bpe import Tokenizer
-from llmstack.tokenizer.special import ASSISTANT_END, BOS
+from llmstack.tokenizer.special import ASSISTANT_END, BOS, CHAT_TEMPLATE
 from llmstack.training.checkpoint import CKPT_VERSION, Checkpoint
 
 END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", ASSISTANT_END, "</s>")
@@ -43,10 +42,14 @@ class Bundle:
     checkpoint: Checkpoint | None = None  # set for our runs and checkpoints (its meta: stage, fingerprint, ...)
     tokenizer_dir: Path | None = None  # where the tokenizer was read from, for our runs
     source: str = ""
+    add_bos: bool | None = None  # a text starts with bos (a completion prompt, a scored text); None: as below
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, HFTokenizer) and self.chat_template:
             self.tokenizer.chat_template = self.chat_template  # so that (model, tokenizer) is enough to chat
+        if self.add_bos is None:  # what the model's files say (HF, GGUF); ours: every document started with bos
+            tok = self.tokenizer
+            self.add_bos = tok.add_bos if isinstance(tok, HFTokenizer) else self.bos_token is not None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -76,10 +79,17 @@ class Bundle:
 
     def format_meta(self) -> dict[str, Any]:
         """What a checkpoint trained from this model stores to be opened with the same chat format: nothing for
-        ours (our template is implied), the template and bos/eos names for any other."""
-        if isinstance(self.tokenizer, Tokenizer) and self.chat_template in (None, LLMSTACK_CHAT_TEMPLATE):
+        ours (our template is implied, today's or the one exported before tool calls matched the server), the
+        template, bos/eos names and add_bos for any other."""
+        ours = (None, CHAT_TEMPLATE)
+        if isinstance(self.tokenizer, Tokenizer) and self.chat_template in ours:
             return {}
-        return {"chat_template": self.chat_template, "bos_token": self.bos_token, "eos_token": self.eos_token}
+        return {
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos": self.add_bos,
+        }
 
     @property
     def architecture(self) -> str:
@@ -93,7 +103,7 @@ class Bundle:
         if self.chat_template:
             return self.chat_template
         if ASSISTANT_END in self.tokenizer.special_tokens:
-            return LLMSTACK_CHAT_TEMPLATE
+            return CHAT_TEMPLATE
         raise ValueError("this model has no chat template (tokenizer_config.json / tokenizer.chat_template)")
 
 
@@ -119,7 +129,7 @@ def llmstack_bundle(model: GPT, tok: Tokenizer) -> Bundle:
     """A bundle for one of our own checkpoints: our specials and chat template."""
     eos = ASSISTANT_END if ASSISTANT_END in tok.special_tokens else None
     bos = BOS if BOS in tok.special_tokens else None
-    return Bundle(model, tok, LLMSTACK_CHAT_TEMPLATE if eos else None, bos, eos)
+    return Bundle(model, tok, CHAT_TEMPLATE if eos else None, bos, eos)
 
 
 def bundle_of(model: GPT, tok: AnyTokenizer) -> Bundle:
@@ -150,6 +160,7 @@ def save_run(bundle: Bundle, run_dir: str | Path, source: str) -> Path:
         "chat_template": bundle.chat_template,
         "bos_token": bundle.bos_token,
         "eos_token": bundle.eos_token,
+        "add_bos": bundle.add_bos,
         "step": 0,
         "format_version": CKPT_VERSION,
     }

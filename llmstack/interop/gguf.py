@@ -338,7 +338,10 @@ def _tokenizer(reader: Any, path: Path) -> HFTokenizer:
         i = value(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    return HFTokenizer(raw, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), gguf_pre=pre)
+    add_bos = value("tokenizer.ggml.add_bos_token")  # absent: llama.cpp's default, yes only for Llama 3's split
+    add_bos = add_bos if isinstance(add_bos, bool) else pre in ("llama3", "llama-v3", "llama-bpe")
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    return HFTokenizer(raw, bos, eos, gguf_pre=pre, add_bos=add_bos)
 
 
 # ----------------------------------------------------------------------------- export
@@ -446,7 +449,7 @@ def _write_tokenizer(writer: Any, bundle: Bundle) -> None:
     ):
         if name and name in tok.special_tokens:
             add(tok.special_tokens[name])
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(bool(bundle.add_bos))  # llama.cpp drops a template's own leading bos when set
     if bundle.chat_template:
         writer.add_chat_template(bundle.chat_template)
 

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as RawHF
 from tokenizers import decoders, models, pre_tokenizers
 
 from llmstack.interop.bundle import Bundle, check_vocab
-from llmstack.interop.tokenizer import HFTokenizer, hf_from_ranks
+from llmstack.interop.tokenizer import HFTokenizer, adds_bos, hf_from_ranks, with_bos
 from llmstack.io import write_json
 from llmstack.model.config import FAMILIES, ModelConfig
 from llmstack.model.gpt2 import GPT2, GPT2Config
@@ -167,8 +167,12 @@ def read_tokenizer(path: Path) -> tuple[HFTokenizer, dict[str, Any]]:
     if decoder.get("type") != "ByteLevel":
         raise ValueError(f"{path}: unsupported tokenizer (decoder {decoder.get('type')!r}); only byte-level BPE")
     bos, eos = _token_name(tok_config.get("bos_token")), _token_name(tok_config.get("eos_token"))
+    # add_bos: tokenizer_config.json's word where it has one (Llama's tokenizer classes follow it), else what
+    # the tokenizer.json post-processor does (transformers 5 reads only that)
+    add_bos = tok_config.get("add_bos_token")
+    add_bos = add_bos if isinstance(add_bos, bool) else adds_bos(raw, bos)
     try:
-        return HFTokenizer(raw, bos, eos), tok_config
+        return HFTokenizer(raw, bos, eos, add_bos=add_bos), tok_config
     except ValueError as e:
         raise ModelFileError(config_file, str(e)) from None
 
@@ -212,10 +216,14 @@ def export_hf(bundle: Bundle, out: str | Path) -> Path:
 
 def _write_hf(bundle: Bundle, model: GPT, tmp: Path) -> None:
     cfg, tok = model.config, bundle.tokenizer
-    raw = hf_from_ranks(tok) if isinstance(tok, Tokenizer) else tok.raw
     ids = {name: (tok.special_tokens.get(name) if name else None) for name in (bundle.bos_token, bundle.eos_token)}
     pad = PAD if PAD in tok.special_tokens else None
     bos_id, eos_id = ids.get(bundle.bos_token), ids.get(bundle.eos_token)
+    add_bos = bool(bundle.add_bos) and bos_id is not None
+    # bos before every text, as Llama's tokenizer.json does it (a post-processor): transformers' tokenizer(text)
+    # and harnesses that tokenize with it (lm-eval's add_bos_token=True) see what the model was trained on;
+    # apply_chat_template tokenizes without it, so the template's own <|bos|> stays the only one
+    raw = with_bos(hf_from_ranks(tok) if isinstance(tok, Tokenizer) else tok.raw, bundle.bos_token, add_bos)
     pad_id = tok.special_tokens.get(pad) if pad else None
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -240,7 +248,7 @@ def _write_hf(bundle: Bundle, model: GPT, tmp: Path) -> None:
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **specials,
-            "add_bos_token": False,
+            "add_bos_token": add_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": cfg.max_seq_len,

@@ -51,6 +51,8 @@ def load_run(path: str | Path) -> Bundle:
     else:
         bundle = Bundle(model, tok, meta.get("chat_template"), meta.get("bos_token"), meta.get("eos_token"))
     bundle.checkpoint, bundle.tokenizer_dir, bundle.source = ckpt, tok_dir, str(path)
+    if isinstance(meta.get("add_bos"), bool):  # an imported model's own rule (its tokenizer may now be ours)
+        bundle.add_bos = meta["add_bos"]
     return bundle
 
 

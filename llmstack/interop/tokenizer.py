@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RawHF
 
 from llmstack.io import atomic_write
@@ -38,14 +38,11 @@ from llmstack.tokenizer.bpe import (
     _as_int_list,
     bytes_to_unicode,
 )
-from llmstack.tokenizer.special import ASSISTANT_END, BOS, CHAT_TEMPLATE, PAD
+from llmstack.tokenizer.special import ASSISTANT_END, BOS, PAD
 from llmstack.training.checkpoint import ModelFileError, read_json_object
 
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 HF_META_FILE = "hf_tokenizer_meta.json"
-
-LLMSTACK_CHAT_TEMPLATE = CHAT_TEMPLATE
-"""Chat template exported with llmstack tokenizers: the one ``llmstack.chat.conversation`` renders in Python."""
 
 PROBE_TEXT = (
     "Hello world! It's 2024-01-02, we'll pay $1,234.56 (or 7890 yen).\n\n"
@@ -136,14 +133,23 @@ class HFTokenizer:
     """An HF ``tokenizers`` BPE behind the interface of our ``Tokenizer`` (encode, decode, specials, bos).
 
     Like ``Tokenizer``, special-token text in ``encode_ordinary`` input stays ordinary text, so user
-    input cannot inject control tokens; ``encode_with_special`` is for trusted templates.
+    input cannot inject control tokens; ``encode_with_special`` is for trusted templates. ``add_bos``: whether
+    the model's files say a text starts with the bos token (GGUF ``tokenizer.ggml.add_bos_token``, HF
+    ``add_bos_token`` or the tokenizer.json post-processor); it lives here, beside bos and eos, because
+    every model built on this tokenizer (a LoRA adapter's too) follows it.
     """
 
     def __init__(
-        self, hf: RawHF, bos_token: str | None = None, eos_token: str | None = None, gguf_pre: str | None = None
+        self,
+        hf: RawHF,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        gguf_pre: str | None = None,
+        add_bos: bool = False,
     ) -> None:
         self._hf = hf
         self.gguf_pre = gguf_pre  # llama.cpp's name for the split, when read from a GGUF file (re-exported as is)
+        self.add_bos = add_bos
         self._specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         self._id_to_special = {i: name for name, i in self._specials.items()}
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -222,12 +228,19 @@ class HFTokenizer:
 
     # ----- files --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """``hf_tokenizer.json`` (HF's own format) + ``hf_tokenizer_meta.json`` (bos/eos names, GGUF pre name)."""
+        """``hf_tokenizer.json`` (HF's own format) + ``hf_tokenizer_meta.json`` (bos/eos names, add_bos, GGUF pre
+        name)."""
         directory = Path(directory)
         with atomic_write(directory / HF_TOKENIZER_FILE) as f:
             f.write(self._hf.to_str(pretty=False))
+        meta = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "gguf_pre": self.gguf_pre,
+            "add_bos": self.add_bos,
+        }
         with atomic_write(directory / HF_META_FILE) as f:
-            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "gguf_pre": self.gguf_pre}, f)
+            json.dump(meta, f)
 
     @classmethod
     def load(cls, directory: str | Path) -> HFTokenizer:
@@ -241,7 +254,8 @@ class HFTokenizer:
         except Exception as e:  # the tokenizers library raises a plain Exception for a damaged file
             raise ModelFileError(path, f"unreadable tokenizer ({e})") from None
         try:
-            return cls(raw, meta.get("bos_token"), meta.get("eos_token"), meta.get("gguf_pre"))
+            add_bos = meta.get("add_bos") is True  # absent (saved before it was recorded): no, as HF's default
+            return cls(raw, meta.get("bos_token"), meta.get("eos_token"), meta.get("gguf_pre"), add_bos)
         except ValueError as e:
             raise ModelFileError(directory / HF_META_FILE, str(e)) from None
 
@@ -250,6 +264,31 @@ class HFTokenizer:
 
 
 AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def adds_bos(raw: RawHF, bos_token: str | None) -> bool:
+    """Whether ``raw``'s post-processor puts ``bos_token`` before a text (what ``add_special_tokens=True`` does:
+    a Llama tokenizer.json's ``TemplateProcessing``)."""
+    bos_id = raw.token_to_id(bos_token) if bos_token else None
+    return bos_id is not None and raw.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+
+
+def with_bos(raw: RawHF, bos_token: str | None, add: bool) -> RawHF:
+    """``raw``, or a copy whose post-processor adds ``bos_token`` before a text exactly when ``add`` says so (an
+    exported tokenizer.json: transformers' ``tokenizer(text)`` then starts as the model was trained)."""
+    bos_id = raw.token_to_id(bos_token) if bos_token else None
+    add = add and bos_id is not None
+    if adds_bos(raw, bos_token) == add:
+        return raw
+    out = RawHF.from_str(raw.to_str())
+    out.post_processor = (
+        processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token}:1 $B:1", special_tokens=[(bos_token, bos_id)]
+        )
+        if add
+        else None
+    )
+    return out
 
 
 def as_tiktoken(tok: HFTokenizer, probe: str = PROBE_TEXT) -> Tokenizer | None:

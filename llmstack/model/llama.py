@@ -70,6 +70,9 @@ class KVCache:
     result. ``advance`` is called once per forward, after all layers wrote.
     """
 
+    _rows: torch.Tensor  # per-row mode: 0..B-1, the rows the new keys go to
+    _slots: torch.Tensor  # static mode: 0..max_len-1
+
     def __init__(
         self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:

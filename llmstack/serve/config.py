@@ -21,6 +21,7 @@ class ServeConfig:
     max_rows: int = 64  # engine rows decoded together; a request's prompts x n must fit
     scheduler: str = "continuous"  # or "static": whole batches from start to end (serve/scheduler.py)
     max_queue: int = 256  # rows waiting for a slot; past it a request gets 429 with Retry-After
+    constrain: bool = True  # response_format and declared tools' calls are grammar-constrained (off: measured only)
     request_timeout_s: float = 600.0  # a generation request running longer is cancelled (504, or an error event)
     output_filter: bool = True  # images and links to hosts off allowed_hosts are removed from chat answers
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS

@@ -66,7 +66,8 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
     offered = None if choice == "none" or builtin else tools
     prompt = sm.prompt_ids(messages, offered)
     # the client's tools: each call is constrained to a declared name and its arguments' schema
-    call_grammar = constraints.tool_calls(sm, [t for t in offered if named in (None, t["name"])]) if offered else None
+    narrowed = [t for t in offered or [] if named in (None, t["name"])]
+    call_grammar = constraints.tool_calls(sm, narrowed) if narrowed and config.constrain else None
     call_prefix: list[int] = []
     if choice == "required" or named is not None:
         if named is None and offered and len(offered) == 1:
@@ -74,7 +75,7 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
         call_prefix = sm.tool_call_prefix(named)  # the call grammar is advanced over it (engine.open_row)
         prompt = prompt + call_prefix
     mode = ("return" if tools and not builtin else "run") if choice != "none" else "off"
-    grammar = constraints.response_format(sm, req.response_format)
+    grammar = constraints.response_format(sm, req.response_format) if config.constrain else None
     if grammar is not None and mode == "return" and choice != "auto" and choice is not None:
         raise RequestError("response_format with a forced tool call: the reply is the call", "response_format")
     max_tokens = req.max_completion_tokens or req.max_tokens
