@@ -7,7 +7,7 @@ the same requests through the official ``openai`` client:
 * ``response_format: json_schema`` (a person: name, age, mood), 200 replies per model;
 * our model only (SmolLM2's template has no tool tokens): ``tools=[get_weather]`` with
   ``tool_choice: required``, 200 calls: does the call name a declared tool with schema-valid arguments?
-* the cost: milliseconds per generated token, one request at a time, constrained against plain.
+* the cost: what the grammar adds to a decode step, in process (batch 1, greedy, same steps with and without).
 
     python bench/constrained.py                       # runs/tiny/sft and smollm2, 200 each
     python bench/constrained.py --n 50 --models ours=runs/tiny/sft
@@ -148,13 +148,6 @@ async def tool_calls(api: openai.AsyncOpenAI, model: str, n: int, conc: int) -> 
     return sum(a for a, _ in out), sum(b for _, b in out)
 
 
-async def per_token_ms(api: openai.AsyncOpenAI, model: str, k: int, schema: bool) -> float:
-    """Wall milliseconds per generated token over ``k`` replies sent one at a time (HTTP and prefill included)."""
-    t0 = time.perf_counter()
-    _, _, tokens = await json_replies(api, model, k, schema, 1)
-    return 1000 * (time.perf_counter() - t0) / max(tokens, 1)
-
-
 async def measure(url: str, names: list[str], n: int, conc: int, ours: set[str]) -> dict[str, dict[str, float]]:
     api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     out: dict[str, dict[str, float]] = {}
@@ -163,10 +156,41 @@ async def measure(url: str, names: list[str], n: int, conc: int, ours: set[str])
         row["json_parsed"], row["json_valid"], _ = await json_replies(api, name, n, True, conc)
         if name in ours:
             row["call_named"], row["call_valid"] = await tool_calls(api, name, n, conc)
-        row["ms_per_token_schema"] = await per_token_ms(api, name, 5, True)
-        row["ms_per_token_plain"] = await per_token_ms(api, name, 5, False)
         out[name] = row
     return out
+
+
+def mask_cost(spec: str, reps: int = 5) -> tuple[float, float, int]:
+    """In process, greedy, batch 1: (ms per decode step without a grammar, µs the grammar adds per token,
+    tokens) over a json_schema reply; the same number of steps is decoded with and without it."""
+    from llmstack.chat.answer import ChatModel
+    from llmstack.chat.conversation import Conversation
+    from llmstack.inference.constrain import Constraint, grammar_tokenizer, json_grammar
+    from llmstack.inference.engine import Engine, Request
+    from llmstack.inference.sample import SamplingConfig
+    from llmstack.interop.load import load_model
+
+    bundle = load_model(spec)
+    chat = ChatModel(bundle)
+    msgs = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
+    prompt = chat.prompt(Conversation.from_openai(msgs) if chat.ours else msgs)
+    grammar, lltok = json_grammar(PERSON), grammar_tokenizer(bundle.tokenizer, bundle.model.config.vocab_size)
+    stops = frozenset(chat.stop_ids)
+    engine = Engine(bundle.model)
+
+    def run(constrained: bool, n: int) -> tuple[float, int]:
+        make = (lambda: Constraint(grammar, lltok, stops)) if constrained else None
+        req = Request(
+            prompt, SamplingConfig(max_new_tokens=n, temperature=0.0), stops if constrained else (), grammar=make
+        )
+        t0 = time.perf_counter()
+        k = sum(1 for _ in engine.run([req]))
+        return time.perf_counter() - t0, k
+
+    _, n = run(True, 200)  # the reply's length under the grammar; warm-up too
+    with_g = min(run(True, n)[0] for _ in range(reps))
+    without = min(run(False, n)[0] for _ in range(reps))
+    return 1000 * without / n, 1e6 * (with_g - without) / n, n
 
 
 def main() -> None:
@@ -188,6 +212,13 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+    for spec in args.models:
+        name, _, path = spec.rpartition("=")
+        step_ms, extra_us, n = mask_cost(path or name)
+        print(
+            f"{name or path}: the grammar adds {extra_us:.0f} µs per token to a {step_ms:.2f} ms decode step "
+            f"({extra_us / 10 / step_ms:.1f}%; batch 1, greedy, {n}-token json_schema reply, best of 5)"
+        )
     print(f"{os.cpu_count()} CPUs; {args.n} replies per model and kind, temperature 0.8, max_tokens 96 (calls 64)\n")
     print(
         "| model | decoding | JSON parses | schema-valid | call names a declared tool | schema-valid call | ms/token |"
@@ -203,14 +234,8 @@ def main() -> None:
             )
             print(
                 f"| {name} | {label} | {r['json_parsed'] / args.n:.1%} | {r['json_valid'] / args.n:.1%} | "
-                f"{call[0]} | {call[1]} | {r['ms_per_token_schema']:.1f} |"
+                f"{call[0]} | {call[1]} |"
             )
-        c = results["constrained"][name]
-        print(
-            f"\n{name}: the grammar costs {c['ms_per_token_schema'] - c['ms_per_token_plain']:+.2f} ms/token "
-            f"(json_schema {c['ms_per_token_schema']:.2f} vs no response_format {c['ms_per_token_plain']:.2f}, "
-            "one request at a time, same server)"
-        )
 
 
 if __name__ == "__main__":

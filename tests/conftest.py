@@ -226,3 +226,29 @@ def server(scripted_run, tmp_path_factory):
     args = ["--model", f"tiny={scripted_run}", "--no-assistants", "--max-tokens-cap", "64"]
     with serve_process(args, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free localhost port in a thread of this process; yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            if not thread.is_alive():
+                raise RuntimeError("the server stopped while starting")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("the server did not start")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -12,17 +12,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, tiny_model_config
+from conftest import running, tiny_model_config
 
 from llmstack.chat.answer import render
 from llmstack.chat.conversation import ChatFormat, Conversation
@@ -218,29 +215,6 @@ def test_add_bos_is_read_from_each_models_files_and_kept(nobos_dir, nobos_gguf, 
     # an import stored as a run keeps its rule, though its ids now fit our tokenizer format
     save_run(import_hf(nobos_dir), tmp_path / "run", source="test")
     assert load_run(tmp_path / "run").add_bos is False
-
-
-@contextlib.contextmanager
-def running(app):
-    """``app`` served by uvicorn on a free localhost port in a thread of this process; yields its URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            if not thread.is_alive():
-                raise RuntimeError("the server stopped while starting")
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("the server did not start")
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

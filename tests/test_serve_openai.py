@@ -290,3 +290,47 @@ def test_shutdown_lets_running_streams_finish(scripted_run, tmp_path, ids):
     assert rest and rest[-1].choices[0].finish_reason == "length" and len("".join(texts)) > 0
     line = json.loads((tmp_path / "req.jsonl").read_text().splitlines()[-1])
     assert line["user"] == "drain-test" and line["status"] == "ok" and line["completion_tokens"] == 120
+
+
+def test_lm_eval_scores_the_last_token_when_the_model_would_say_a_special_token_next(tok, tmp_path):
+    """lm-eval's ``local-completions`` asks for ``echo`` with ``max_tokens: 1`` and drops the generated
+    token. When that token was special and left out of the logprobs, lm-eval dropped the continuation's
+    last token instead (" def" scored 0.000, not -11.162). A bigram model whose logits are scaled down
+    (scores in the -1..-10 range, argmax kept) says <|assistant_end|> after " reads": the continuation
+    " tokens reads" must score as a forward pass does."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pip install 'lm-eval[api]')")
+    import torch
+    from conftest import bigram_model, running, script_transitions
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from llmstack.eval.lm_eval_adapter import LLMStackLM
+    from llmstack.interop.bundle import llmstack_bundle
+    from llmstack.interop.hf import export_hf
+    from llmstack.serve.app import create_app
+    from llmstack.serve.models import ModelRegistry
+
+    model = bigram_model(tok, script_transitions(tok))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.05)
+    bundle = llmstack_bundle(model, tok)
+    exported = export_hf(bundle, tmp_path / "hf")
+    registry = ModelRegistry()
+    registry.preload(tmp_path / "run", bundle)
+    registry.add("scaled", tmp_path / "run")
+    pairs = [("the model", " tokens reads"), ("a list", " model reads")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    with running(create_app(registry)) as url:
+        theirs = LocalCompletionsAPI(
+            base_url=url + "/v1/completions",
+            model="scaled",
+            tokenizer_backend="huggingface",
+            tokenizer=str(exported),
+            add_bos_token=True,
+            max_length=128,
+            max_retries=1,
+        ).loglikelihood(requests)
+    mine = LLMStackLM(bundle).loglikelihood(requests)
+    for (a, _), (b, _) in zip(theirs, mine, strict=True):
+        assert b < -1 and a == pytest.approx(b, abs=1e-3)

@@ -154,7 +154,14 @@ class ModelRegistry:
             if is_adapter_dir(resolve_model(spec)):
                 base = self.bundle(adapter_base(spec))
                 model = adapted_copy(base.model, spec)
-                bundle = Bundle(model, base.tokenizer, base.chat_template, base.bos_token, base.eos_token)  # type: ignore[arg-type]
+                bundle = Bundle(
+                    model,  # type: ignore[arg-type]
+                    base.tokenizer,
+                    base.chat_template,
+                    base.bos_token,
+                    base.eos_token,
+                    add_bos=base.add_bos,
+                )
                 bundle.source = str(spec)
             else:
                 bundle = load_model(spec)
