@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llmstack.inference.engine import Engine, Event, Request, _Row, advance_row, open_row
+from llmstack.inference.engine import MAX_GRAPHS, Engine, Event, Request, _Row, advance_row, open_row
 from llmstack.model.llama import KVCache
 
 MIN_LENGTH = 64  # the smallest slot length allocated, and the granularity of attention spans
@@ -137,6 +137,9 @@ class Batcher:
         self.steps = self.decoded = self.prefilled = 0
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # fixed-shape decode steps over batch buckets: CUDA graphs on a GPU (as the engine's static step)
+        self.fixed = engine._use_static(self.device)
+        self._graphs: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 
     # ---- the outside: add, and how much there is --------------------------------------------------
     def add(self, req: Request, sink: RowSink) -> None:
@@ -187,7 +190,7 @@ class Batcher:
             for seq in [*self.rows, *self.waiting]:
                 seq.sink.end(e)
             self.rows, self.waiting = [], deque()
-        if not self.rows:
+        if not self.rows and not self.fixed:  # fixed steps keep their slots: captured graphs point at them
             self.k, self.v, self.lens = [], [], torch.zeros(0, dtype=torch.long)
         self.steps += 1
 
@@ -235,6 +238,7 @@ class Batcher:
         shape = (new_rows, self.cfg.n_kv_head, new_len, self.cfg.head_dim)
         if not self.k:
             self.model.fuse_for_decode()  # type: ignore[operator]  # current weights into the fused buffers
+        self._graphs.clear()  # captured over the old tensors
         for store in (self.k, self.v):
             old = list(store)
             store.clear()
@@ -328,10 +332,14 @@ class Batcher:
         longest = int(self.lens[:m].max()) + 1
         self._ensure(len(self.rows), longest)
         span = min(self.k[0].shape[2], max(MIN_LENGTH, -(-longest // MIN_LENGTH) * MIN_LENGTH))
-        pos = self.lens[:m].clone()
-        view = KVCache.over(self.cfg, [t[:m, :, :span] for t in self.k], [t[:m, :, :span] for t in self.v], pos_B=pos)
-        view.fused = True
-        logits = self.model(ids.to(self.device), view)[:, -1]  # (m, V)
+        if self.fixed:
+            logits = self._fixed_step(m, ids)
+        else:
+            pos = self.lens[:m].clone()
+            k, v = [t[:m, :, :span] for t in self.k], [t[:m, :, :span] for t in self.v]
+            view = KVCache.over(self.cfg, k, v, pos_B=pos)
+            view.fused = True
+            logits = self.model(ids.to(self.device), view)[:, -1]  # (m, V)
         want_greedy = any(s.req.cfg.temperature == 0 for s in live)
         greedy = logits.argmax(dim=-1).tolist() if want_greedy else None
         for s in live:
@@ -340,6 +348,45 @@ class Batcher:
             s.pending = None
             self._sampled(s, logits[s.slot : s.slot + 1], greedy[s.slot] if greedy is not None else None)
         self.decoded += len(live)
+
+    def _fixed_step(self, m: int, ids: torch.Tensor) -> torch.Tensor:
+        """The decode step over a fixed batch bucket (a power of two of slots) and the whole slot length:
+        fixed shapes, so on CUDA it is captured once per bucket as a graph and replayed (the engine's
+        static step). Rows in the bucket that are not decoding write a dummy key at their own position,
+        overwritten before it is ever attended to."""
+        B, L = min(self.k[0].shape[0], _pow2(m)), self.k[0].shape[2]
+        key = (B, L, self.k[0].data_ptr())  # slots regrown: new tensors, a new graph
+        entry = self._graphs.get(key)
+        if entry is None:
+            ids_buf = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            pos_buf = torch.zeros(B, dtype=torch.long, device=self.device)
+            view = KVCache.over(self.cfg, [t[:B] for t in self.k], [t[:B] for t in self.v], pos_B=pos_buf)
+            view.fused = True
+            entry = (ids_buf, pos_buf, view, None, None)
+        ids_buf, pos_buf, view, graph, out = entry
+        ids_buf.zero_()
+        ids_buf[:m].copy_(ids)
+        pos_buf.copy_(self.lens[:B])
+        fn = self.engine._step_fn()
+        if self.device.type != "cuda":
+            self._graphs[key] = entry
+            return fn(ids_buf, view)[:m]
+        if graph is None:  # capture: warm up on a side stream (the same writes as the real step), then record
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn(ids_buf, view)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(ids_buf, view)
+            while len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = (ids_buf, pos_buf, view, graph, out)
+        graph.replay()
+        assert out is not None
+        return out[:m]
 
     def _retire(self) -> None:
         for seq in self.rows:
