@@ -22,9 +22,12 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return name, spec
 
 
-def build_registry(model_specs: list[str], assistants_root: Path | None = None, device: str = "cpu") -> ModelRegistry:
-    """Load every model named (and every assistant found under ``assistants_root``) onto ``device``."""
-    registry = ModelRegistry(device)
+def build_registry(
+    model_specs: list[str], assistants_root: Path | None = None, device: str = "cpu", dtype: str | None = None
+) -> ModelRegistry:
+    """Load every model named (and every assistant found under ``assistants_root``) onto ``device``, in
+    ``dtype`` (``None``: as the files hold them; imports of quantized GGUF files come as float32)."""
+    registry = ModelRegistry(device, dtype)
     now = int(time.time())
     for spec in model_specs:
         name, path = parse_model_spec(spec)

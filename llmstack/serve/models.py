@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmstack.chat.answer import ChatModel
 from llmstack.chat.conversation import Conversation
 from llmstack.inference.engine import Engine
@@ -141,10 +143,11 @@ def arguments_json(argument: str, key: str = "input") -> str:
 class ModelRegistry:
     """Named models, loaded once; assistants share their base model's weights."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", dtype: str | None = None) -> None:
         self.models: dict[str, ServedModel] = {}
         self._bundles: dict[str, Bundle] = {}
         self.device = device
+        self.dtype = getattr(torch, dtype) if dtype else None
 
     def bundle(self, spec: str | Path) -> Bundle:
         """The loaded model at ``spec``. A LoRA adapter directory (PEFT's layout, e.g. ``<run>/checkpoints/
@@ -164,7 +167,7 @@ class ModelRegistry:
                 )
                 bundle.source = str(spec)
             else:
-                bundle = load_model(spec)
+                bundle = load_model(spec, dtype=self.dtype)
                 bundle.model.to(self.device)
             self._bundles[key] = bundle
         return self._bundles[key]
