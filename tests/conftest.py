@@ -108,6 +108,16 @@ def tiny_model_config(vocab_size: int, **kw):
 
 
 # ----------------------------------------------------------------------------- a scripted model behind a real server
+# the OpenAI declaration of our calculator, as clients send it
+CALC = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "evaluate arithmetic",
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
+    },
+}
+
 SCRIPT_REPLY = " the model reads"
 
 
@@ -252,3 +262,19 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def local_completions(url: str, model: str, tokenizer_dir, requests):
+    """lm-eval's ``local-completions`` against ``url`` (tokenizing with an HF export, BOS added as our
+    models expect): the loglikelihoods of ``requests``."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(
+        base_url=url + "/v1/completions",
+        model=model,
+        tokenizer_backend="huggingface",
+        tokenizer=str(tokenizer_dir),
+        add_bos_token=True,
+        max_length=128,
+        max_retries=1,
+    ).loglikelihood(requests)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import running, tiny_model_config
+from conftest import CALC, local_completions, running, tiny_model_config
 
 from llmstack.chat.answer import render
 from llmstack.chat.conversation import ChatFormat, Conversation
@@ -35,14 +35,6 @@ from llmstack.tokenizer.special import BOS
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-CALC = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "evaluate arithmetic",
-        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
-    },
-}
 USER = {"role": "user", "content": "What is 6*7?"}
 
 
@@ -267,7 +259,6 @@ def test_lm_eval_local_completions_scores_as_our_adapter(server, exported, ours)
     pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pip install 'lm-eval[api]')")
     from lm_eval.api.instance import Instance
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     from llmstack.eval.lm_eval_adapter import LLMStackLM
 
@@ -279,15 +270,7 @@ def test_lm_eval_local_completions_scores_as_our_adapter(server, exported, ours)
         ("", "the model reads"),  # an empty context: lm-eval and we both start from <|bos|>
     ]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    theirs = LocalCompletionsAPI(
-        base_url=server + "/v1/completions",
-        model="ours",
-        tokenizer_backend="huggingface",
-        tokenizer=str(exported),
-        add_bos_token=True,
-        max_length=128,
-        max_retries=1,
-    ).loglikelihood(requests)
+    theirs = local_completions(server, "ours", exported, requests)
     mine = LLMStackLM(ours).loglikelihood(requests)
     for (a, greedy_a), (b, greedy_b) in zip(theirs, mine, strict=True):
         assert a == pytest.approx(b, abs=1e-3) and greedy_a == greedy_b

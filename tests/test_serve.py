@@ -15,16 +15,7 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from conftest import SCRIPT_REPLY  # noqa: E402
-
-CALC = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "evaluate arithmetic",
-        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
-    },
-}
+from conftest import CALC, SCRIPT_REPLY  # noqa: E402
 
 
 @pytest.fixture(scope="module")

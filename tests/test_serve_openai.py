@@ -301,9 +301,8 @@ def test_lm_eval_scores_the_last_token_when_the_model_would_say_a_special_token_
     pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pip install 'lm-eval[api]')")
     import torch
-    from conftest import bigram_model, running, script_transitions
+    from conftest import bigram_model, local_completions, running, script_transitions
     from lm_eval.api.instance import Instance
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     from llmstack.eval.lm_eval_adapter import LLMStackLM
     from llmstack.interop.bundle import llmstack_bundle
@@ -322,15 +321,7 @@ def test_lm_eval_scores_the_last_token_when_the_model_would_say_a_special_token_
     pairs = [("the model", " tokens reads"), ("a list", " model reads")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     with running(create_app(registry)) as url:
-        theirs = LocalCompletionsAPI(
-            base_url=url + "/v1/completions",
-            model="scaled",
-            tokenizer_backend="huggingface",
-            tokenizer=str(exported),
-            add_bos_token=True,
-            max_length=128,
-            max_retries=1,
-        ).loglikelihood(requests)
+        theirs = local_completions(url, "scaled", exported, requests)
     mine = LLMStackLM(bundle).loglikelihood(requests)
     for (a, _), (b, _) in zip(theirs, mine, strict=True):
         assert b < -1 and a == pytest.approx(b, abs=1e-3)

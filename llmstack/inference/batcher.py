@@ -31,12 +31,13 @@ from __future__ import annotations
 import queue
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
 from llmstack.inference.engine import MAX_GRAPHS, Engine, Event, Request, _Row, advance_row, open_row
+from llmstack.inference.sample import SamplingConfig, sampling_probs
 from llmstack.model.llama import KVCache
 
 MIN_LENGTH = 64  # the smallest slot length allocated, and the granularity of attention spans
@@ -268,7 +269,9 @@ class Batcher:
         return run
 
     def _sampled(self, seq: _Seq, logits_1V: torch.Tensor, greedy: int | None = None) -> None:
-        tok = seq.choose(logits_1V, greedy)
+        self._after_sample(seq, seq.choose(logits_1V, greedy), logits_1V)
+
+    def _after_sample(self, seq: _Seq, tok: int, logits_1V: torch.Tensor) -> None:
         if self._emit(seq, tok, False, logits_1V):
             tools = self.engine.tools
             assert tools is not None
@@ -342,12 +345,33 @@ class Batcher:
             logits = self.model(ids.to(self.device), view)[:, -1]  # (m, V)
         want_greedy = any(s.req.cfg.temperature == 0 for s in live)
         greedy = logits.argmax(dim=-1).tolist() if want_greedy else None
+        self.lens[torch.tensor([s.slot for s in live], device=self.device)] += 1
+        drawn = self._draw(live, logits)
         for s in live:
-            self.lens[s.slot] += 1
             s.n_cached += 1
             s.pending = None
-            self._sampled(s, logits[s.slot : s.slot + 1], greedy[s.slot] if greedy is not None else None)
+            tok = drawn.get(s.slot)
+            if tok is None:
+                tok = s.choose(logits[s.slot : s.slot + 1], greedy[s.slot] if greedy is not None else None)
+            self._after_sample(s, tok, logits[s.slot : s.slot + 1])
         self.decoded += len(live)
+
+    @staticmethod
+    def _draw(live: list[_Seq], logits: torch.Tensor) -> dict[int, int]:
+        """Tokens of the plainly sampled rows (no grammar, penalty or bias), slot -> id: rows with the same
+        settings share one softmax over their logits, then draw with their own generators (what
+        ``sample_next`` does row by row, at a fraction of the cost with many rows)."""
+        groups: dict[SamplingConfig, list[_Seq]] = {}
+        for s in live:
+            cfg = s.req.cfg
+            if cfg.temperature > 0 and not cfg.adjusts and s.constraint is None:
+                groups.setdefault(replace(cfg, seed=None, max_new_tokens=1), []).append(s)
+        out: dict[int, int] = {}
+        for cfg, rows in groups.items():
+            probs = sampling_probs(logits[[s.slot for s in rows]], cfg)
+            for s, p in zip(rows, probs, strict=True):
+                out[s.slot] = int(torch.multinomial(p, 1, generator=s.gen))
+        return out
 
     def _fixed_step(self, m: int, ids: torch.Tensor) -> torch.Tensor:
         """The decode step over a fixed batch bucket (a power of two of slots) and the whole slot length:

@@ -68,6 +68,13 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generat
     """One token per row from (B, V) logits; returns (B,) ids."""
     if cfg.temperature == 0:
         return logits_BV.argmax(dim=-1)
+    probs = sampling_probs(logits_BV, cfg)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits_BV.device)
+
+
+def sampling_probs(logits_BV: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """(B, V) probabilities on the CPU after temperature, top-k and top-p (``cfg.temperature > 0``): rows
+    sampled with the same settings share this, each then draws with its own generator."""
     logits = logits_BV.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
@@ -84,7 +91,7 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generat
             "the model's next-token logits are not finite (NaN or inf): its weights or activations overflowed "
             "(after training, look for a loss or learning rate that diverged; under bf16, try --dtype float32)"
         )
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
+    return probs
 
 
 def stream_text(ids: Iterator[int], token_bytes: Callable[[int], bytes]) -> Iterator[str]:

@@ -102,6 +102,12 @@ async def chat_chunks(
                 **base,
                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
             }
+        held: dict[int, str] = {}  # row -> text not sent yet (see below)
+
+        def text_chunk(row: int) -> dict[str, Any]:
+            delta = {"content": held.pop(row)}
+            return {**base, "choices": [{"index": row, "delta": delta, "finish_reason": None}]}
+
         async for ev in _events(job):
             c = choices[ev.row]
             deltas = c.feed(ev)
@@ -110,6 +116,11 @@ async def chat_chunks(
                 if footer:
                     deltas.append({"content": footer})
             for d in deltas:
+                if set(d) == {"content"} and plan.rows[ev.row].logprobs is None:
+                    held[ev.row] = held.get(ev.row, "") + d["content"]
+                    continue
+                if ev.row in held:
+                    yield text_chunk(ev.row)
                 chunk: dict[str, Any] = {"index": ev.row, "delta": d, "finish_reason": None}
                 if "content" in d and plan.rows[ev.row].logprobs is not None:
                     # the output filter may hold text back: send every entry not sent yet
@@ -117,7 +128,12 @@ async def chat_chunks(
                     c.logprobs_sent = len(c.logprobs)
                 yield {**base, "choices": [chunk]}
             if c.finish is not None:
+                if ev.row in held:
+                    yield text_chunk(ev.row)
                 yield {**base, "choices": [{"index": ev.row, "delta": {}, "finish_reason": c.finish}]}
+            if job.out.empty():  # nothing more waiting: send the text held; under load, a chunk carries several tokens
+                for row in list(held):
+                    yield text_chunk(row)
         if usage:
             n_out = sum(c.n_tokens for c in choices)
             yield {**base, "choices": [], "usage": token_usage(plan.prompt_tokens * len(choices), n_out)}
@@ -126,17 +142,24 @@ async def chat_chunks(
 
 
 async def completion_chunks(job: Job, choices: list[Choice], meta: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    held: dict[int, str] = {}  # as in chat_chunks: text of events that arrived together goes out together
+
+    def text_chunk(row: int) -> dict[str, Any]:
+        return {**meta, "choices": [{"index": row, "text": held.pop(row), "logprobs": None, "finish_reason": None}]}
+
     try:
         async for ev in _events(job):
             c = choices[ev.row]
             for d in c.feed(ev):
                 if "content" in d:
-                    yield {
-                        **meta,
-                        "choices": [{"index": ev.row, "text": d["content"], "logprobs": None, "finish_reason": None}],
-                    }
+                    held[ev.row] = held.get(ev.row, "") + d["content"]
             if c.finish is not None:
+                if ev.row in held:
+                    yield text_chunk(ev.row)
                 yield {**meta, "choices": [{"index": ev.row, "text": "", "logprobs": None, "finish_reason": c.finish}]}
+            if job.out.empty():
+                for row in list(held):
+                    yield text_chunk(row)
     finally:
         job.cancel()
 

@@ -45,6 +45,9 @@ class Job:
     timeout_s: float | None = None  # the route's reader gives up (and cancels the job) after this long
     info: dict[str, Any] = field(default_factory=dict)  # what the request log says about it
     tokens: int = 0  # sampled tokens delivered
+    _buffer: list[Any] = field(default_factory=list)
+    _waking: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
         for r in self.rows:
@@ -64,7 +67,17 @@ class Job:
                 self.tokens += 1
                 if self.metrics is not None:
                     self.metrics.count_tokens(1)
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        with self._lock:  # one wake-up of the event loop carries every item put since the last one
+            self._buffer.append(item)
+            wake, self._waking = not self._waking, True
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._buffer, self._waking = self._buffer, [], False
+        for item in items:
+            self.out.put_nowait(item)
 
 
 class _JobRow:
