@@ -5,8 +5,8 @@ Starts ``llmstack serve`` twice on the same models (as is, and with ``--no-const
 the same requests through the official ``openai`` client:
 
 * ``response_format: json_schema`` (a person: name, age, mood), 200 replies per model;
-* our model only (SmolLM2's template has no tool tokens): ``tools=[get_weather]`` with
-  ``tool_choice: required``, 200 calls: does the call name a declared tool with schema-valid arguments?
+* ``tools=[get_weather]`` with ``tool_choice: required``, 200 calls (ours with its tool tokens, SmolLM2
+  with Hermes ``<tool_call>`` text): does the call name a declared tool with schema-valid arguments?
 * the cost: what the grammar adds to a decode step, in process (batch 1, greedy, same steps with and without).
 
     python bench/constrained.py                       # runs/tiny/sft and smollm2, 200 each
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import openai
 
@@ -148,14 +147,13 @@ async def tool_calls(api: openai.AsyncOpenAI, model: str, n: int, conc: int) -> 
     return sum(a for a, _ in out), sum(b for _, b in out)
 
 
-async def measure(url: str, names: list[str], n: int, conc: int, ours: set[str]) -> dict[str, dict[str, float]]:
+async def measure(url: str, names: list[str], n: int, conc: int) -> dict[str, dict[str, float]]:
     api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     out: dict[str, dict[str, float]] = {}
     for name in names:
         row: dict[str, float] = {}
         row["json_parsed"], row["json_valid"], _ = await json_replies(api, name, n, True, conc)
-        if name in ours:
-            row["call_named"], row["call_valid"] = await tool_calls(api, name, n, conc)
+        row["call_named"], row["call_valid"] = await tool_calls(api, name, n, conc)
         out[name] = row
     return out
 
@@ -201,14 +199,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8791)
     args = ap.parse_args()
     names = [m.split("=", 1)[0] for m in args.models]
-    ours = {m.split("=", 1)[0] for m in args.models if "=" in m and Path(m.split("=", 1)[1]).is_dir()}
     results = {}
     for label, extra in (("constrained", []), ("unconstrained", ["--no-constrain"])):
         proc = start(args.models, args.port, extra)
         try:
-            results[label] = asyncio.run(
-                measure(f"http://127.0.0.1:{args.port}", names, args.n, args.concurrency, ours)
-            )
+            results[label] = asyncio.run(measure(f"http://127.0.0.1:{args.port}", names, args.n, args.concurrency))
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -278,3 +278,56 @@ def local_completions(url: str, model: str, tokenizer_dir, requests):
         max_length=128,
         max_retries=1,
     ).loglikelihood(requests)
+
+
+# ----------------------------------------------------------------------------- a model that is not ours
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def chatml_model(path: Path, context: int = 256) -> Path:
+    """A tiny random Llama saved by ``transformers`` at ``path``, with a byte-level BPE trained by HF
+    ``tokenizers`` (ChatML specials only: none of ours) and a ChatML template, as SmolLM2 or Qwen ship."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer as RawHF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    raw = RawHF(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(make_texts(200) + ["What is 12*34? The answer is 408. Hello there!"] * 5, trainer)
+    cfg = transformers.LlamaConfig(
+        vocab_size=raw.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        eos_token_id=raw.token_to_id("<|im_end|>"),
+        initializer_range=0.3,  # at the usual 0.02 a 32-wide tied head cannot reach a confident logit
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    raw.save(str(path / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return path

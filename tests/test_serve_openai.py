@@ -325,3 +325,80 @@ def test_lm_eval_scores_the_last_token_when_the_model_would_say_a_special_token_
     mine = LLMStackLM(bundle).loglikelihood(requests)
     for (a, _), (b, _) in zip(theirs, mine, strict=True):
         assert b < -1 and a == pytest.approx(b, abs=1e-3)
+
+
+# ---------------------------------------------------------------- models without tool tokens (SmolLM2's kind)
+@pytest.fixture(scope="module")
+def chatml_server(tmp_path_factory):
+    """A tiny random ChatML model (its own tokenizer and template, no tool tokens) behind the server."""
+    from conftest import chatml_model, running
+
+    from llmstack.serve.app import create_app
+    from llmstack.serve.models import ModelRegistry
+
+    registry = ModelRegistry()
+    registry.add("chatml", chatml_model(tmp_path_factory.mktemp("chatml") / "model", context=1024))
+    with running(create_app(registry)) as url:
+        yield url, registry.get("chatml")
+
+
+def test_a_model_without_tool_tokens_calls_declared_tools_in_hermes_text(chatml_server):
+    """Tools are declared in a system note; a forced call is the whole reply under the grammar
+    (``<tool_call>{"name", "arguments"}</tool_call>``) and comes back as ``tool_calls``, never as text."""
+    url, _ = chatml_server
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    for seed in range(8):
+        r = api.chat.completions.create(
+            model="chatml", messages=ask("Weather in Oslo?"), tools=[WEATHER], tool_choice="required", seed=seed
+        )
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and not c.message.content, c
+        (call,) = c.message.tool_calls
+        assert call.function.name == "get_weather" and valid_weather(json.loads(call.function.arguments))
+    stream = api.chat.completions.create(
+        model="chatml", messages=ask("Weather?"), tools=[WEATHER], tool_choice="required", stream=True, seed=1
+    )
+    chunks = [ch for ch in stream if ch.choices]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert "<tool_call>" not in text and len(calls) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back into the conversation as the template's text
+    follow = api.chat.completions.create(
+        model="chatml",
+        messages=[
+            *ask("Weather?"),
+            {"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+            {"role": "tool", "tool_call_id": "x", "content": "12 C"},
+        ],
+        tools=[WEATHER],
+        max_tokens=5,
+    )
+    assert follow.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_hermes_calls_in_free_text_become_tool_calls(chatml_server):
+    """``tool_choice: auto``: the model writes text; a well-formed block naming a declared tool becomes a
+    call, one naming an undeclared tool stays text, and a tag split across tokens never shows."""
+    from llmstack.inference.engine import Event
+    from llmstack.serve.protocol import Choice
+
+    _, sm = chatml_server
+    tok = sm.bundle.tokenizer
+    text = (
+        'Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>'
+        '<tool_call>\n{"name": "rm", "arguments": {}}\n</tool_call>'
+    )
+    ids = tok.encode_ordinary(text)
+    choice = Choice(sm, [], hermes=frozenset({"get_weather"}))
+    shown = []
+    for k, t in enumerate(ids):
+        last = k == len(ids) - 1
+        for d in choice.feed(Event(0, t, False, finish="stop" if last else None)):
+            shown.append(d)
+    content = "".join(d.get("content", "") for d in shown)
+    assert content.startswith("Let me look. ") and '"name": "rm"' in content and "get_weather" not in content
+    (call,) = choice.tool_calls
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"] == "Oslo"
+    assert choice.finish == "tool_calls"
+    # until the reply ended nothing of a block went out: the undeclared one comes back as text at the end
+    assert all("<tool" not in d.get("content", "") for d in shown[:-2]) and "tool_calls" in shown[-1]

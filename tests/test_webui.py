@@ -367,3 +367,108 @@ def test_battle_mode_votes_then_reveals_the_names(page, arena_server):
     page.screenshot(path=str(out))
     page.click("#tab-chat")
     assert page.is_visible("#chat-view") and page.is_hidden("#battle-view")
+
+
+@pytest.fixture(scope="module")
+def inside_server(scripted_run, tmp_path_factory):
+    """The scripted model served from a run of three checkpoints, as if trained: step 0 a random init, step 50
+    halfway in weight space, step 100 the scripted model (the one served: LATEST). Yields the URL."""
+    import shutil
+
+    import torch
+    from conftest import running
+
+    from llmstack.model.llama import GPT
+    from llmstack.serve import build_registry
+    from llmstack.serve.app import create_app
+    from llmstack.training.checkpoint import load_gpt, save_checkpoint
+
+    run = tmp_path_factory.mktemp("inside") / "run"
+    shutil.copytree(scripted_run, run)
+    trained, ckpt = load_gpt(run / "checkpoints" / "step_000000")
+    torch.manual_seed(0)
+    early = GPT(trained.config)
+    halfway = GPT(trained.config)
+    with torch.no_grad():
+        for h, a, b in zip(halfway.parameters(), early.parameters(), trained.parameters(), strict=True):
+            h.copy_((a + b) / 2)
+    for step, model in [(0, early), (50, halfway), (100, trained)]:
+        save_checkpoint(run, step, model, None, ckpt.meta, keep=0)
+    with running(create_app(build_registry([f"tiny={run}"]))) as url:
+        yield url
+
+
+INSIDE_TEXT = " the model reads tokens, and the model predicts 42"
+# the colour of a canvas pixel (x, y in CSS pixels) as [r, g, b]
+PIXEL = """([x, y]) => {
+  const c = document.querySelector('#inside-heatmap'), d = window.devicePixelRatio || 1;
+  return Array.from(c.getContext('2d').getImageData(x * d, y * d, 1, 1).data.slice(0, 3));
+}"""
+
+
+def test_inside_tab_shows_surprise_attention_lens_and_checkpoints(page, inside_server):
+    expected = post(inside_server + "/api/inspect", {"model": "tiny", "text": INSIDE_TEXT, "layers": [1]})
+    n = len(expected["tokens"])
+    page.goto(inside_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+    page.click("#tab-inside")
+    assert page.is_visible("#inside-view") and page.is_hidden("#chat-view")
+    page.fill("#inside-input", INSIDE_TEXT)
+    page.press("#inside-input", "Enter")
+    page.wait_for_function("k => document.querySelectorAll('#inside-tokens .token').length === k", arg=n)
+
+    # tokens coloured by surprise: the first has none; the scripted bigrams (" model" after " the") are green
+    tokens = page.eval_on_selector_all(
+        "#inside-tokens .token",
+        "ts => ts.map(t => [t.textContent, t.dataset.surprise, getComputedStyle(t).backgroundColor])",
+    )
+    assert [t for t, _, _ in tokens] == [t["text"] for t in expected["tokens"]]
+    assert tokens[0][1] is None and [float(s) for _, s, _ in tokens[1:]] == expected["next"]["surprise"][:-1]
+    colours = {c for _, _, c in tokens[1:]}
+    assert len(colours) > 3 and all(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colours)
+    model_at = [t for t, _, _ in tokens].index(" model")
+    r, g, _ = (int(v) for v in tokens[model_at][2][4:-1].split(", "))
+    assert g > r, f"an expected token is not green: {tokens[model_at]}"
+    page.click(f"#inside-tokens .token >> nth={model_at - 1}")  # after " the": " model" is expected
+    assert page.locator("#inside-detail .topk tr").count() == 5
+    assert page.locator("#inside-detail .topk tr.actual").count() == 1
+    assert "entropy" in page.text_content("#inside-detail .detail-head")
+
+    # the heatmap of a chosen layer and head: the last query's own cell is shaded, the future is grey
+    page.select_option("#inside-head", "2")
+    page.wait_for_function("document.querySelector('#inside-heatmap').dataset.head === '2'")
+    page.select_option("#inside-layer", "0")
+    page.wait_for_function("document.querySelector('#inside-heatmap').dataset.layer === '0'")
+    size = page.evaluate(
+        "(({cell, margin}) => [Number(cell), Number(margin)])(document.querySelector('#inside-heatmap').dataset)"
+    )
+    cell, margin = size
+    last = margin + (n - 1) * cell + cell // 2
+    first = margin + cell // 2
+    assert page.evaluate(PIXEL, [last, last]) != [255, 255, 255]
+    assert page.evaluate(PIXEL, [first, first]) == [47, 111, 222]  # the first query attends only to itself
+    assert page.evaluate(PIXEL, [last, first]) == [0xEE, 0xF0, 0xF4]  # row 0, the last key: the future
+    page.mouse.move(*(page.locator("#inside-heatmap").bounding_box()[k] + first for k in ("x", "y")))
+    assert page.text_content("#inside-cell").endswith(": 1.0000")
+
+    # the logit lens: one row per layer, one cell per position
+    rows = page.eval_on_selector_all("#inside-lens tbody tr", "rs => rs.map(r => r.querySelectorAll('td').length)")
+    assert rows == [n] * expected["layers"]
+
+    # across the run's checkpoints: the scripted tokens become likely over training
+    page.wait_for_function("document.querySelectorAll('#inside-ckpts tbody tr').length === 3")
+    steps = page.eval_on_selector_all("#inside-ckpts tbody tr", "rs => rs.map(r => r.dataset.step)")
+    assert steps == ["0", "50", "100"]
+    cells = page.eval_on_selector_all(
+        "#inside-ckpts tbody tr", "rs => rs.map(r => [...r.querySelectorAll('td')].slice(1).map(c => c.textContent))"
+    )
+    assert float(cells[0][model_at - 1]) < 0.01 < 0.9 < float(cells[2][model_at - 1])
+
+    page.set_viewport_size({"width": 1000, "height": 1400})
+    out = Path(os.environ.get("LLMSTACK_TEST_ARTIFACTS", "runs/test-artifacts")) / "webui-inside.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out))
+    if os.environ.get("LLMSTACK_SCREENSHOTS") == "1":  # the picture in docs/inside.md, rewritten on request only
+        doc = Path(__file__).resolve().parents[1] / "docs" / "img" / "inside.png"
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_bytes(out.read_bytes())

@@ -97,6 +97,44 @@ def hermes_call(name: str, arguments: dict[str, Any]) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
+def hermes_tools_note(tools: list[dict[str, Any]]) -> str:
+    """A system note declaring ``tools`` (OpenAI function definitions) in the Hermes convention, for
+    templates with no tool format of their own: calls come back as ``hermes_call`` text."""
+    listing = "\n".join(json.dumps({"type": "function", "function": t}, ensure_ascii=False) for t in tools)
+    return (
+        "You may call one or more functions to help with the user's request. The functions:\n<tools>\n"
+        f"{listing}\n</tools>\nTo call one, reply with a JSON object holding its name and arguments inside "
+        '<tool_call></tool_call> tags:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}'
+        "\n</tool_call>"
+    )
+
+
+def parse_hermes_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """``text`` -> (the text outside well-formed ``<tool_call>`` blocks, the calls as ``{"name", "arguments"}``
+    with arguments a dict). A block that is not a JSON object with a string name stays in the text."""
+    calls, kept, pos = [], [], 0
+    for m in _HERMES_CALL.finditer(text):
+        try:
+            value = json.loads(m[1])
+        except ValueError:
+            continue
+        if not (isinstance(value, dict) and isinstance(value.get("name"), str)):
+            continue
+        args = value.get("arguments", value.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = {"input": args}
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+        calls.append({"name": value["name"], "arguments": args if isinstance(args, dict) else {"input": args}})
+    return "".join(kept) + text[pos:], calls
+
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
 def to_messages(conv: Conversation) -> list[Message]:
     """Our conversation -> OpenAI-style messages: an assistant turn with tool use becomes assistant
     messages (with ``tool_calls``, transformers' convention: arguments as a dict) and ``tool`` results."""

@@ -122,13 +122,12 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return _compile_json({"type": "object"} if schema is None else strict_objects(schema), "invalid JSON schema")
 
 
-def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
-    """The grammar of one call in our format, ``NAME: ARGS``: NAME one of ``tools``' names, ARGS a JSON object
-    valid against that tool's ``parameters`` (``None``: any object). Raises ValueError naming the tool."""
+def _tool_schemas(tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None, dict[str, Any]]]:
+    """(name, parameters as given, strict object schema) per tool, checked; ValueError naming the tool."""
     if not tools:
         raise ValueError("a tool call needs at least one tool")
     names = [t.get("name") for t in tools]
-    alternatives = []
+    out = []
     for i, tool in enumerate(tools):
         name, params = tool.get("name"), tool.get("parameters")
         if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
@@ -139,11 +138,40 @@ def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
             raise ValueError(f"tools[{i}] ({name}): parameters must be a JSON schema object or null")
         schema = _object_schema(strict_objects(params or {}), f"tools[{i}] ({name})")
         _compile_json(schema, f"tools[{i}] ({name}): invalid parameters schema")  # errors that name the tool
+        out.append((name, params, schema))
+    return out
+
+
+def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """The grammar of one call in our format, ``NAME: ARGS``: NAME one of ``tools``' names, ARGS a JSON object
+    valid against that tool's ``parameters`` (``None``: any object). Raises ValueError naming the tool."""
+    alternatives = []
+    for name, params, schema in _tool_schemas(tools):
         alternatives.append(f"{json.dumps(name + ': ')} %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}")
         if bare_key(params) is not None:  # our models' own form, `calculator: 6*7`: the one string, unquoted
             alternatives.append(f"{json.dumps(name + ': ')} BARE")
     bare = "\nBARE: /[^{\\s][^\\x00]*/" if any(a.endswith(" BARE") for a in alternatives) else ""
     grammar = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(alternatives) + bare)
+    _check(grammar, "tool call grammar")
+    return grammar
+
+
+def hermes_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """The grammar of a whole reply that is one call in the Hermes format models without tool tokens use
+    (SmolLM2, Qwen): ``<tool_call>``, a line ``{"name": NAME, "arguments": ARGS}``, ``</tool_call>``; NAME
+    declared and ARGS valid against its parameters."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": schema},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, _, schema in _tool_schemas(tools)
+    ]
+    body = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    lark = f'start: "<tool_call>\\n" %json {json.dumps({**body, "x-guidance": JSON_LAYOUT})} "\\n</tool_call>"'
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     _check(grammar, "tool call grammar")
     return grammar
 

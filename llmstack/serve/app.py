@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over the engine, with a web chat UI.
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``GET /health``, ``POST /api/tokenize`` (the UI's token view), and the UI
+``POST /v1/completions``, ``GET /health``, ``POST /api/tokenize`` (the UI's token view), ``POST /api/inspect``
+(the UI's Inside tab: next-token distributions, attention maps, logit lens, checkpoints), and the UI
 itself at ``/``. With an API key set, ``/v1/*`` and ``/api/*`` need ``Authorization: Bearer KEY``.
 Arena battles (the UI's Battle tab): ``POST /api/arena/battles``, ``POST /api/arena/battles/{id}/vote``,
 ``GET /api/arena/leaderboard`` (``routes_arena.py``).
@@ -34,6 +35,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from llmstack.inference.inspect import Checkpoints, InspectError, inspect_text
+from llmstack.model.llama import GPT
 from llmstack.serve.config import ServeConfig
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.models import ModelRegistry, RequestError
@@ -52,6 +56,7 @@ from llmstack.serve.protocol import (
     ChatRequest,
     Choice,
     CompletionRequest,
+    InspectRequest,
     TokenizeRequest,
     error_body,
     new_id,
@@ -74,9 +79,17 @@ from llmstack.serve.responses import (
 from llmstack.serve.routes_arena import BattleRequest, VoteRequest, add_arena_routes
 from llmstack.serve.scheduler import Job, make_scheduler
 from llmstack.tools.spotlight import Spotlight
+from llmstack.training.checkpoint import checkpoint_dirs, load_gpt, step_of
 
 STATIC = Path(__file__).parent / "static"
-COUNTED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/tokenize", "/api/arena/battles"}
+COUNTED_ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/api/tokenize",
+    "/api/inspect",
+    "/api/arena/battles",
+}
 log = logging.getLogger("llmstack.serve")
 
 
@@ -193,6 +206,27 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         ]
         return {"model": req.model, "count": len(ids), "tokens": tokens}
 
+    @app.post("/api/inspect", openapi_extra=openapi_body(InspectRequest))
+    async def inspect(request: Request) -> dict[str, Any]:
+        """The text as the model reads it (after bos where it reads texts so), seen from inside: the JSON of
+        ``inspect_text``, plus ``model`` and ``run_checkpoints`` (how many checkpoints the served run has: the
+        UI offers the checkpoint view when there are). A read-only forward under no_grad, in a thread: the
+        engine's thread keeps decoding with the same weights meanwhile."""
+        req: InspectRequest = await read(request, InspectRequest)
+        sm = registry.get(req.model)
+        saved = run_checkpoints(sm.bundle.source)
+        if req.checkpoints and not saved:
+            where = sm.bundle.source or "memory"
+            raise RequestError(f"checkpoints: {sm.name!r} is not served from a run directory ({where})", "checkpoints")
+        ids, rows = sm.text_ids(req.text), saved if req.checkpoints else None
+        try:
+            result = await asyncio.to_thread(
+                inspect_text, sm.bundle.model, ids, sm.bundle.tokenizer, req.top_k, req.layers, rows
+            )
+        except InspectError as e:
+            raise RequestError(str(e), e.field) from None
+        return {"model": sm.name, "run_checkpoints": len(saved), **result}
+
     @app.post("/v1/chat/completions", response_model=None, openapi_extra=openapi_body(ChatRequest))
     async def chat(request: Request) -> Response:
         req: ChatRequest = await read(request, ChatRequest)
@@ -204,7 +238,10 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         plan = plan_chat(sm, req, config)
         job = submit(sm, plan.rows, "chat", req, plan.prompt_tokens * len(plan.rows))
         choices = [
-            Choice(sm, req.stops(), plan.call_prefix, links=config.links(), bare_keys=plan.bare_keys) for _ in plan.rows
+            Choice(
+                sm, req.stops(), plan.call_prefix, links=config.links(), bare_keys=plan.bare_keys, hermes=plan.hermes
+            )
+            for _ in plan.rows
         ]
         meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": sm.name}
         if req.stream:
@@ -260,7 +297,7 @@ def create_app(registry: ModelRegistry, config: ServeConfig = ServeConfig()) -> 
         return JSONResponse({**meta, "choices": out, "usage": token_usage(sum(map(len, prompts)) * req.n, n_out)})
 
     add_arena_routes(app, registry, scheduler, config, read)
-    _document_bodies(app, [ChatRequest, CompletionRequest, TokenizeRequest, BattleRequest, VoteRequest])
+    _document_bodies(app, [ChatRequest, CompletionRequest, TokenizeRequest, InspectRequest, BattleRequest, VoteRequest])
 
     if STATIC.is_dir():
         files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # a fixed list: no path is built from a URL
@@ -290,3 +327,17 @@ def _document_bodies(app: FastAPI, schemas: list[type[BaseModel]]) -> None:
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def run_checkpoints(source: str) -> Checkpoints:
+    """A served model's run directory's complete checkpoints, oldest first, as (step, loader) for
+    ``inspect_text``; empty for any other source (an HF folder, a GGUF file, one checkpoint, an adapter)."""
+    if not source:  # a bundle built in memory: not whatever ./checkpoints holds
+        return []
+    saved = checkpoint_dirs(Path(source) / "checkpoints")[::-1]
+    done = [p for p in saved if (p / "meta.json").is_file() and (p / "model.safetensors").is_file()]
+    return [(step_of(p), partial(_checkpoint_model, p)) for p in done]
+
+
+def _checkpoint_model(path: Path) -> GPT:
+    return load_gpt(path)[0]  # a GPT-2 run's config is refused (ValueError): inspect_text lists it as skipped

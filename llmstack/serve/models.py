@@ -6,7 +6,8 @@ Two kinds of chat model sit behind one interface:
   ``ChatFormat``; tools can run inside the engine (calculator, python, ...) or be handed back to the
   client as OpenAI ``tool_calls``;
 * any other bundle (SmolLM2 from its GGUF, an HF directory): messages are rendered with the model's
-  own chat template; it has no tool tokens, so a request with ``tools`` is refused.
+  own chat template; it has no tool tokens: a client's ``tools`` are declared in a system note and its
+  calls are Hermes ``<tool_call>`` JSON in the text, which the server turns into ``tool_calls``.
 
 A LoRA adapter directory is a served model of its own over its base model's weights (loaded once, shared
 by all its adapters): the ``model`` field of a request picks the adapter. A custom assistant
@@ -26,6 +27,7 @@ import torch
 
 from llmstack.chat.answer import ChatModel
 from llmstack.chat.conversation import Conversation
+from llmstack.chat.template import TemplateFormat, hermes_tools_note
 from llmstack.inference.engine import Engine
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import load_model, resolve_model
@@ -65,10 +67,19 @@ class ServedModel:
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         """OpenAI messages (already validated) -> prompt ids asking for the next assistant turn."""
-        if not self.ours:
-            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-                raise RequestError(f"model {self.name!r} has no tool tokens: it does not support tools", "tools")
-            return self.chat.prompt(messages)
+        if not self.ours:  # its own template; tools declared in a system note, calls as Hermes text
+            msgs = list(messages)
+            if tools:
+                note = hermes_tools_note(tools)
+                if msgs and msgs[0]["role"] == "system":
+                    msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
+                else:
+                    msgs.insert(0, {"role": "system", "content": note})
+            assert isinstance(self.chat.fmt, TemplateFormat)
+            try:
+                return self.chat.fmt.prompt(msgs)
+            except ValueError as e:
+                raise RequestError(f"messages: {e}", "messages") from None
         msgs = [_our_message(m) for m in messages]
         if tools:
             listing = "\n".join(f"- {t['name']}: {t.get('description', '')}".rstrip(": ") for t in tools)

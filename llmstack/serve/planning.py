@@ -27,6 +27,7 @@ class ChatPlan:
     sources: list[Any]
     assistant: Any
     bare_keys: dict[str, str] = field(default_factory=dict)  # declared tool -> its one string parameter
+    hermes: frozenset[str] | None = None  # a model without tool tokens offered these tools: calls come as text
 
 
 def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPlan:
@@ -59,25 +60,26 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
     builtin = named is not None and not any(t["name"] == named for t in tools or []) and sm.runs_tool(named)
     if choice is not None and not tools and choice != "none" and not builtin:
         raise RequestError("tool_choice needs tools (or the name of one of the server's own tools)", "tool_choice")
-    if tools and not sm.ours:
-        raise RequestError(f"model {sm.name!r} has no tool tokens: it does not support tools", "tools")
     if named is not None and not builtin and tools and named not in {t["name"] for t in tools}:
         raise RequestError(f"tool_choice: no tool named {named!r} in tools", "tool_choice")
     offered = None if choice == "none" or builtin else tools
     prompt = sm.prompt_ids(messages, offered)
     # the client's tools: each call is constrained to a declared name and its arguments' schema
     narrowed = [t for t in offered or [] if named in (None, t["name"])]
-    call_grammar = constraints.tool_calls(sm, narrowed) if narrowed and config.constrain else None
+    call_grammar = constraints.tool_calls(sm, narrowed) if narrowed and config.constrain and sm.ours else None
+    grammar = constraints.response_format(sm, req.response_format) if config.constrain else None
     call_prefix: list[int] = []
-    if choice == "required" or named is not None:
+    forced = choice == "required" or named is not None
+    if grammar is not None and forced:
+        raise RequestError("response_format with a forced tool call: the reply is the call", "response_format")
+    if not sm.ours and narrowed and forced and config.constrain:
+        grammar = constraints.hermes_calls(sm, narrowed)  # no call tokens to force: the whole reply is the call
+    elif sm.ours and forced:
         if named is None and offered and len(offered) == 1:
             named = offered[0]["name"]  # "required" with one tool: that tool
         call_prefix = sm.tool_call_prefix(named)  # the call grammar is advanced over it (engine.open_row)
         prompt = prompt + call_prefix
     mode = ("return" if tools and not builtin else "run") if choice != "none" else "off"
-    grammar = constraints.response_format(sm, req.response_format) if config.constrain else None
-    if grammar is not None and mode == "return" and choice != "auto" and choice is not None:
-        raise RequestError("response_format with a forced tool call: the reply is the call", "response_format")
     max_tokens = req.max_completion_tokens or req.max_tokens
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs is not None and not req.logprobs:
@@ -88,8 +90,15 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
     for row in rows:
         row.grammar, row.call_grammar = grammar, call_grammar
     bare = {t["name"]: k for t in tools or [] if (k := bare_key(t.get("parameters"))) is not None}
+    hermes = None if sm.ours or not offered else frozenset(t["name"] for t in offered)
     return ChatPlan(
-        rows, len(prompt) - len(call_prefix), call_prefix[1:] if call_prefix else None, sources, sm.assistant, bare
+        rows,
+        len(prompt) - len(call_prefix),
+        call_prefix[1:] if call_prefix else None,
+        sources,
+        sm.assistant,
+        bare,
+        hermes,
     )
 
 

@@ -14,11 +14,13 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmstack.chat.template import hermes_call, parse_hermes_calls
 from llmstack.inference.engine import Event
+from llmstack.inference.inspect import MAX_TOP_K
 from llmstack.serve.models import RequestError, ServedModel, arguments_json
 
 
@@ -164,6 +166,18 @@ class TokenizeRequest(_Req):
     text: str
 
 
+class InspectRequest(_Req):
+    """``POST /api/inspect``: a text read by a model, seen from inside (``llmstack.inference.inspect``).
+    ``layers``: the layers whose attention maps come back (None: all; each is heads x tokens^2 numbers);
+    ``checkpoints``: also the run's checkpoints (a model served from a run directory)."""
+
+    model: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=1024)
+    checkpoints: bool = False
+
+
 def parse(body: bytes, schema: type[_Req], max_depth: int = 64) -> Any:
     """Raw body -> a validated request, or a ``RequestError`` naming what is wrong."""
     # the count of opening brackets bounds the depth: only a body with many looks closer
@@ -273,6 +287,35 @@ class StopFilter:
         return out
 
 
+class CallSplit:
+    """Text before a Hermes ``<tool_call>`` goes on as content; from the tag on it is held (``held``) to be
+    parsed when the reply ends, so a client never sees a call as text (a possible start of the tag is held
+    back, as ``StopFilter`` holds back the start of a stop sequence)."""
+
+    TAG = "<tool_call>"
+
+    def __init__(self) -> None:
+        self.buf, self.held = "", ""
+        self.inside = False
+
+    def feed(self, text: str) -> str:
+        if self.inside:
+            self.held += text
+            return ""
+        self.buf += text
+        at = self.buf.find(self.TAG)
+        if at >= 0:
+            out, self.held, self.buf, self.inside = self.buf[:at], self.buf[at:], "", True
+            return out
+        keep = max((k for k in range(len(self.TAG) - 1, 0, -1) if self.buf.endswith(self.TAG[:k])), default=0)
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
 @dataclass
 class Choice:
     """Turns one row's events into what the client sees: text, tool calls, log-probabilities.
@@ -295,10 +338,12 @@ class Choice:
     logprobs_sent: int = 0  # how many of ``logprobs`` went out in stream chunks
     raw: bool = False  # /v1/completions: every token is text (special ones by name) and has its logprob
     bare_keys: dict[str, str] = field(default_factory=dict)  # tool -> its one string parameter (bare-text calls)
+    hermes: frozenset[str] | None = None  # a model without tool tokens, these tools declared: calls in the text
 
     def __post_init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = StopFilter(self.stops)
+        self._split = CallSplit() if self.hermes is not None else None
         self._call: list[int] | None = None if self.call_prefix is None else list(self.call_prefix)
         self._result: list[int] | None = None
         tu = self.sm.engine.tools
@@ -347,6 +392,8 @@ class Choice:
             ends = ev.finish == "stop" and tok in self.sm.stop_ids and tok in self.sm.special_ids
             raw = b"" if ends else self.sm.bundle.tokenizer.decode_token_bytes(tok)
             piece = self._stop.feed(self._utf8.decode(raw))
+            if self._split is not None:
+                piece = self._split.feed(piece)
             if self.links is not None:
                 piece = self.links.feed(piece)
             if ev.logprob is not None and not self._stop.stopped:
@@ -356,12 +403,28 @@ class Choice:
                 out.append({"content": piece})
         if ev.finish is not None:
             tail = self._stop.feed(self._utf8.decode(b"", final=True)) + self._stop.flush()
+            calls: list[dict[str, Any]] = []
+            if self._split is not None:  # the held <tool_call> text: declared calls out, the rest is text
+                tail = self._split.feed(tail) + self._split.flush()
+                rest, found = parse_hermes_calls(self._split.held)
+                assert self.hermes is not None
+                calls = [c for c in found if c["name"] in self.hermes]
+                tail += rest + "".join(hermes_call(c["name"], c["arguments"]) for c in found if c not in calls)
             if self.links is not None:
                 tail = self.links.feed(tail) + self.links.flush()
             if tail:
                 self.text += tail
                 out.append({"content": tail})
-            self.finish = ev.finish
+            for c in calls:
+                tc = {
+                    "index": len(self.tool_calls),
+                    "id": new_id("call"),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
+                }
+                self.tool_calls.append(tc)
+                out.append({"tool_calls": [tc]})
+            self.finish = "tool_calls" if calls else ev.finish
         return out
 
     def _lp_entry(self, tok: int, lp: float, top: list[tuple[int, float]] | None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 // The llmstack chat UI: a model picker, a streamed chat and a token view over the OpenAI-compatible API,
-// and a battle mode (two anonymous models, a vote) over the server's arena endpoints.
+// a battle mode (two anonymous models, a vote) over the server's arena endpoints, and an Inside view of
+// what a model computes for a text (POST /api/inspect).
 //
 // Everything the model or the server writes is put into the page as text (textContent / text nodes),
 // never parsed as HTML. The stream is read with fetch + a ReadableStream reader (EventSource cannot
@@ -427,7 +428,7 @@ function useLastMessage() {
 
 function showTab(name) {
   const tokens = name === "tokens";
-  for (const tab of ["chat", "tokens", "battle"]) {
+  for (const tab of ["chat", "tokens", "battle", "inside"]) {
     $(`${tab}-view`).hidden = tab !== name;
     $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
   }
@@ -439,6 +440,10 @@ function showTab(name) {
   if (name === "battle") {
     loadBoard();
     $("battle-input").focus();
+  }
+  if (name === "inside") {
+    if (!$("inside-input").value) $("inside-input").value = $("tokens-input").value || $("input").value;
+    $("inside-input").focus();
   }
 }
 
@@ -556,6 +561,281 @@ async function loadBoard() {
     : board.message || "";
 }
 
+// ----------------------------------------------------------------------------- the Inside tab
+// POST /api/inspect (shapes: llmstack/inference/inspect.py): per token the next-token distribution (its
+// surprise colours the text), the attention maps of the layer picked (each layer is asked for on its own:
+// all of them are layers x heads x tokens² numbers), the logit lens, and, for a model served from a run
+// directory, the actual next tokens' probabilities at each checkpoint (a second request, made only when
+// the first says the run has checkpoints).
+const inside = { result: null, layer: 0, head: 0, seq: 0 };
+const SURPRISE_MAX = 12; // bits (p = 1/4096) at which a token is fully red
+const ACCENT = [47, 111, 222]; // --accent, for shades drawn on a canvas or set per cell
+
+function shade(p) {
+  return `rgba(${ACCENT.join(", ")}, ${Math.max(0, Math.min(1, p)).toFixed(3)})`;
+}
+
+function surpriseColour(bits) {
+  const x = Math.min(1, bits / SURPRISE_MAX);
+  return `hsl(${Math.round(130 * (1 - x))}, 70%, ${Math.round(88 - 16 * x)}%)`;
+}
+
+function fmtP(p) {
+  return p >= 0.01 ? p.toFixed(2) : p.toExponential(0);
+}
+
+// A token as one short line: whitespace made visible, long ones cut (canvas and table labels).
+function shortToken(text, max = 10) {
+  const shown = text.replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/ /g, "·");
+  return shown.length > max ? `${shown.slice(0, max - 1)}…` : shown;
+}
+
+function tokenOf(result, id) {
+  const text = result.texts[String(id)];
+  return text === undefined ? `#${id}` : text;
+}
+
+async function inspectText() {
+  const text = $("inside-input").value;
+  const model = $("model").value;
+  if (!text.trim() || !model) return;
+  hideError();
+  const seq = ++inside.seq;
+  const sameModel = inside.result && inside.result.model === model;
+  const layer = sameModel ? inside.layer : 0;
+  const topK = Math.max(1, Math.min(20, Number($("inside-topk").value) || 5));
+  $("inside-send").disabled = true;
+  try {
+    const result = await api("/api/inspect", { model, text, top_k: topK, layers: [layer] });
+    if (seq !== inside.seq) return; // a newer request is on its way
+    inside.result = result;
+    inside.layer = layer;
+    inside.head = sameModel ? Math.min(inside.head, result.heads - 1) : 0;
+    renderInside();
+    if (result.run_checkpoints > 0) loadCheckpoints(seq, model, text);
+  } catch (e) {
+    if (seq === inside.seq) showError(`Inspect: ${e.message}`);
+  } finally {
+    if (seq === inside.seq) $("inside-send").disabled = false;
+  }
+}
+
+async function loadCheckpoints(seq, model, text) {
+  $("inside-ckpt-note").textContent = "loading the run's checkpoints…";
+  try {
+    const result = await api("/api/inspect", { model, text, top_k: 1, layers: [], checkpoints: true });
+    if (seq === inside.seq) renderCheckpoints(result.checkpoints);
+  } catch (e) {
+    if (seq === inside.seq) $("inside-ckpt-note").textContent = `Checkpoints: ${e.message}`;
+  }
+}
+
+// Another layer's maps: asked for on their own; the rest of the result stays.
+async function loadLayer(layer) {
+  const r = inside.result;
+  if (!r) return;
+  inside.layer = layer;
+  const seq = inside.seq;
+  try {
+    const text = $("inside-input").value;
+    const fresh = await api("/api/inspect", { model: r.model, text, top_k: 1, layers: [layer] });
+    if (seq !== inside.seq || inside.layer !== layer) return;
+    r.attention = fresh.attention;
+    drawHeatmap();
+  } catch (e) {
+    showError(`Inspect: ${e.message}`);
+  }
+}
+
+function renderInside() {
+  const r = inside.result;
+  $("inside-out").hidden = false;
+  $("inside-ckpt-box").hidden = r.run_checkpoints === 0;
+  $("inside-ckpts").replaceChildren();
+  renderSurprise(r);
+  showDistribution(r.tokens.length - 1);
+  const layers = [...Array(r.layers).keys()].map((l) => new Option(l === r.layers - 1 ? `${l} (last)` : String(l), l));
+  $("inside-layer").replaceChildren(...layers);
+  $("inside-layer").value = String(inside.layer);
+  const kv = r.attention.kv_head;
+  const grouped = kv.some((k, h) => k !== h); // GQA: name the key/value head each query head reads
+  const heads = kv.map((k, h) => new Option(grouped ? `${h} (kv ${k})` : String(h), h));
+  $("inside-head").replaceChildren(...heads);
+  $("inside-head").value = String(inside.head);
+  drawHeatmap();
+  renderLens(r);
+}
+
+function renderSurprise(r) {
+  const spans = r.tokens.map((t, i) => {
+    const span = el("span", "token", t.text);
+    if (t.text.includes("\n")) span.classList.add("nl");
+    span.dataset.index = i;
+    const bits = i > 0 ? r.next.surprise[i - 1] : null;
+    if (bits === null) {
+      span.classList.add("unscored");
+      span.title = `token ${i} · id ${t.id} · the first token: nothing predicted it`;
+    } else {
+      span.dataset.surprise = bits;
+      span.style.backgroundColor = surpriseColour(bits);
+      span.title = `token ${i} · id ${t.id} · surprise ${bits.toFixed(2)} bits (p ${fmtP(2 ** -bits)})`;
+    }
+    return span;
+  });
+  $("inside-tokens").replaceChildren(...spans);
+}
+
+// What the model expected after token i: its top-k, the entropy, and how the actual next token fared.
+function showDistribution(i) {
+  const r = inside.result;
+  for (const s of $("inside-tokens").querySelectorAll(".token.selected")) s.classList.remove("selected");
+  const span = $("inside-tokens").children[i];
+  if (span) span.classList.add("selected");
+  const head = el("p", "detail-head");
+  head.append(
+    "After ",
+    el("code", null, JSON.stringify(r.tokens[i].text)),
+    ` (token ${i}): entropy ${r.next.entropy[i].toFixed(2)} bits`,
+  );
+  const bits = r.next.surprise[i];
+  if (bits !== null) {
+    head.append("; the actual next token ", el("code", null, JSON.stringify(r.tokens[i + 1].text)));
+    head.append(` had p ${fmtP(2 ** -bits)} (${bits.toFixed(2)} bits)`);
+  }
+  const table = el("table", "topk");
+  const nextId = i + 1 < r.tokens.length ? r.tokens[i + 1].id : null;
+  for (const [id, p] of r.next.top[i]) {
+    const tr = el("tr");
+    if (id === nextId) tr.classList.add("actual");
+    const bar = el("span", "bar");
+    bar.style.width = `${Math.round(p * 100)}%`;
+    const barCell = el("td", "bar-cell");
+    barCell.append(bar);
+    tr.append(el("td", "tok", JSON.stringify(tokenOf(r, id))), el("td", "num", fmtP(p)), barCell);
+    table.append(tr);
+  }
+  $("inside-detail").replaceChildren(head, table);
+}
+
+// The attention of one layer and head as a heatmap: rows are queries, columns keys (the future greyed).
+function drawHeatmap() {
+  const r = inside.result;
+  const canvas = $("inside-heatmap");
+  const at = r.attention.layers.indexOf(inside.layer);
+  if (at < 0) return; // its maps are on their way (loadLayer)
+  const rows = r.attention.maps[at][inside.head];
+  const n = rows.length;
+  const cell = Math.max(3, Math.min(26, Math.floor(520 / n)));
+  const margin = cell >= 10 ? 80 : 0; // token labels only where they fit
+  const size = margin + n * cell;
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = size * dpr;
+  canvas.height = size * dpr;
+  canvas.style.width = `${size}px`;
+  canvas.style.height = `${size}px`;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(dpr, dpr);
+  ctx.fillStyle = "#ffffff";
+  ctx.fillRect(0, 0, size, size);
+  for (let q = 0; q < n; q++) {
+    for (let k = 0; k < n; k++) {
+      ctx.fillStyle = k > q ? "#eef0f4" : shade(Math.sqrt(rows[q][k]));
+      ctx.fillRect(margin + k * cell, margin + q * cell, cell - (cell > 6 ? 1 : 0), cell - (cell > 6 ? 1 : 0));
+    }
+  }
+  if (margin) {
+    ctx.fillStyle = "#1d2330";
+    ctx.font = `${Math.min(12, cell - 1)}px ui-monospace, monospace`;
+    ctx.textBaseline = "middle";
+    r.tokens.forEach((t, i) => {
+      ctx.textAlign = "right";
+      ctx.fillText(shortToken(t.text), margin - 4, margin + i * cell + cell / 2);
+      ctx.save();
+      ctx.translate(margin + i * cell + cell / 2, margin - 4);
+      ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = "left";
+      ctx.fillText(shortToken(t.text), 0, 0);
+      ctx.restore();
+    });
+  }
+  Object.assign(canvas.dataset, { layer: inside.layer, head: inside.head, n, cell, margin });
+}
+
+function heatmapCell(event) {
+  const canvas = $("inside-heatmap");
+  const r = inside.result;
+  const { cell, margin, n } = canvas.dataset;
+  if (!r || !cell) return;
+  const box = canvas.getBoundingClientRect();
+  const k = Math.floor((event.clientX - box.left - Number(margin)) / Number(cell));
+  const q = Math.floor((event.clientY - box.top - Number(margin)) / Number(cell));
+  const at = r.attention.layers.indexOf(inside.layer);
+  if (at < 0 || q < 0 || k < 0 || q >= Number(n) || k >= Number(n)) {
+    $("inside-cell").textContent = "";
+    return;
+  }
+  const w = k <= q ? r.attention.maps[at][inside.head][q][k] : null;
+  const names = `${JSON.stringify(r.tokens[q].text)} (${q}) → ${JSON.stringify(r.tokens[k].text)} (${k})`;
+  $("inside-cell").textContent = w === null ? `${names}: the future, masked` : `${names}: ${w.toFixed(4)}`;
+}
+
+// Layers x positions: the top-1 token of each layer's read-out, shaded by its probability.
+function renderLens(r) {
+  const head = el("tr");
+  head.append(el("th", null, "layer"));
+  for (const t of r.tokens) head.append(el("th", "tok", shortToken(t.text, 8)));
+  const rows = r.lens.top.map((layer, l) => {
+    const tr = el("tr");
+    tr.append(el("th", null, l === r.layers - 1 ? `${l} (out)` : String(l)));
+    layer.forEach(([[id, p], ...rest], t) => {
+      const td = el("td", "tok", shortToken(tokenOf(r, id), 8));
+      td.style.backgroundColor = shade(p);
+      if (p > 0.55) td.classList.add("dark");
+      if (t + 1 < r.tokens.length && id === r.tokens[t + 1].id) td.classList.add("hit");
+      const others = rest.map(([i, q]) => `${JSON.stringify(tokenOf(r, i))} ${fmtP(q)}`).join(", ");
+      const actual = t < r.lens.p_next[l].length ? `; actual next token p ${fmtP(r.lens.p_next[l][t])}` : "";
+      const top = `${JSON.stringify(tokenOf(r, id))} ${fmtP(p)}${others ? `, ${others}` : ""}`;
+      td.title = `layer ${l}, after token ${t}: ${top}${actual}`;
+      tr.append(td);
+    });
+    return tr;
+  });
+  const thead = el("thead");
+  thead.append(head);
+  const tbody = el("tbody");
+  tbody.append(...rows);
+  $("inside-lens").replaceChildren(thead, tbody);
+}
+
+// Checkpoints x the tokens being predicted: p of the actual token at each step.
+function renderCheckpoints(c) {
+  const r = inside.result;
+  const head = el("tr");
+  head.append(el("th", null, "step"), el("th", null, "bits/token"));
+  for (const t of r.tokens.slice(1)) head.append(el("th", "tok", shortToken(t.text, 8)));
+  const rows = c.steps.map((step, j) => {
+    const tr = el("tr");
+    tr.dataset.step = step;
+    const bits = c.mean_surprise[j];
+    tr.append(el("th", null, String(step)), el("td", "num", bits === null ? "–" : bits.toFixed(2)));
+    c.p_next[j].forEach((p, t) => {
+      const td = el("td", "num", fmtP(p));
+      td.style.backgroundColor = shade(p);
+      if (p > 0.55) td.classList.add("dark");
+      td.title = `step ${step}: p(${JSON.stringify(r.tokens[t + 1].text)} | the text up to token ${t}) = ${p}`;
+      tr.append(td);
+    });
+    return tr;
+  });
+  const thead = el("thead");
+  thead.append(head);
+  const tbody = el("tbody");
+  tbody.append(...rows);
+  $("inside-ckpts").replaceChildren(thead, tbody);
+  const shown = `${c.steps.length} checkpoint${c.steps.length === 1 ? "" : "s"}`;
+  $("inside-ckpt-note").textContent = c.skipped.length ? `${shown}; skipped: ${c.skipped.join("; ")}` : shown;
+}
+
 // ----------------------------------------------------------------------------- wiring
 // A form that runs `action` when submitted or on Enter in its textarea (Shift+Enter: a new line).
 function sendsOnEnter(form, input, action) {
@@ -584,6 +864,7 @@ function init() {
     localStorage.setItem(MODEL_STORE, $("model").value);
     showModelInfo();
     if (!$("tokens-view").hidden) scheduleTokenize();
+    if (!$("inside-view").hidden && inside.result) inspectText();
   });
   sendsOnEnter("composer", "input", send);
   $("stop").addEventListener("click", stop);
@@ -602,6 +883,20 @@ function init() {
   $("battle-stop").addEventListener("click", stopBattle);
   for (const button of document.querySelectorAll("#battle-votes button")) {
     button.addEventListener("click", () => vote(button.dataset.vote));
+  }
+  $("tab-inside").addEventListener("click", () => showTab("inside"));
+  sendsOnEnter("inside-form", "inside-input", inspectText);
+  $("inside-layer").addEventListener("change", () => loadLayer(Number($("inside-layer").value)));
+  $("inside-head").addEventListener("change", () => {
+    inside.head = Number($("inside-head").value);
+    drawHeatmap();
+  });
+  $("inside-heatmap").addEventListener("mousemove", heatmapCell);
+  for (const kind of ["mouseover", "click"]) {
+    $("inside-tokens").addEventListener(kind, (e) => {
+      const span = e.target.closest(".token");
+      if (span) showDistribution(Number(span.dataset.index));
+    });
   }
   $("tokens-ids").addEventListener("change", () => {
     for (const view of document.querySelectorAll(".token-view")) {
