@@ -215,10 +215,8 @@ def main() -> None:
             f"({extra_us / 10 / step_ms:.1f}%; batch 1, greedy, {n}-token json_schema reply, best of 5)"
         )
     print(f"{os.cpu_count()} CPUs; {args.n} replies per model and kind, temperature 0.8, max_tokens 96 (calls 64)\n")
-    print(
-        "| model | decoding | JSON parses | schema-valid | call names a declared tool | schema-valid call | ms/token |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| model | decoding | JSON parses | schema-valid | call names a declared tool | schema-valid call |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         for label in ("unconstrained", "constrained"):
             r = results[label][name]

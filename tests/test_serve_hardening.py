@@ -25,7 +25,7 @@ from llmstack.serve.connections import RateLimitFilter
 from llmstack.serve.protocol import json_depth
 
 KEY = "sk-hardening"
-POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/api/tokenize"]
+POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/api/tokenize", "/api/inspect"]
 POST_ROUTES += ["/api/arena/battles", "/api/arena/battles/x/vote"]
 
 

@@ -424,11 +424,11 @@ def test_inside_tab_shows_surprise_attention_lens_and_checkpoints(page, inside_s
     )
     assert [t for t, _, _ in tokens] == [t["text"] for t in expected["tokens"]]
     assert tokens[0][1] is None and [float(s) for _, s, _ in tokens[1:]] == expected["next"]["surprise"][:-1]
-    colours = {c for _, _, c in tokens[1:]}
-    assert len(colours) > 3 and all(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colours)
-    model_at = [t for t, _, _ in tokens].index(" model")
-    r, g, _ = (int(v) for v in tokens[model_at][2][4:-1].split(", "))
-    assert g > r, f"an expected token is not green: {tokens[model_at]}"
+    rgb = [[int(v) for v in c[4:-1].split(", ")] for _, _, c in tokens[1:]]  # "rgb(r, g, b)": no transparency
+    texts = [t for t, _, _ in tokens]
+    model_at = texts.index(" model")
+    green, red = rgb[model_at - 1], rgb[texts.index(" reads")]  # the scripted model ends its turn after " reads"
+    assert green[1] > green[0] and red[0] > red[1], (tokens, green, red)
     page.click(f"#inside-tokens .token >> nth={model_at - 1}")  # after " the": " model" is expected
     assert page.locator("#inside-detail .topk tr").count() == 5
     assert page.locator("#inside-detail .topk tr.actual").count() == 1
@@ -437,8 +437,12 @@ def test_inside_tab_shows_surprise_attention_lens_and_checkpoints(page, inside_s
     # the heatmap of a chosen layer and head: the last query's own cell is shaded, the future is grey
     page.select_option("#inside-head", "2")
     page.wait_for_function("document.querySelector('#inside-heatmap').dataset.head === '2'")
-    page.select_option("#inside-layer", "0")
-    page.wait_for_function("document.querySelector('#inside-heatmap').dataset.layer === '0'")
+    page.wait_for_function("document.querySelector('#inside-heatmap').dataset.held === '2'")  # both layers' maps
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/api/inspect") else None)
+    page.select_option("#inside-layer", "1")  # the first answer held layer 0's maps only
+    page.wait_for_function("document.querySelector('#inside-heatmap').dataset.layer === '1'")
+    assert not asked, "the maps at hand were asked for again"
     size = page.evaluate(
         "(({cell, margin}) => [Number(cell), Number(margin)])(document.querySelector('#inside-heatmap').dataset)"
     )

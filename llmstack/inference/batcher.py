@@ -311,7 +311,7 @@ class Batcher:
             s = seq.slot
             view = KVCache.over(self.cfg, [t[s : s + 1] for t in self.k], [t[s : s + 1] for t in self.v], seq.n_cached)
             view.fused = True
-            logits = self.model(torch.tensor([part], device=self.device), view)[:, -1]
+            logits = self.model(torch.tensor([part], device=self.device), view, last_only=True)[:, -1]
             seq.n_cached += len(part)
             self.lens[s] = seq.n_cached
             seq.feed = seq.feed[len(part) :]

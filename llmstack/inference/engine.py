@@ -201,7 +201,8 @@ class Engine:
         if getattr(self.model, "supports_static_cache", False):
             self.model.fuse_for_decode()  # type: ignore[operator]  # current weights into the fused buffers
             cache.fused = True
-        logits = self.model(idx.to(device), cache)[:, -1]  # (B, V)
+        last = {"last_only": True} if getattr(self.model, "supports_static_cache", False) else {}  # GPT, not GPT2
+        logits = self.model(idx.to(device), cache, **last)[:, -1]  # (B, V)
         step = None  # built at the first decode step (a CUDA graph is captured then)
         want_lp = any(r.logprobs is not None for r in reqs)
         while True:

@@ -397,9 +397,14 @@ class GPT(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(
-        self, idx_BT: torch.Tensor, cache: KVCache | None = None, targets_BT: torch.Tensor | None = None
+        self,
+        idx_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        targets_BT: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab). With ``cache``, positions continue from it.
+        """Token ids (B, T) -> next-token logits (B, T, vocab), or (B, 1, vocab) with ``last_only``. With
+        ``cache``, positions continue from it.
 
         With ``targets_BT`` (B, T) it returns the mean cross-entropy (fp32 scalar) over targets other than
         ``IGNORE_INDEX`` instead, without materialising the logits (``linear_cross_entropy``)."""
@@ -422,6 +427,8 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, cache)
         if cache is not None and not cache.static:
             cache.advance(T)
+        if last_only:  # a prompt's prefill needs the next-token logits of its last position only
+            x = x[:, -1:]
         x = self.model.norm(x)
         if targets_BT is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())

@@ -104,11 +104,15 @@ class RewardModel(GPT):
         return self
 
     def forward(
-        self, idx_BT: torch.Tensor, cache: KVCache | None = None, targets_BT: torch.Tensor | None = None
+        self,
+        idx_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        targets_BT: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) -> the reward after each prefix (B, T); a reward model takes no targets."""
-        if targets_BT is not None:
-            raise ValueError("a reward model scores sequences: it takes no next-token targets")
+        if targets_BT is not None or last_only:
+            raise ValueError("a reward model scores every prefix of a sequence: no next-token targets, no last_only")
         h_BTC = super().forward(idx_BT, cache)
         r_BT = self.score(h_BTC).squeeze(-1)
         if self.likelihood_weight is None or self.reference is None:

@@ -563,11 +563,13 @@ async function loadBoard() {
 
 // ----------------------------------------------------------------------------- the Inside tab
 // POST /api/inspect (shapes: llmstack/inference/inspect.py): per token the next-token distribution (its
-// surprise colours the text), the attention maps of the layer picked (each layer is asked for on its own:
-// all of them are layers x heads x tokens² numbers), the logit lens, and, for a model served from a run
-// directory, the actual next tokens' probabilities at each checkpoint (a second request, made only when
-// the first says the run has checkpoints).
+// surprise colours the text), attention maps, the logit lens, and, for a model served from a run
+// directory, the actual next tokens' probabilities at each checkpoint. The first request asks for the
+// attention of the layer shown only (all layers are layers x heads x tokens² numbers); a second one, in
+// the background, brings every layer's maps where they are few enough and the run's checkpoints where
+// the first answer says there are any. Larger maps come one layer at a time, as the layer is picked.
 const inside = { result: null, layer: 0, head: 0, seq: 0 };
+const ALL_LAYERS_MAX = 1500000; // attention weights fetched at once (about 10 MB of JSON)
 const SURPRISE_MAX = 12; // bits (p = 1/4096) at which a token is fully red
 const ACCENT = [47, 111, 222]; // --accent, for shades drawn on a canvas or set per cell
 
@@ -581,6 +583,7 @@ function surpriseColour(bits) {
 }
 
 function fmtP(p) {
+  if (p === 0) return "0"; // below what the server rounds to (4 significant digits of a float32)
   return p >= 0.01 ? p.toFixed(2) : p.toExponential(0);
 }
 
@@ -612,7 +615,9 @@ async function inspectText() {
     inside.layer = layer;
     inside.head = sameModel ? Math.min(inside.head, result.heads - 1) : 0;
     renderInside();
-    if (result.run_checkpoints > 0) loadCheckpoints(seq, model, text);
+    const n = result.tokens.length;
+    const allLayers = result.layers > 1 && (result.layers * result.heads * n * (n + 1)) / 2 <= ALL_LAYERS_MAX;
+    if (allLayers || result.run_checkpoints > 0) followUp(seq, model, text, allLayers, result.run_checkpoints > 0);
   } catch (e) {
     if (seq === inside.seq) showError(`Inspect: ${e.message}`);
   } finally {
@@ -620,21 +625,31 @@ async function inspectText() {
   }
 }
 
-async function loadCheckpoints(seq, model, text) {
-  $("inside-ckpt-note").textContent = "loading the run's checkpoints…";
+// Every layer's attention maps and/or the run's checkpoints, after the first answer is shown.
+async function followUp(seq, model, text, allLayers, checkpoints) {
+  if (checkpoints) $("inside-ckpt-note").textContent = "loading the run's checkpoints…";
   try {
-    const result = await api("/api/inspect", { model, text, top_k: 1, layers: [], checkpoints: true });
-    if (seq === inside.seq) renderCheckpoints(result.checkpoints);
+    const more = await api("/api/inspect", { model, text, top_k: 1, layers: allLayers ? null : [], checkpoints });
+    if (seq !== inside.seq) return;
+    if (allLayers) {
+      inside.result.attention = more.attention;
+      drawHeatmap();
+    }
+    if (checkpoints) renderCheckpoints(more.checkpoints);
   } catch (e) {
     if (seq === inside.seq) $("inside-ckpt-note").textContent = `Checkpoints: ${e.message}`;
   }
 }
 
-// Another layer's maps: asked for on their own; the rest of the result stays.
+// Another layer's maps: drawn from those at hand, else asked for on their own (the rest of the result stays).
 async function loadLayer(layer) {
   const r = inside.result;
   if (!r) return;
   inside.layer = layer;
+  if (r.attention.layers.includes(layer)) {
+    drawHeatmap();
+    return;
+  }
   const seq = inside.seq;
   try {
     const text = $("inside-input").value;
@@ -759,6 +774,7 @@ function drawHeatmap() {
     });
   }
   Object.assign(canvas.dataset, { layer: inside.layer, head: inside.head, n, cell, margin });
+  canvas.dataset.held = r.attention.layers.length; // layers whose maps are at hand
 }
 
 function heatmapCell(event) {
