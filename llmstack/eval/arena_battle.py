@@ -256,7 +256,7 @@ class Contestant:
         rows: list[tuple[int, Request]] = []
         for i, prompt in enumerate(prompts):
             doc = conversation_prompt(prompt)
-            bos = self.bundle.bos_token
+            bos = self.bundle.bos_token if self.bundle.add_bos else None  # as the model's files say
             ids = ([tok.special_tokens[bos]] if bos and bos in tok.special_tokens else []) + tok.encode_ordinary(
                 doc.text
             )

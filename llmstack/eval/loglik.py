@@ -21,7 +21,6 @@ import torch
 
 from llmstack.interop.bundle import Bundle
 from llmstack.model.llama import KVCache
-from llmstack.tokenizer.bpe import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -50,13 +49,14 @@ class LoglikScorer:
     @classmethod
     def for_bundle(cls, bundle: Bundle, max_batch_tokens: int = 2048) -> LoglikScorer:
         tok = bundle.tokenizer
-        ours = isinstance(tok, Tokenizer) and tok.bos_id is not None
+        bos_id = tok.special_tokens.get(bundle.bos_token) if bundle.bos_token else None
+        adds = bool(bundle.add_bos) and bos_id is not None  # as the model's files say (ours: yes; SmolLM2: no)
         specials = tok.special_tokens
         fallback = [specials.get("<|endoftext|>"), getattr(tok, "eos_id", None), tok.bos_id]
         prefix = next((i for i in fallback if i is not None), None)
         if prefix is None:
             raise ValueError("the tokenizer has no bos, eos or <|endoftext|> token to start a text with")
-        return cls(bundle.model, tok, tok.bos_id if ours else None, prefix, max_batch_tokens)
+        return cls(bundle.model, tok, bos_id if adds else None, prefix, max_batch_tokens)
 
     # ------------------------------------------------------------------------------------- tokens
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
