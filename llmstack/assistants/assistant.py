@@ -43,6 +43,7 @@ from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import load_model
 from llmstack.paths import data_dir
+from llmstack.tools.registry import ToolBox, default_toolbox
 from llmstack.tools.spotlight import Spotlight
 
 CONFIG_FILE = "assistant.yaml"
@@ -147,6 +148,19 @@ class Assistant:
 
     def load_model(self) -> Bundle:
         return load_model(self.base_model)
+
+    def toolbox(self, mark: Any = None) -> ToolBox:
+        """The tools its ``tools:`` names, as the model calls them (``name: argument``): the calculator and
+        the python sandbox as everywhere, and ``search`` over its own knowledge files (the top passages,
+        numbered and named by file). ``mark`` spotlights what they return."""
+        every = default_toolbox().tools | {"search": self._search_tool}
+        return ToolBox({name: every[name] for name in self.tools}, mark)
+
+    def _search_tool(self, query: str) -> str:
+        hits = self.search(query)
+        if not hits:
+            return f"no passage of the knowledge files matches {query!r}"
+        return "\n\n".join(f"[{s.n}] {s.file}: {s.passage}" for s in hits)
 
     def reply(self, bundle: Bundle, messages: Sequence[Message], cfg: SamplingConfig | None = None) -> Iterator[str]:
         """Stream the answer as text pieces, then its "Sources:" footer as one last piece (if any)."""

@@ -66,7 +66,7 @@ def cmd_assistant(args: argparse.Namespace) -> int:
     a = load_assistant(folder if (folder / "assistant.yaml").is_file() else root / args.assistant)
     overrides = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
     cfg = dataclasses.replace(a.generation, **{k: v for k, v in overrides.items() if v is not None}).sampling(args.seed)
-    chat = ChatModel(a.load_model())
+    chat = ChatModel(a.load_model(), a.toolbox().call)  # its tools: run, as in serve
 
     history: list[dict[str, str]] = []
 

@@ -197,9 +197,7 @@ class ModelRegistry:
     def add_assistant(self, assistant: Any, created: int = 0) -> ServedModel:
         if assistant.name in self.models:
             raise ValueError(f"assistant {assistant.name!r} has the name of a model already served")
-        toolbox = default_toolbox()
-        allowed = set(assistant.tools)
-        toolbox = ToolBox({k: v for k, v in toolbox.tools.items() if k in allowed})
+        toolbox = assistant.toolbox()  # what its tools: names, search over its knowledge files included
         sm = ServedModel(assistant.name, self.bundle(assistant.base_model), toolbox, assistant, created)
         self.models[assistant.name] = sm
         return sm
