@@ -804,9 +804,7 @@ function renderLens(r) {
     const tr = el("tr");
     tr.append(el("th", null, l === r.layers - 1 ? `${l} (out)` : String(l)));
     layer.forEach(([[id, p], ...rest], t) => {
-      const td = el("td", "tok", shortToken(tokenOf(r, id), 8));
-      td.style.backgroundColor = shade(p);
-      if (p > 0.55) td.classList.add("dark");
+      const td = shadedCell("tok", shortToken(tokenOf(r, id), 8), p);
       if (t + 1 < r.tokens.length && id === r.tokens[t + 1].id) td.classList.add("hit");
       const others = rest.map(([i, q]) => `${JSON.stringify(tokenOf(r, i))} ${fmtP(q)}`).join(", ");
       const actual = t < r.lens.p_next[l].length ? `; actual next token p ${fmtP(r.lens.p_next[l][t])}` : "";
@@ -816,11 +814,23 @@ function renderLens(r) {
     });
     return tr;
   });
+  fillTable("inside-lens", head, rows);
+}
+
+// A table cell shaded by a probability (dark text on the darker shades).
+function shadedCell(cls, text, p) {
+  const td = el("td", cls, text);
+  td.style.backgroundColor = shade(p);
+  if (p > 0.55) td.classList.add("dark");
+  return td;
+}
+
+function fillTable(id, head, rows) {
   const thead = el("thead");
   thead.append(head);
   const tbody = el("tbody");
   tbody.append(...rows);
-  $("inside-lens").replaceChildren(thead, tbody);
+  $(id).replaceChildren(thead, tbody);
 }
 
 // Checkpoints x the tokens being predicted: p of the actual token at each step.
@@ -835,19 +845,13 @@ function renderCheckpoints(c) {
     const bits = c.mean_surprise[j];
     tr.append(el("th", null, String(step)), el("td", "num", bits === null ? "–" : bits.toFixed(2)));
     c.p_next[j].forEach((p, t) => {
-      const td = el("td", "num", fmtP(p));
-      td.style.backgroundColor = shade(p);
-      if (p > 0.55) td.classList.add("dark");
+      const td = shadedCell("num", fmtP(p), p);
       td.title = `step ${step}: p(${JSON.stringify(r.tokens[t + 1].text)} | the text up to token ${t}) = ${p}`;
       tr.append(td);
     });
     return tr;
   });
-  const thead = el("thead");
-  thead.append(head);
-  const tbody = el("tbody");
-  tbody.append(...rows);
-  $("inside-ckpts").replaceChildren(thead, tbody);
+  fillTable("inside-ckpts", head, rows);
   const shown = `${c.steps.length} checkpoint${c.steps.length === 1 ? "" : "s"}`;
   $("inside-ckpt-note").textContent = c.skipped.length ? `${shown}; skipped: ${c.skipped.join("; ")}` : shown;
 }
