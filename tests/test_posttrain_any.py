@@ -100,6 +100,27 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chatml_dir):
         )
 
 
+def test_an_import_in_our_tokenizer_class_keeps_its_own_template_in_every_stage(tok):
+    """An import saved as a run gets our tokenizer class where the ids fit, but not our chat tokens: the
+    RL stages (which see the tokenizer alone, ``format_of``) render it with its own template, exactly as
+    SFT does from the bundle (``chat_format``); they used to pick our format and fail."""
+    from conftest import CHATML, tiny_model_config
+
+    from llmstack.interop.bundle import Bundle
+    from llmstack.model.llama import GPT
+    from llmstack.tokenizer import Tokenizer
+
+    n = len(tok._ranks)
+    imported = Tokenizer(tok._ranks, tok._pattern, {"<|endoftext|>": n, "<|im_start|>": n + 1, "<|im_end|>": n + 2})
+    bundle = Bundle(GPT(tiny_model_config(n + 3)), imported, CHATML, None, "<|im_end|>")
+    convo = [{"role": "user", "content": "Say hello 7"}, {"role": "assistant", "content": "Hello 7"}]
+    by_bundle, by_tok = chat_format(bundle), format_of(bundle.tokenizer)
+    assert isinstance(by_tok, TemplateFormat) and by_tok.prompt(convo[:1]) == by_bundle.prompt(convo[:1])
+    assert by_tok.render(convo) == by_bundle.render(convo)
+    assert imported.special_tokens["<|im_end|>"] in by_tok.stop_ids
+    assert isinstance(format_of(tok), ChatFormat), "ours keeps our format"
+
+
 def test_our_models_keep_our_chat_format(tok):
     assert isinstance(format_of(tok), ChatFormat)
 

@@ -283,7 +283,10 @@ class TemplateFormat:
 
 def is_ours(bundle: Bundle) -> bool:
     """Our chat format and tool tokens (else: the model's own chat template)."""
-    tok = bundle.tokenizer
+    return _our_chat_tokens(bundle.tokenizer)
+
+
+def _our_chat_tokens(tok: Any) -> bool:
     return isinstance(tok, Tokenizer) and all(
         s in tok.special_tokens for s in (S.ASSISTANT_START, S.ASSISTANT_END, S.TOOL_CALL_START)
     )
@@ -299,8 +302,9 @@ def chat_format(bundle: Bundle) -> ChatFormat | TemplateFormat:
 
 
 def format_of(tok: Any) -> ChatFormat | TemplateFormat:
-    """The chat format of a tokenizer alone: ours, or the template an imported tokenizer carries."""
-    if isinstance(tok, Tokenizer):
+    """The chat format of a tokenizer alone: ours, or the template an imported tokenizer carries (the same
+    choice as ``chat_format`` on its bundle, also for an import converted to our tokenizer class)."""
+    if _our_chat_tokens(tok) and not tok.chat_template:
         return ChatFormat(tok)
     if not tok.chat_template:
         raise ValueError("this model has no chat template (tokenizer_config.json / tokenizer.chat_template)")

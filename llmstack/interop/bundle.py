@@ -47,6 +47,10 @@ class Bundle:
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, HFTokenizer) and self.chat_template:
             self.tokenizer.chat_template = self.chat_template  # so that (model, tokenizer) is enough to chat
+        elif isinstance(self.tokenizer, Tokenizer) and self.chat_template and self.chat_template != CHAT_TEMPLATE:
+            # an import converted to our format: its own template and its bos/eos names go with it
+            self.tokenizer.chat_template = self.chat_template
+            self.tokenizer.bos_token, self.tokenizer.eos_token = self.bos_token, self.eos_token
         if self.add_bos is None:  # what the model's files say (HF, GGUF); ours: every document started with bos
             tok = self.tokenizer
             self.add_bos = tok.add_bos if isinstance(tok, HFTokenizer) else self.bos_token is not None

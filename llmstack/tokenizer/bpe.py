@@ -231,6 +231,11 @@ class Tokenizer:
         self._enc = tiktoken.Encoding(
             name="llmstack", pat_str=pattern, mergeable_ranks=self._ranks, special_tokens=self._specials
         )
+        # an imported model's tokenizer in our format keeps its own chat template (set by the Bundle), so that
+        # the tokenizer alone is enough to render its chats (``chat.template.format_of``)
+        self.chat_template: str | None = None
+        self.bos_token: str | None = None
+        self.eos_token: str | None = None
 
     # ----- construction -------------------------------------------------------------------
 
