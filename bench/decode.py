@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 

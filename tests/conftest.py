@@ -290,6 +290,10 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# the transformers Llama shape of the tiny HF models tests save (the same as ``tiny_model_config``'s ours)
+HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
 def chatml_model(path: Path, context: int = 256) -> Path:
     """A tiny random Llama saved by ``transformers`` at ``path``, with a byte-level BPE trained by HF
     ``tokenizers`` (ChatML specials only: none of ours) and a ChatML template, as SmolLM2 or Qwen ship."""
@@ -309,11 +313,7 @@ def chatml_model(path: Path, context: int = 256) -> Path:
     raw.train_from_iterator(make_texts(200) + ["What is 12*34? The answer is 408. Hello there!"] * 5, trainer)
     cfg = transformers.LlamaConfig(
         vocab_size=raw.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **HF_TINY,
         max_position_embeddings=context,
         tie_word_embeddings=True,
         eos_token_id=raw.token_to_id("<|im_end|>"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CALC, local_completions, running, tiny_model_config
+from conftest import CALC, HF_TINY, local_completions, running, tiny_model_config
 
 from llmstack.chat.answer import render
 from llmstack.chat.conversation import ChatFormat, Conversation
@@ -168,11 +168,7 @@ def nobos_dir(tmp_path_factory, tok) -> Path:
     """A tiny HF Llama saved by transformers whose tokenizer_config.json says ``add_bos_token: false``."""
     cfg = transformers.LlamaConfig(
         vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **HF_TINY,
         max_position_embeddings=128,
     )
     torch.manual_seed(3)

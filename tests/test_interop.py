@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import HF_TINY, tiny_model_config
 
 from llmstack.chat.answer import ChatModel, render
 from llmstack.inference.engine import generate
@@ -85,11 +85,7 @@ def _our_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
 def hf_llama_dir(tmp_path_factory, tok):
     cfg = transformers.LlamaConfig(
         vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **HF_TINY,
         max_position_embeddings=64,
         rope_theta=10000.0,
         tie_word_embeddings=False,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -109,16 +110,16 @@ def hermes_tools_note(tools: list[dict[str, Any]]) -> str:
     )
 
 
-def parse_hermes_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """``text`` -> (the text outside well-formed ``<tool_call>`` blocks, the calls as ``{"name", "arguments"}``
-    with arguments a dict). A block that is not a JSON object with a string name stays in the text."""
+def parse_hermes_calls(text: str, names: Collection[str]) -> tuple[str, list[dict[str, Any]]]:
+    """``text`` -> (the text outside the calls, the calls as ``{"name", "arguments"}`` with arguments a dict).
+    A call is a well-formed ``<tool_call>`` block naming one of ``names``; any other block stays in the text."""
     calls, kept, pos = [], [], 0
     for m in _HERMES_CALL.finditer(text):
         try:
             value = json.loads(m[1])
         except ValueError:
             continue
-        if not (isinstance(value, dict) and isinstance(value.get("name"), str)):
+        if not (isinstance(value, dict) and value.get("name") in names):
             continue
         args = value.get("arguments", value.get("parameters", {}))
         if isinstance(args, str):
@@ -132,6 +133,7 @@ def parse_hermes_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     return "".join(kept) + text[pos:], calls
 
 
+HERMES_TAG = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 

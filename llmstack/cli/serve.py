@@ -266,8 +266,8 @@ Examples:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="weights' dtype (default: as the files hold them; GGUF imports are float32). On this CPU float16 "
-        "decodes one SmolLM2 stream 1.7x faster (a step reads every weight once) but batches and prompts 2x "
-        "slower (no float16 matmul units): bench/RESULTS.md",
+        "decodes one SmolLM2 stream 1.9x faster (a step reads every weight once) but prompts 3x and batches "
+        "2x slower (no float16 matmul units): bench/RESULTS.md",
     )
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     sv.add_argument(

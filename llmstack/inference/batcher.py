@@ -36,7 +36,16 @@ from typing import Any, Protocol
 
 import torch
 
-from llmstack.inference.engine import MAX_GRAPHS, Engine, Event, Request, _Row, advance_row, open_row
+from llmstack.inference.engine import (
+    MAX_GRAPHS,
+    Engine,
+    Event,
+    Request,
+    _Row,
+    advance_row,
+    capture_graph,
+    open_row,
+)
 from llmstack.inference.sample import SamplingConfig, sampling_probs
 from llmstack.model.llama import KVCache
 
@@ -135,7 +144,7 @@ class Batcher:
         self.v: list[torch.Tensor] = []
         self.lens = torch.zeros(0, dtype=torch.long)
         self._pool = ThreadPoolExecutor(tool_workers, thread_name_prefix="llmstack-tool")
-        self.steps = self.decoded = self.prefilled = 0
+        self.steps = self.prefilled = 0
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # fixed-shape decode steps over batch buckets: CUDA graphs on a GPU (as the engine's static step)
@@ -354,7 +363,6 @@ class Batcher:
             if tok is None:
                 tok = s.choose(logits[s.slot : s.slot + 1], greedy[s.slot] if greedy is not None else None)
             self._after_sample(s, tok, logits[s.slot : s.slot + 1])
-        self.decoded += len(live)
 
     @staticmethod
     def _draw(live: list[_Seq], logits: torch.Tensor) -> dict[int, int]:
@@ -395,16 +403,8 @@ class Batcher:
         if self.device.type != "cuda":
             self._graphs[key] = entry
             return fn(ids_buf, view)[:m]
-        if graph is None:  # capture: warm up on a side stream (the same writes as the real step), then record
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    fn(ids_buf, view)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(ids_buf, view)
+        if graph is None:
+            graph, out = capture_graph(fn, ids_buf, view, self.device)
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = (ids_buf, pos_buf, view, graph, out)

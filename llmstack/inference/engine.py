@@ -300,17 +300,7 @@ class Engine:
         key = next(k for k, v in self._graphs.items() if v[0] is cache)
         captured = self._graphs[key][1]
         if captured is None:
-            fn = self._step_fn()
-            # warm up on a side stream (the writes land in the slot the first real step overwrites), then capture
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    fn(idx, cache)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(idx, cache)
+            graph, out = capture_graph(self._step_fn(), idx, cache, device)
             captured = (graph, idx, out)
             self._graphs[key] = (cache, captured)
         graph, idx, out = captured
@@ -371,6 +361,23 @@ def generate(
     """Yield new token ids of one prompt as they are sampled (the engine with a batch of one)."""
     for ev in Engine(model).stream([prompt_ids], cfg, stop_ids or set()):
         yield ev.token
+
+
+def capture_graph(
+    fn: Callable[[torch.Tensor, KVCache], torch.Tensor], idx: torch.Tensor, cache: KVCache, device: torch.device
+) -> tuple[Any, torch.Tensor]:
+    """A decode step captured as a CUDA graph over fixed input buffers: (graph, its output buffer). Warmed up
+    on a side stream first; the warm-up writes the same keys the first real step writes."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(idx, cache)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(idx, cache)
+    return graph, out
 
 
 def open_row(row: _Row, tools: ToolUse | None) -> None:

@@ -37,6 +37,7 @@ from llmstack.tokenizer.bpe import (
     Tokenizer,
     _as_int_list,
     bytes_to_unicode,
+    unicode_to_bytes,
 )
 from llmstack.tokenizer.special import ASSISTANT_END, BOS, PAD
 from llmstack.training.checkpoint import ModelFileError, read_json_object
@@ -181,7 +182,7 @@ class HFTokenizer:
         token = self._hf.id_to_token(token_id)
         if token is None:
             raise KeyError(f"token id {token_id} is not in this tokenizer's vocabulary (size {self.vocab_size})")
-        u2b = {c: b for b, c in bytes_to_unicode().items()}
+        u2b = unicode_to_bytes()  # once per process: this runs for every token a server streams
         try:
             return bytes(u2b[c] for c in token)
         except KeyError:  # an added non-special token stored as plain text
@@ -302,7 +303,7 @@ def as_tiktoken(tok: HFTokenizer, probe: str = PROBE_TEXT) -> Tokenizer | None:
     vocab: dict[str, int] = data.get("model", {}).get("vocab") or {}
     if pattern is None or not vocab or data.get("model", {}).get("type") != "BPE":
         return None
-    u2b = {c: b for b, c in bytes_to_unicode().items()}
+    u2b = unicode_to_bytes()
     ranks: dict[bytes, int] = {}
     for text, i in vocab.items():
         if i in tok._id_to_special:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmstack.chat.template import hermes_call, parse_hermes_calls
+from llmstack.chat.template import HERMES_TAG, parse_hermes_calls
 from llmstack.inference.engine import Event
 from llmstack.inference.inspect import MAX_TOP_K
 from llmstack.serve.models import RequestError, ServedModel, arguments_json
@@ -262,20 +262,22 @@ def new_id(prefix: str) -> str:
 
 
 class StopFilter:
-    """Holds back text that may be the start of a stop sequence; cuts the text at the first stop."""
+    """Holds back text that may be the start of a stop sequence; cuts the text at the first stop. What
+    came from the stop on is kept in ``after`` (a Hermes ``<tool_call>`` block, when the "stop" is its tag)."""
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops, self.buf, self.stopped = stops, "", False
+        self.stops, self.buf, self.stopped, self.after = stops, "", False, ""
 
     def feed(self, text: str) -> str:
         if self.stopped:
+            self.after += text
             return ""
         if not self.stops:
             return text
         self.buf += text
         hits = [self.buf.find(s) for s in self.stops if s in self.buf]
         if hits:
-            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
+            out, self.after, self.buf, self.stopped = self.buf[: min(hits)], self.buf[min(hits) :], "", True
             return out
         hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.buf.endswith(s[:k])), default=0)
         out = self.buf[: len(self.buf) - hold]
@@ -284,35 +286,6 @@ class StopFilter:
 
     def flush(self) -> str:
         out, self.buf = ("" if self.stopped else self.buf), ""
-        return out
-
-
-class CallSplit:
-    """Text before a Hermes ``<tool_call>`` goes on as content; from the tag on it is held (``held``) to be
-    parsed when the reply ends, so a client never sees a call as text (a possible start of the tag is held
-    back, as ``StopFilter`` holds back the start of a stop sequence)."""
-
-    TAG = "<tool_call>"
-
-    def __init__(self) -> None:
-        self.buf, self.held = "", ""
-        self.inside = False
-
-    def feed(self, text: str) -> str:
-        if self.inside:
-            self.held += text
-            return ""
-        self.buf += text
-        at = self.buf.find(self.TAG)
-        if at >= 0:
-            out, self.held, self.buf, self.inside = self.buf[:at], self.buf[at:], "", True
-            return out
-        keep = max((k for k in range(len(self.TAG) - 1, 0, -1) if self.buf.endswith(self.TAG[:k])), default=0)
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
         return out
 
 
@@ -343,7 +316,8 @@ class Choice:
     def __post_init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = StopFilter(self.stops)
-        self._split = CallSplit() if self.hermes is not None else None
+        # a model without tool tokens: text from a <tool_call> tag on is held, parsed when the reply ends
+        self._split = StopFilter([HERMES_TAG]) if self.hermes is not None else None
         self._call: list[int] | None = None if self.call_prefix is None else list(self.call_prefix)
         self._result: list[int] | None = None
         tu = self.sm.engine.tools
@@ -370,17 +344,8 @@ class Choice:
             self._call = None
             if ev.finish == "tool_calls":
                 name, _, argument = call.partition(":")
-                tc = {
-                    "index": len(self.tool_calls),
-                    "id": new_id("call"),
-                    "type": "function",
-                    "function": {
-                        "name": name.strip(),
-                        "arguments": arguments_json(argument.strip(), self.bare_keys.get(name.strip(), "input")),
-                    },
-                }
-                self.tool_calls.append(tc)
-                out.append({"tool_calls": [tc]})
+                name = name.strip()
+                out.append(self._tool_call(name, arguments_json(argument.strip(), self.bare_keys.get(name, "input"))))
             else:
                 self.server_tools.append({"type": "call", "text": call})
                 out.append({"llmstack_tool": {"type": "call", "text": call}})
@@ -406,26 +371,24 @@ class Choice:
             calls: list[dict[str, Any]] = []
             if self._split is not None:  # the held <tool_call> text: declared calls out, the rest is text
                 tail = self._split.feed(tail) + self._split.flush()
-                rest, found = parse_hermes_calls(self._split.held)
                 assert self.hermes is not None
-                calls = [c for c in found if c["name"] in self.hermes]
-                tail += rest + "".join(hermes_call(c["name"], c["arguments"]) for c in found if c not in calls)
+                rest, calls = parse_hermes_calls(self._split.after, self.hermes)
+                tail += rest
             if self.links is not None:
                 tail = self.links.feed(tail) + self.links.flush()
             if tail:
                 self.text += tail
                 out.append({"content": tail})
-            for c in calls:
-                tc = {
-                    "index": len(self.tool_calls),
-                    "id": new_id("call"),
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
-                }
-                self.tool_calls.append(tc)
-                out.append({"tool_calls": [tc]})
+            out += [self._tool_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
             self.finish = "tool_calls" if calls else ev.finish
         return out
+
+    def _tool_call(self, name: str, arguments: str) -> dict[str, Any]:
+        """A client tool call (OpenAI's shape), kept for the answer; returns its stream delta."""
+        tc = {"index": len(self.tool_calls), "id": new_id("call"), "type": "function"}
+        tc["function"] = {"name": name, "arguments": arguments}
+        self.tool_calls.append(tc)
+        return {"tool_calls": [tc]}
 
     def _lp_entry(self, tok: int, lp: float, top: list[tuple[int, float]] | None) -> dict[str, Any]:
         def one(t: int, v: float) -> dict[str, Any]:

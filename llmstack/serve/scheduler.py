@@ -193,7 +193,7 @@ class ContinuousScheduler(Scheduler):
             "kv_cache_bytes": sum(b.cache_bytes for b in bs),
             "prefix_cache_bytes": sum(b.prefix.bytes for b in bs if b.prefix is not None),
             "prefix_cache_hit_ratio": hits / looked if looked else 0.0,
-            "decode_steps": sum(b.steps for b in bs),
+            "steps": sum(b.steps for b in bs),
         }
 
 
@@ -206,7 +206,6 @@ class StaticScheduler(Scheduler):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.batches = 0
-        self.rows_run = 0
         self.running = 0
 
     def submit(self, job: Job) -> None:
@@ -276,7 +275,6 @@ class StaticScheduler(Scheduler):
                     rows.append(r)
                     owner.append((job, k))
             self.batches += 1
-            self.rows_run += len(rows)
             self.running = len(rows)
             try:
                 for ev in batch[0].model.engine.run(rows):

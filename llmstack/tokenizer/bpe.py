@@ -99,7 +99,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @functools.cache
-def _unicode_to_bytes() -> dict[str, int]:
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of ``bytes_to_unicode``, built once."""
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
@@ -133,7 +134,7 @@ def train_hf(
 
 def ranks_from_hf(hf: HFTokenizer) -> dict[bytes, int]:
     """Convert an HF byte-level BPE vocabulary to tiktoken mergeable ranks (rank = HF id)."""
-    u2b = _unicode_to_bytes()
+    u2b = unicode_to_bytes()
     ranks: dict[bytes, int] = {}
     for text, token_id in hf.get_vocab(with_added_tokens=False).items():
         try:
