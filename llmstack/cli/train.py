@@ -34,7 +34,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     run = run_dir(args)
     tok = load_tokenizer(args.tokenizer, args)
     shards = ShardIndex.load(Path(args.shards) if args.shards else run / "shards")
-    run_pretrain(run, tok, shards, args.preset, train_overrides(args), args.device, not args.no_resume)
+    experts = None
+    if args.experts:
+        experts = dict(
+            n_experts=args.experts,
+            n_active=args.experts_active,
+            expert_size=args.expert_size,
+            shared_size=args.shared_expert,
+            capacity_factor=args.capacity_factor,
+        )
+    run_pretrain(run, tok, shards, args.preset, train_overrides(args), args.device, not args.no_resume, experts)
     return 0
 
 
@@ -103,12 +112,23 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
   llmstack pretrain --preset tiny                                         # CPU
   llmstack pretrain --preset d12 --device cuda                            # one GPU
   torchrun --standalone --nproc_per_node 8 -m llmstack.cli pretrain --preset d20   # 8 GPUs
-  torchrun --standalone --nproc_per_node 2 -m llmstack.cli pretrain --preset tiny  # 2 CPU procs""",
+  torchrun --standalone --nproc_per_node 2 -m llmstack.cli pretrain --preset tiny  # 2 CPU procs
+  llmstack pretrain --preset tiny --experts 8 --run-dir runs/tiny-moe    # a mixture of experts (Mixtral's shape)""",
     )
     add_run_args(pt)
     pt.add_argument("--tokenizer")
     pt.add_argument("--shards")
     pt.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    moe = pt.add_argument_group("mixture of experts (every MLP of the preset's model becomes one; docs/moe.md)")
+    moe.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense model)")
+    moe.add_argument("--experts-active", type=int, default=2, help="experts each token is routed to")
+    moe.add_argument(
+        "--expert-size", type=int, default=0, help="each expert's width (0: the dense width / --experts-active)"
+    )
+    moe.add_argument("--shared-expert", type=int, default=0, help="width of an always-on shared expert (Qwen2-MoE)")
+    moe.add_argument(
+        "--capacity-factor", type=float, default=0.0, help="cap each expert's tokens in training (0: dropless)"
+    )
     add_train_overrides(pt)
     add_loop_levers(pt, chunked_ce=True)
     add_resume_fallback(pt)

@@ -230,6 +230,8 @@ def _config_from_metadata(
         except (TypeError, ValueError):
             raise ModelFileError(path, f"metadata {arch}.{key} is {str(value)[:40]!r}, not a number") from None
 
+    if meta.get(f"{arch}.expert_count"):
+        raise ValueError(f"{path}: a mixture of experts in GGUF is not supported (import its HF folder instead)")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", n_embd // max(1, n_head))
     if get("attention.value_length", head_dim) != head_dim:
@@ -356,6 +358,8 @@ def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
         raise ValueError(f"{out}: already exists; choose a new --out (export never overwrites)")
     if not isinstance(bundle.model, GPT):
         raise ValueError(f"GGUF export supports Llama-architecture models, not {bundle.architecture}")
+    if bundle.model.config.moe is not None:
+        raise ValueError("GGUF export of a mixture of experts is not supported; export it as HF (--format hf)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)

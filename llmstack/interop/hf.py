@@ -1,13 +1,13 @@
-"""Hugging Face model directories: import (Llama, Qwen2, Mistral and GPT-2 families) and export.
+"""Hugging Face model directories: import (Llama, Qwen2, Mistral, Mixtral, Qwen2-MoE and GPT-2) and export.
 
 Import reads ``config.json``, the weights (``model.safetensors``, a sharded safetensors index, or
 ``pytorch_model.bin``) and the tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``)
 with ``tokenizer_config.json`` for bos/eos and the chat template. It needs neither ``transformers``
-nor network access. ``LlamaForCausalLM`` (Llama 1-3.x, SmolLM2), ``Qwen2ForCausalLM`` (Qwen2 / 2.5) and
-``MistralForCausalLM`` directories become our ``GPT`` (``ModelConfig.family`` records which; rope
-scaling, q/k/v biases and sliding windows as ``model/config.py`` lists), ``GPT2LMHeadModel`` our
-``GPT2``. Weights keep the file's dtype (bf16 stays bf16) unless ``import_hf(path, dtype=...)`` asks for
-another. What is not covered: SentencePiece (non byte-level) tokenizers, other architectures, and the
+nor network access. ``LlamaForCausalLM`` (Llama 1-3.x, SmolLM2), ``Qwen2ForCausalLM`` (Qwen2 / 2.5),
+``MistralForCausalLM``, ``MixtralForCausalLM`` and ``Qwen2MoeForCausalLM`` directories become our ``GPT``
+(``ModelConfig.family`` records which; rope scaling, q/k/v biases, sliding windows and experts as
+``model/config.py`` lists), ``GPT2LMHeadModel`` our ``GPT2``. Weights keep the file's dtype (bf16 stays
+bf16) unless ``import_hf(path, dtype=...)`` asks for another. What is not covered: SentencePiece (non byte-level) tokenizers, other architectures, and the
 config features ``ModelConfig.from_hf_dict`` refuses (longrope, partial rotary, Llama's o_proj bias,
 MLP biases, a sliding window on some layers only); each is refused with its name.
 
@@ -69,7 +69,7 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Bundle:
         state = _gpt2_state(read_weights(path))
     elif model_type in FAMILIES or set(FAMILIES.values()) & set(archs):
         model = GPT(_parse_config(ModelConfig.from_hf_dict, config, config_file))
-        state = read_weights(path)
+        state = _moe_state(read_weights(path), model.config)
         if not model.config.tie_embeddings and "lm_head.weight" not in state:
             raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
     else:
@@ -132,6 +132,38 @@ def _weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
         if v.is_floating_point():
             sizes[v.dtype] += v.numel()
     return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+
+MIXTRAL_NAMES = {".mlp.": ".block_sparse_moe.", ".gate_proj.": ".w1.", ".down_proj.": ".w2.", ".up_proj.": ".w3."}
+"""Our (Qwen2-MoE's) names of a mixture's weights -> Mixtral's."""
+
+
+def _rename(key: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _moe_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A mixture's weights under our names: Mixtral's renamed; experts stored fused as 3D tensors
+    (transformers 5's in-memory layout: ``experts.gate_up_proj`` (E, 2I, C), ``experts.down_proj`` (E, C, I))
+    split per expert; a zero-width shared expert dropped. Dense families pass through."""
+    if cfg.moe is None:
+        return state
+    if cfg.family == "mixtral":
+        back = {new: old for old, new in MIXTRAL_NAMES.items()}
+        state = {_rename(k, back) if ".block_sparse_moe." in k else k: v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        prefix = k.rsplit("experts.", 1)[0] + "experts."
+        if k.endswith("experts.gate_up_proj") and v.ndim == 3:
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in v.unbind(0)):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif k.endswith("experts.down_proj") and v.ndim == 3:
+            out.update({f"{prefix}{e}.down_proj.weight": t for e, t in enumerate(v.unbind(0))})
+        elif not (cfg.moe.shared_size == 0 and ".shared_expert" in k):
+            out[k] = v
+    return out
 
 
 def _gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,7 +229,7 @@ def _chat_template(path: Path, tok_config: dict[str, Any]) -> str | None:
 
 # ----------------------------------------------------------------------------- export
 def export_hf(bundle: Bundle, out: str | Path) -> Path:
-    """Write ``bundle`` (a ``GPT``: Llama, Qwen2 or Mistral family) as an HF directory of its family at ``out``."""
+    """Write ``bundle`` (a ``GPT`` of any family, mixtures of experts included) as an HF directory of its family."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new --out (export never overwrites)")
@@ -226,6 +258,8 @@ def _write_hf(bundle: Bundle, model: GPT, tmp: Path) -> None:
     raw = with_bos(hf_from_ranks(tok) if isinstance(tok, Tokenizer) else tok.raw, bundle.bos_token, add_bos)
     pad_id = tok.special_tokens.get(pad) if pad else None
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.family == "mixtral":
+        state = {_rename(k, MIXTRAL_NAMES): v for k, v in state.items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -7,7 +7,9 @@ fields, which ``family`` names for export:
 - ``llama`` (``LlamaForCausalLM``: Llama 1-3.x, SmolLM2): no biases, no sliding window;
 - ``qwen2`` (``Qwen2ForCausalLM``: Qwen2 / Qwen2.5): biases on q/k/v (``attention_bias``), optionally a
   sliding window on every layer;
-- ``mistral`` (``MistralForCausalLM``): optionally a sliding window, often an explicit ``head_dim``.
+- ``mistral`` (``MistralForCausalLM``): optionally a sliding window, often an explicit ``head_dim``;
+- ``mixtral`` (``MixtralForCausalLM``) and ``qwen2_moe`` (``Qwen2MoeForCausalLM``): every layer's MLP is a
+  mixture of experts (``MoEConfig``, ``model/moe.py``); Qwen2-MoE may add a shared expert and q/k/v biases.
 
 Every family may scale its RoPE (``RopeScaling``: transformers' ``linear``, ``dynamic``, ``yarn`` and
 ``llama3`` types; ``model/rope.py`` computes them). Presets that derive a whole config from one depth
@@ -15,7 +17,8 @@ dial live in ``llmstack.training.presets``; this file only describes a shape.
 
 What is not covered (refused by ``from_hf_dict`` with its name): other model types, MLP biases, Llama's
 ``attention_bias`` (it puts a bias on o_proj too), partial rotary embeddings, the ``longrope`` and other
-rope types, and Qwen2 configs that slide the window on some layers only.
+rope types, Qwen2 configs that slide the window on some layers only, and Qwen2-MoE configs with dense
+layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step`` > 1).
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 """Our family name (HF ``model_type``) -> the HF architecture export writes."""
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
+"""The families whose layers are mixtures of experts (``ModelConfig.moe``)."""
 
 ROPE_FIELDS: dict[str, tuple[str, ...]] = {
     "linear": (),
@@ -110,13 +122,41 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture of experts that replaces every layer's MLP (``model/moe.py``)."""
+
+    n_experts: int  # experts per layer (Mixtral's num_local_experts, Qwen2-MoE's num_experts)
+    n_active: int  # experts each token is routed to (num_experts_per_tok)
+    expert_size: int  # each expert's SwiGLU width (Mixtral's intermediate_size, Qwen2-MoE's moe_intermediate_size)
+    shared_size: int = 0  # width of an always-on shared expert with a sigmoid gate (Qwen2-MoE); 0: none
+    norm_topk: bool = True  # renormalise the chosen experts' weights to sum to 1 (Mixtral; Qwen2-MoE's option)
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss in training (router_aux_loss_coef)
+    capacity_factor: float = 0.0  # training only: > 0 caps each expert's slots, dropping the excess; 0 dropless
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_experts < 2:
+            problems.append(f"n_experts must be at least 2 (got {self.n_experts})")
+        if not 1 <= self.n_active <= self.n_experts:
+            problems.append(f"n_active must be between 1 and n_experts={self.n_experts} (got {self.n_active})")
+        if self.expert_size <= 0:
+            problems.append(f"expert_size must be positive (got {self.expert_size})")
+        if self.shared_size < 0:
+            problems.append(f"shared_size must be >= 0 (got {self.shared_size})")
+        if self.aux_loss_coef < 0 or self.capacity_factor < 0:
+            problems.append("aux_loss_coef and capacity_factor must be >= 0")
+        if problems:
+            raise ValueError("invalid MoEConfig: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     n_layer: int
     n_embd: int  # hidden_size
     n_head: int  # query heads
     n_kv_head: int  # key/value heads (grouped-query attention when < n_head)
-    intermediate_size: int  # SwiGLU hidden width
+    intermediate_size: int  # SwiGLU hidden width (a mixture of experts: each expert's, = moe.expert_size)
     max_seq_len: int  # longest context the RoPE tables are built for
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -126,10 +166,13 @@ class ModelConfig:
     sliding_window: int | None = None  # a token attends to at most this many latest keys, itself included
     rope_scaling: RopeScaling | None = None
     family: str = "llama"  # the HF family export writes (FAMILIES)
+    moe: MoEConfig | None = None  # every layer's MLP a mixture of experts (families mixtral, qwen2_moe)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from to_dict / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         problems = []
         for name in (
             "vocab_size",
@@ -154,17 +197,33 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.family not in FAMILIES:
             problems.append(f"unknown family {self.family!r} (known: {', '.join(FAMILIES)})")
-        elif self.attention_bias != (self.family == "qwen2"):
+        elif self.attention_bias != (self.family == "qwen2") and self.family != "qwen2_moe":
             problems.append(f"attention_bias={self.attention_bias} does not fit family {self.family!r} (qwen2 has it)")
+        if (self.moe is not None) != (self.family in MOE_FAMILIES):
+            want = "needs" if self.moe is None else "has no"
+            problems.append(f"family {self.family!r} {want} moe (the MoE families: {', '.join(MOE_FAMILIES)})")
+        elif self.moe is not None and self.intermediate_size != self.moe.expert_size:
+            problems.append(
+                f"intermediate_size={self.intermediate_size} must equal moe.expert_size={self.moe.expert_size}"
+                " (a mixture's MLP width is its experts', as in Mixtral's config)"
+            )
+        elif self.family == "mixtral" and self.moe is not None and (self.moe.shared_size or not self.moe.norm_topk):
+            problems.append("mixtral has no shared expert and renormalises its top-k weights (use family qwen2_moe)")
         if self.sliding_window is not None and (self.sliding_window <= 0 or self.family == "llama"):
             problems.append(f"sliding_window={self.sliding_window}: a positive window, for qwen2 or mistral only")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
-    def num_params(self, include_embedding: bool = True) -> int:
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameters; ``active``: those one token uses (a mixture counts its chosen experts only)."""
         d, h, kv = self.n_embd, self.head_dim, self.n_kv_head
         attn = d * (self.n_head * h) + 2 * d * (kv * h) + (self.n_head * h) * d + self.attention_bias_params
         mlp = 3 * d * self.intermediate_size
+        if self.moe is not None:
+            m = self.moe
+            experts = m.n_active if active else m.n_experts
+            shared = 3 * d * m.shared_size + d if m.shared_size else 0  # the shared expert and its gate
+            mlp = experts * 3 * d * m.expert_size + m.n_experts * d + shared
         per_layer = attn + mlp + 2 * d
         emb = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -177,9 +236,10 @@ class ModelConfig:
         return (self.n_head + 2 * self.n_kv_head) * self.head_dim if self.attention_bias else 0
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params + attention (12 x layers x d x T), as in PaLM/nanoGPT."""
+        """Training FLOPs per token: 6 x matmul params + attention (12 x layers x d x T), as in PaLM/nanoGPT;
+        a mixture of experts counts the parameters a token uses (its chosen experts)."""
         vectors = (2 * self.n_layer + 1) * self.n_embd + self.n_layer * self.attention_bias_params
-        matmul_params = self.num_params(include_embedding=False) - vectors
+        matmul_params = self.num_params(include_embedding=False, active=True) - vectors
         if self.tie_embeddings:
             matmul_params += self.vocab_size * self.n_embd  # the tied head is still a matmul
         return 6.0 * matmul_params + 12.0 * self.n_layer * self.n_embd * seq_len
@@ -196,6 +256,8 @@ class ModelConfig:
             del d["rope_scaling"]
         else:
             d["rope_scaling"] = self.rope_scaling.to_hf()
+        if self.moe is None:
+            del d["moe"]
         return d
 
     @classmethod
@@ -228,9 +290,9 @@ class ModelConfig:
         )
         if self.family == "llama":
             d.update(attention_bias=False, mlp_bias=False)
-        elif self.family == "mistral":
+        elif self.family in ("mistral", "mixtral"):
             d.update(sliding_window=self.sliding_window)
-        else:  # qwen2: the window covers layers from max_window_layers on; ours covers all of them
+        else:  # qwen2(_moe): the window covers layers from max_window_layers on; ours covers all of them
             window = self.sliding_window is not None
             d.update(
                 use_sliding_window=window,
@@ -238,11 +300,14 @@ class ModelConfig:
                 max_window_layers=0 if window else self.n_layer,
                 layer_types=["sliding_attention" if window else "full_attention"] * self.n_layer,
             )
+        if self.moe is not None:
+            d.update(_moe_to_hf(self.family, self.moe, self.attention_bias))
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Read a Llama, Qwen2 or Mistral ``config.json``; refuse features this model does not implement."""
+        """Read a Llama, Qwen2, Mistral, Mixtral or Qwen2-MoE ``config.json``; refuse features this model does
+        not implement."""
         family = _hf_family(d)
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r}; expected 'silu'")
@@ -254,22 +319,24 @@ class ModelConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
         max_positions = d.get("max_position_embeddings", 2048)
+        moe = _moe_from_hf(family, d)
         return cls(
             vocab_size=d["vocab_size"],
             n_layer=d["num_hidden_layers"],
             n_embd=n_embd,
             n_head=n_head,
             n_kv_head=d.get("num_key_value_heads") or n_head,
-            intermediate_size=d["intermediate_size"],
+            intermediate_size=moe.expert_size if moe else d["intermediate_size"],
             max_seq_len=max_positions,
             rope_theta=float(rope_theta),
             norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             head_dim=d.get("head_dim") or n_embd // n_head,
-            attention_bias=family == "qwen2",
+            attention_bias=family == "qwen2" or (family == "qwen2_moe" and d.get("qkv_bias", True)),
             sliding_window=_hf_sliding_window(d, family),
             rope_scaling=RopeScaling.from_hf(rope, max_positions, d.get("original_max_position_embeddings")),
             family=family,
+            moe=moe,
         )
 
 
@@ -292,8 +359,8 @@ def _hf_sliding_window(d: dict[str, Any], family: str) -> int | None:
     """The window every layer slides, as transformers masks it, or None; refuses one on some layers only."""
     if family == "llama":
         return None
-    if family == "mistral":  # every layer, whatever layer_types says (MistralConfig's default window: 4096)
-        window = d.get("sliding_window", 4096)
+    if family in ("mistral", "mixtral"):  # every layer, whatever layer_types says (MistralConfig's default: 4096)
+        window = d.get("sliding_window", 4096 if family == "mistral" else None)
         return None if window is None else int(window)
     window = d.get("sliding_window", 4096)
     if not d.get("use_sliding_window", False) or window is None:
@@ -307,3 +374,43 @@ def _hf_sliding_window(d: dict[str, Any], family: str) -> int | None:
     if set(layer_types) == {"full_attention"}:
         return None
     raise ValueError(f"a sliding window on some layers only is not supported (layer_types={layer_types})")
+
+
+def _moe_to_hf(family: str, moe: MoEConfig, attention_bias: bool) -> dict[str, Any]:
+    """The mixture's config.json keys in the family's own names."""
+    d: dict[str, Any] = dict(num_experts_per_tok=moe.n_active, router_aux_loss_coef=moe.aux_loss_coef)
+    if family == "mixtral":
+        return d | dict(num_local_experts=moe.n_experts, intermediate_size=moe.expert_size, router_jitter_noise=0.0)
+    return d | dict(
+        num_experts=moe.n_experts,
+        moe_intermediate_size=moe.expert_size,
+        intermediate_size=moe.expert_size,  # a dense layer's width; every layer is sparse here
+        shared_expert_intermediate_size=moe.shared_size,
+        norm_topk_prob=moe.norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=attention_bias,
+    )
+
+
+def _moe_from_hf(family: str, d: dict[str, Any]) -> MoEConfig | None:
+    """A Mixtral or Qwen2-MoE config.json's mixture; None for the dense families."""
+    coef = float(d.get("router_aux_loss_coef", 0.001))
+    if family == "mixtral":
+        n_experts, n_active = d.get("num_local_experts", 8), d.get("num_experts_per_tok", 2)
+        return MoEConfig(n_experts, n_active, d["intermediate_size"], aux_loss_coef=coef)
+    if family != "qwen2_moe":
+        return None
+    if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            "Qwen2-MoE with dense layers among the sparse ones is not supported "
+            f"(mlp_only_layers={d.get('mlp_only_layers')}, decoder_sparse_step={d.get('decoder_sparse_step', 1)})"
+        )
+    return MoEConfig(
+        n_experts=d.get("num_experts", 60),
+        n_active=d.get("num_experts_per_tok", 4),
+        expert_size=d["moe_intermediate_size"],
+        shared_size=d.get("shared_expert_intermediate_size", 0) or 0,
+        norm_topk=bool(d.get("norm_topk_prob", False)),
+        aux_loss_coef=coef,
+    )

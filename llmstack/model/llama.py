@@ -7,7 +7,8 @@ Mistral families (``ModelConfig.family``), whose weight names are Llama's: Qwen2
 (``attention_bias``; HF's ``q_proj.bias`` etc.) and a sliding window (``sliding_window``: a token attends
 to the latest ``sliding_window`` keys, itself included, as transformers' mask). The window is a mask
 over a cache that keeps every position (no rolling buffer); where no query can see past it, attention
-takes the same unmasked / ``is_causal`` paths as a model without one.
+takes the same unmasked / ``is_causal`` paths as a model without one. With ``ModelConfig.moe`` every
+layer's MLP is a mixture of experts (``model/moe.py``: the Mixtral and Qwen2-MoE families).
 
 Attention is ``scaled_dot_product_attention``. (Running q/k/v, and gate/up, as one matmul over
 concatenated weights was measured slower on CPU: the concatenation and its backward cost more than
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstack.model.config import ModelConfig
+from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope, rope_tables
 
 
@@ -278,7 +280,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg) if cfg.moe is None else MoE(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
@@ -361,6 +363,15 @@ def linear_cross_entropy(
     return total / (targets_N != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def _concat_into(buffer: torch.Tensor | None, parts: tuple[Any, ...] | None) -> torch.Tensor | None:
+    """``torch.cat(parts)``, written into ``buffer`` when it fits (a captured CUDA graph keeps its address)."""
+    if parts is None:
+        return None
+    if buffer is None or buffer.dtype != parts[0].dtype or buffer.device != parts[0].device:
+        return torch.cat(parts)
+    return torch.cat(parts, out=buffer)
+
+
 class GPT(nn.Module):
     supports_static_cache = True  # KVCache.make_static: fixed-shape decode steps (CUDA graphs)
 
@@ -402,12 +413,16 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         targets_BT: torch.Tensor | None = None,
         last_only: bool = False,
+        embeds_BTC: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab), or (B, 1, vocab) with ``last_only``. With
         ``cache``, positions continue from it.
 
         With ``targets_BT`` (B, T) it returns the mean cross-entropy (fp32 scalar) over targets other than
-        ``IGNORE_INDEX`` instead, without materialising the logits (``linear_cross_entropy``)."""
+        ``IGNORE_INDEX`` instead, without materialising the logits (``linear_cross_entropy``).
+
+        ``embeds_BTC`` (B, T, C), when given, is the input instead of ``idx_BT``'s embeddings (a
+        vision-language model puts image features at some positions); ``idx_BT`` still gives the shape."""
         B, T = idx_BT.shape
         if cache is not None and cache.static:  # one token per row at cache.pos_t; the caller advances
             assert cache.pos_t is not None and T == 1
@@ -422,7 +437,7 @@ class GPT(nn.Module):
                 )
             cos = self.rope_cos[start : start + T]
             sin = self.rope_sin[start : start + T]
-        x = self.model.embed_tokens(idx_BT)  # (B, T, C)
+        x = self.model.embed_tokens(idx_BT) if embeds_BTC is None else embeds_BTC  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)
         if cache is not None and not cache.static:
@@ -431,8 +446,35 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         if targets_BT is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+            return loss + self._balancing() if self.training and self.config.moe is not None else loss
         return self.lm_head(x)
+
+    def _balancing(self) -> torch.Tensor:
+        """A mixture's load-balancing loss (mean over layers, times its coefficient) as a term whose value is
+        0 and whose gradient is its own: the returned loss still reads as the plain cross-entropy."""
+        assert self.config.moe is not None
+        aux = torch.stack([m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]).mean()
+        aux = self.config.moe.aux_loss_coef * aux
+        return aux - aux.detach()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def train_stats(self) -> dict[str, Any]:
+        """Routing since the last call, for the training log (a dense model has none): per layer the share of
+        routed slots each expert took; over layers the largest share relative to uniform (1.0 is balanced),
+        the share of slots dropped over capacity, and the balancing loss."""
+        stats = [s for s in (m.read_stats() for m in self.moe_layers()) if s is not None]
+        if not stats:
+            return {}
+        loads = [load for load, _, _ in stats]
+        return {
+            "moe_load": loads,
+            "moe_load_max": max(max(load) for load in loads) * len(loads[0]),
+            "moe_dropped": sum(dropped for _, dropped, _ in stats) / len(stats),
+            "moe_aux": sum(aux for _, _, aux in stats) / len(stats),
+        }
 
     @torch.no_grad()
     def fuse_for_decode(self) -> None:
@@ -441,20 +483,13 @@ class GPT(nn.Module):
         captured CUDA graph keeps pointing at them), so call it again after the weights change (the engine
         does at every generation). Costs the memory of those weights once more."""
         for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
+            a = layer.self_attn
             qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
             biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if a.q_proj.bias is not None else None
-            if a.qkv is None or a.qkv.dtype != qkv[0].dtype or a.qkv.device != qkv[0].device:
-                a.qkv = torch.cat(qkv)
-                a.qkv_bias = torch.cat(biases) if biases else None
-                m.gate_up = torch.cat((m.gate_proj.weight, m.up_proj.weight))
-            else:
-                assert m.gate_up is not None
-                torch.cat(qkv, out=a.qkv)
-                if biases:
-                    assert a.qkv_bias is not None
-                    torch.cat(biases, out=a.qkv_bias)
-                torch.cat((m.gate_proj.weight, m.up_proj.weight), out=m.gate_up)
+            a.qkv, a.qkv_bias = _concat_into(a.qkv, qkv), _concat_into(a.qkv_bias, biases)
+            if isinstance(layer.mlp, MLP):  # a mixture of experts keeps its experts' projections apart
+                m = layer.mlp
+                m.gate_up = _concat_into(m.gate_up, (m.gate_proj.weight, m.up_proj.weight))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -266,6 +266,7 @@ def train(
                     "tok_per_s": tok_s,
                     "dt": dt,
                     "time": time.time(),
+                    **getattr(model, "train_stats", dict)(),  # a mixture's routing since the last record (GPT2: none)
                 }
             )
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")

@@ -50,7 +50,12 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     key = next((k for k in ("val_bpb", "val_loss") if any(k in r for r in evals)), "val_bpb")
     val = [(r["step"], r[key]) for r in evals if key in r]
     label = "val bits/byte" if key == "val_bpb" else "val loss (nats/token, assistant tokens)"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    moe = [r for r in recs if r.get("kind") == "train" and "moe_load_max" in r]
+    if moe:  # a mixture of experts: its routing balance under the loss
+        fig, (ax, ax_moe) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=110, height_ratios=(3, 1.4), sharex=True)
+        _plot_routing(ax_moe, moe)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         ax.plot(*zip(*train, strict=True), lw=1, color="tab:blue", alpha=0.8, label="train loss (nats/token)")
     ax.set_xlabel("step")
@@ -65,3 +70,16 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     ax.set_title(title or Path(metrics_path).parent.name)
     fig.tight_layout()
     return save_png(fig, png_path)
+
+
+def _plot_routing(ax: Any, recs: list[dict[str, Any]]) -> None:
+    """The busiest expert's load relative to uniform (1.0: balanced) and the share of slots dropped."""
+    steps = [r["step"] for r in recs]
+    ax.plot(steps, [r["moe_load_max"] for r in recs], lw=1, color="tab:purple", label="busiest expert / uniform")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    if any(r.get("moe_dropped") for r in recs):
+        ax.plot(steps, [1 + r["moe_dropped"] for r in recs], lw=1, color="tab:orange", label="1 + share dropped")
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert load")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")

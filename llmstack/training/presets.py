@@ -4,15 +4,17 @@
                SwiGLU width ~ 8/3 * n_embd rounded up to a multiple of 64, lr scaled ~ 1/sqrt(n_embd)
 
 ``tiny`` is sized to pretrain on 2 CPU cores in a few minutes; ``d12`` and ``d20`` are GPU shapes
-(nanochat's depth-12 and depth-20 models, GPT-2-small-like and ~0.5B).
+(nanochat's depth-12 and depth-20 models, GPT-2-small-like and ~0.5B). ``with_experts`` turns any of them
+into a mixture of experts (``pretrain --experts N``): the same preset, its MLPs replaced.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
-from llmstack.model.config import ModelConfig
+from llmstack.model.config import ModelConfig, MoEConfig
 from llmstack.training.config import TrainConfig
 
 
@@ -107,6 +109,28 @@ def sft_config(max_seq_len: int) -> TrainConfig:
         ckpt_every=250,
         weight_decay=0.0,
     )
+
+
+def with_experts(
+    cfg: ModelConfig,
+    n_experts: int,
+    n_active: int = 2,
+    expert_size: int = 0,
+    shared_size: int = 0,
+    capacity_factor: float = 0.0,
+) -> ModelConfig:
+    """``cfg`` with every MLP a mixture of ``n_experts`` experts, ``n_active`` per token. ``expert_size`` 0: the
+    dense width / ``n_active``, so a token uses as many MLP parameters as in the dense model (equal active
+    parameters, ``n_experts / n_active`` times the total). Mixtral's family, or Qwen2-MoE's with a shared expert."""
+    moe = MoEConfig(
+        n_experts=n_experts,
+        n_active=n_active,
+        expert_size=expert_size or max(1, cfg.intermediate_size // max(1, n_active)),
+        shared_size=shared_size,
+        capacity_factor=capacity_factor,
+    )
+    family = "qwen2_moe" if shared_size else "mixtral"
+    return replace(cfg, family=family, moe=moe, intermediate_size=moe.expert_size)
 
 
 PRESETS: dict[str, Callable[..., tuple[ModelConfig, TrainConfig]]] = {"tiny": tiny, "d12": d12, "d20": d20}

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 from llmstack.data.loader import PackedLoader
 from llmstack.data.shards import ShardIndex
+from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.tokenizer import Tokenizer
 from llmstack.training.config import TrainConfig, with_overrides
 from llmstack.training.distributed import DistInfo, init_distributed, shutdown
 from llmstack.training.loop import train
-from llmstack.training.presets import get_preset
+from llmstack.training.presets import get_preset, with_experts
 
 
 def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +121,16 @@ def run_pretrain(
     overrides: dict[str, Any] | None = None,
     device: str | None = None,
     resume: bool = True,
+    experts: dict[str, Any] | None = None,
+    model_cfg: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """Pretrain the preset's model on ``shards`` into ``run`` (resuming from its checkpoints); prints and returns
-    the summary."""
-    model_cfg, base = get_preset(preset, tok.vocab_size)
+    the summary. ``experts``: ``with_experts``' keywords, to make the preset's model a mixture of experts;
+    ``model_cfg``: another shape than the preset's (the preset still gives the training config)."""
+    preset_cfg, base = get_preset(preset, tok.vocab_size)
+    model_cfg = model_cfg or preset_cfg
+    if experts:
+        model_cfg = with_experts(model_cfg, **experts)
     cfg = with_overrides(base, overrides)
     if cfg.seq_len > model_cfg.max_seq_len:
         model_cfg = replace(model_cfg, max_seq_len=cfg.seq_len)
@@ -132,7 +139,8 @@ def run_pretrain(
     model = GPT(model_cfg)
     if dist.is_main:
         print(
-            f"model: {model_cfg.n_layer} layers x {model_cfg.n_embd}, {model.num_params() / 1e6:.2f}M params; "
+            f"model: {model_cfg.n_layer} layers x {model_cfg.n_embd}, {model.num_params() / 1e6:.2f}M params"
+            f"{_moe_note(model_cfg)}; "
             f"{shards.n_tokens('train'):,} train tokens; {cfg.max_steps} steps of "
             f"{cfg.batch_size * cfg.grad_accum * dist.world_size * cfg.seq_len:,} tokens on {dist.device}"
             f"{f' x {dist.world_size}' if dist.enabled else ''}"
@@ -152,3 +160,10 @@ def run_pretrain(
         print(json.dumps(summary, indent=2), flush=True)
     shutdown(dist)  # under torchrun this ends the process (see distributed.shutdown)
     return summary
+
+
+def _moe_note(cfg: ModelConfig) -> str:
+    if cfg.moe is None:
+        return ""
+    active = cfg.num_params(active=True) / 1e6
+    return f" ({active:.2f}M active: {cfg.moe.n_active} of {cfg.moe.n_experts} experts of width {cfg.moe.expert_size})"
