@@ -28,7 +28,7 @@ def run(tok, shard_dir, run_dir, steps, *, resume=True, stop_at=None, **kw):
         seq_len=32,
         lr=3e-3,
         warmup_steps=2,
-        eval_every=0,
+        eval_every=kw.pop("eval_every", 0),
         ckpt_every=kw.pop("ckpt_every", 0),
         eval_batches=2,
         seed=5,
@@ -49,6 +49,20 @@ def test_loss_falls_and_metrics_are_written(tok, shard_dir, tmp_path):
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert ckpt_io.find_checkpoint(tmp_path).name == "step_000040"
+
+
+def test_tensorboard_log_holds_the_same_numbers_as_metrics_jsonl(tok, shard_dir, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result, _ = run(tok, shard_dir, tmp_path, 6, log="tensorboard", eval_every=3)
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    losses = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert losses == [(i + 1, pytest.approx(loss, rel=1e-6)) for i, loss in enumerate(result.losses)]
+    evals = [(r["step"], r["val_bpb"]) for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars("eval/val_bpb")] == evals
+    assert {"train/lr", "train/grad_norm", "train/tok_per_s"} <= set(board.Tags()["scalars"])
+    with pytest.raises(ValueError, match="log must be 'jsonl' or 'tensorboard'"):
+        TrainConfig(log="wandb")  # type: ignore[arg-type]
 
 
 def test_resume_gives_identical_losses(tok, shard_dir, tmp_path):

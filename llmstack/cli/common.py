@@ -41,6 +41,12 @@ def add_train_overrides(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--eval-every", type=int)
     sp.add_argument("--ckpt-every", type=int)
     sp.add_argument("--seed", type=int)
+    sp.add_argument(
+        "--log",
+        choices=["jsonl", "tensorboard"],
+        help="metrics.jsonl always; tensorboard also writes <run>/tensorboard (`tensorboard --logdir runs`; "
+        "pip install tensorboard)",
+    )
     sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
 
 

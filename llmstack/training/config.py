@@ -61,6 +61,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume_from_latest_valid: bool = False  # resume past a damaged newest checkpoint (checkpoint.py)
     seed: int = 1337
+    log: Literal["jsonl", "tensorboard"] = (
+        "jsonl"  # metrics.jsonl always; tensorboard: + event files in <run>/tensorboard
+    )
 
     def __post_init__(self) -> None:
         problems = [
@@ -78,6 +81,8 @@ class TrainConfig:
             problems.append(f"parallel must be 'ddp' or 'fsdp' (got {self.parallel!r})")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             problems.append("muon orthogonalises whole matrices: use it with parallel 'ddp', not 'fsdp'")
+        if self.log not in ("jsonl", "tensorboard"):
+            problems.append(f"log must be 'jsonl' or 'tensorboard' (got {self.log!r})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"dtype must be 'auto', 'float32' or 'bfloat16' (got {self.dtype!r})")
         if problems:
@@ -109,6 +114,7 @@ TRAIN_OVERRIDES = (
     "optimizer",
     "parallel",
     "resume_from_latest_valid",
+    "log",
 )
 """TrainConfig fields a command line (or a caller) may override; None leaves the preset's value."""
 

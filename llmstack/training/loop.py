@@ -158,7 +158,8 @@ def train(
     if dist.enabled and not sharded:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    board = run_dir / "tensorboard" if cfg.log == "tensorboard" else None
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, tensorboard=board)
     result = TrainResult(step=step)
 
     def checkpoint_now(at: int) -> None:
@@ -209,6 +210,7 @@ def train(
         barrier(dist)
 
     if step >= cfg.max_steps:
+        log.close()
         return result
     bar = tqdm(
         total=cfg.max_steps,
@@ -277,6 +279,7 @@ def train(
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
             checkpoint_now(step)
     bar.close()
+    log.close()
     result.step = step
     result.tokens_per_second = tokens_done / max(1e-9, train_time)
     if dist.is_main:

@@ -10,18 +10,42 @@ from llmstack.io import pyplot, save_png
 
 
 class MetricsLog:
-    """Append-only JSONL. After a resume, steps may repeat; readers keep the last record of a step."""
+    """Append-only JSONL. After a resume, steps may repeat; readers keep the last record of a step.
 
-    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+    With ``tensorboard`` (a folder) every numeric field also goes to TensorBoard event files there, as
+    ``<kind>/<field>`` scalars against the step (``tensorboard --logdir runs`` shows every run)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard: str | Path | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.board: Any = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled and tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            except ImportError:
+                raise ValueError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.board = SummaryWriter(str(tensorboard), flush_secs=10)  # a crash loses 10 s at most
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            kind, step = record.get("kind", "train"), record.get("step", 0)
+            for key, value in record.items():
+                if (
+                    key not in ("kind", "step", "time")
+                    and isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                ):
+                    self.board.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
