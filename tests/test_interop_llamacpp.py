@@ -15,7 +15,8 @@ f16 KV cache; see ``interop/llamacpp_numerics.py``):
   by perturbing our emulated model's matmul outputs by about one float32 ulp, which moves as many top-1
   tokens as separate us from llama.cpp. It checks agreement within that floor, >= 99% where our top-2 are
   not near-tied, identical tokenization and greedy tokens;
-- SmolLM2 imported and re-exported as F16 (its pre-tokenizer name "smollm" carried over): >= 99%.
+- SmolLM2 imported and re-exported as F16 (its pre-tokenizer name "smollm" carried over): >= 99%;
+- a mixture of experts (8 experts, top-2; a small random model) in llama.cpp's Mixtral layout, F16: >= 97%.
 """
 
 from __future__ import annotations
@@ -162,6 +163,35 @@ def _compare_export(ours: Bundle, path: Path, label: str) -> None:
 def test_our_gguf_export_agrees_with_llama_cpp(ours, quant, tmp_path):
     path = export_gguf(ours, tmp_path / f"ours-{quant}.gguf", quant)
     _compare_export(ours, path, f"our export {quant}")
+
+
+def test_a_mixture_of_experts_runs_in_llama_cpp(ours, tmp_path):
+    """Ours with every MLP a mixture (8 experts, 2 per token), exported in llama.cpp's Mixtral layout (F16):
+    llama.cpp's top-1 next token against our float32 model, and greedy tokens."""
+    from conftest import tiny_model_config
+
+    from llmstack.training.presets import with_experts
+
+    torch.manual_seed(0)  # a small random model: a trained one's routing is not at hand
+    model = GPT(with_experts(tiny_model_config(ours.model.config.vocab_size, max_seq_len=256, n_embd=64), 8, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    bundle = llmstack_bundle(model, ours.tokenizer)
+    path = export_gguf(bundle, tmp_path / "moe-f16.gguf", "f16")
+    ids = _text_ids(bundle, POSITIONS)
+    window = _window(model)
+    theirs, mine = _their_logits(path, ids, window), _our_logits(import_gguf(path).model, ids, window)
+    rate, decided = _agreement(mine, theirs), _agreement(mine, theirs, margin=0.05)
+    print(
+        f"\n[llama.cpp] mixture of 8 experts (top-2), F16: top-1 agreement over {POSITIONS} positions {rate:.2%}, "
+        f"{decided:.2%} where our top-2 are 0.05 apart (max |dlogit| {np.abs(mine - theirs).max():.3g})"
+    )
+    assert rate >= 0.97
+    prompt = ids[:32]
+    assert _greedy_llama(path, prompt, GREEDY, window)[:8] == _greedy_ours(model, prompt, GREEDY)[:8]
 
 
 def test_llama_cpp_k_quants_agree_in_its_numerics(ours, tmp_path):

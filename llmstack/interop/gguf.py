@@ -52,6 +52,13 @@ import numpy as np
 import torch
 
 from llmstack.interop.bundle import Bundle, check_vocab
+from llmstack.interop.gguf_experts import (
+    EXPERT_LAYER_NAMES,
+    moe_from_metadata,
+    split_experts,
+    stack_experts,
+    write_experts_metadata,
+)
 from llmstack.interop.gguf_layout import check_gguf_layout
 from llmstack.interop.llamacpp_numerics import emulate_llamacpp
 from llmstack.interop.tokenizer import (
@@ -82,6 +89,7 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    **EXPERT_LAYER_NAMES,
 }
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 """Tensor types import dequantises (``gguf.quants`` implements them in numpy)."""
@@ -192,7 +200,7 @@ def import_gguf(path: str | Path, emulate: str | None = None) -> Bundle:
         if "model.embed_tokens.weight" in mins:
             mins["lm_head.weight"] = mins["model.embed_tokens.weight"]
     model = GPT(cfg)
-    load_state(model, state, str(path), tied=cfg.tie_embeddings)
+    load_state(model, split_experts(state), str(path), tied=cfg.tie_embeddings)
     if emulate == "llama.cpp":
         emulate_llamacpp(model, types, mins)
     tok = _tokenizer(reader, path)
@@ -230,8 +238,6 @@ def _config_from_metadata(
         except (TypeError, ValueError):
             raise ModelFileError(path, f"metadata {arch}.{key} is {str(value)[:40]!r}, not a number") from None
 
-    if meta.get(f"{arch}.expert_count"):
-        raise ValueError(f"{path}: a mixture of experts in GGUF is not supported (import its HF folder instead)")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", n_embd // max(1, n_head))
     if get("attention.value_length", head_dim) != head_dim:
@@ -243,6 +249,7 @@ def _config_from_metadata(
     theta = get("rope.freq_base", 10000.0, float)
     window = get("attention.sliding_window", 0) or None  # 0: none (llama.cpp's way of saying so)
     scaling = _rope_scaling(meta, arch, path, head_dim, theta, rope_freqs)
+    moe = moe_from_metadata(meta, arch, get("feed_forward_length"))
     try:
         return ModelConfig(
             vocab_size=vocab_size,  # the embedding's rows; the tokenizer is checked against it
@@ -259,7 +266,8 @@ def _config_from_metadata(
             attention_bias=arch == "qwen2",
             sliding_window=window,
             rope_scaling=scaling,
-            family="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
+            family="qwen2" if arch == "qwen2" else "mixtral" if moe else "mistral" if window else "llama",
+            moe=moe,
         )
     except ValueError as e:  # ModelConfig's own checks: sizes that cannot go together
         raise ModelFileError(path, f"metadata is not a usable {arch} configuration ({e})") from None
@@ -358,8 +366,6 @@ def export_gguf(bundle: Bundle, out: str | Path, quant: str = "f16") -> Path:
         raise ValueError(f"{out}: already exists; choose a new --out (export never overwrites)")
     if not isinstance(bundle.model, GPT):
         raise ValueError(f"GGUF export supports Llama-architecture models, not {bundle.architecture}")
-    if bundle.model.config.moe is not None:
-        raise ValueError("GGUF export of a mixture of experts is not supported; export it as HF (--format hf)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -403,6 +409,7 @@ def _write_metadata(writer: Any, bundle: Bundle, cfg: ModelConfig, quant: str) -
     writer.add_vocab_size(cfg.vocab_size)
     if cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
+    write_experts_metadata(writer, cfg)
     if cfg.rope_scaling is not None:
         _write_rope_scaling(writer, cfg.rope_scaling)
     writer.add_file_type(LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
@@ -463,7 +470,7 @@ def _write_tensors(writer: Any, model: GPT, quant: str) -> None:
     from gguf.quants import quantize  # heavy: see import_gguf
 
     cfg = model.config
-    state = model.state_dict()
+    state = stack_experts(model.state_dict())
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
     permute = gguf_architecture(cfg) == "llama"

@@ -7,9 +7,10 @@ nor network access. ``LlamaForCausalLM`` (Llama 1-3.x, SmolLM2), ``Qwen2ForCausa
 ``MistralForCausalLM``, ``MixtralForCausalLM`` and ``Qwen2MoeForCausalLM`` directories become our ``GPT``
 (``ModelConfig.family`` records which; rope scaling, q/k/v biases, sliding windows and experts as
 ``model/config.py`` lists), ``GPT2LMHeadModel`` our ``GPT2``. Weights keep the file's dtype (bf16 stays
-bf16) unless ``import_hf(path, dtype=...)`` asks for another. What is not covered: SentencePiece (non byte-level) tokenizers, other architectures, and the
-config features ``ModelConfig.from_hf_dict`` refuses (longrope, partial rotary, Llama's o_proj bias,
-MLP biases, a sliding window on some layers only); each is refused with its name.
+bf16) unless ``import_hf(path, dtype=...)`` asks for another. What is not covered: SentencePiece (non
+byte-level) tokenizers, other architectures, and the config features ``ModelConfig.from_hf_dict`` refuses
+(longrope, partial rotary, Llama's o_proj bias, MLP biases, a sliding window on some layers only, dense
+layers among Qwen2-MoE's sparse ones); each is refused with its name.
 
 Export writes the model's own family (``LlamaForCausalLM`` for ours, ``Qwen2ForCausalLM`` for an
 imported Qwen2, ...) with float32 weights, as ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(dir)``
