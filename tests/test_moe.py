@@ -20,6 +20,7 @@ from test_interop import _hf_greedy, _ids, _our_greedy, _same_greedy, _save_toke
 
 from llmstack.cli.main import main
 from llmstack.inference.engine import Engine
+from llmstack.inference.inspect import inspect_text
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.gguf import export_gguf, import_gguf
@@ -290,3 +291,24 @@ def test_pretrain_experts_dial_trains_exports_and_refuses(tmp_path, tok, shard_d
     capsys.readouterr()
     assert main([*argv[:-1], "1", "--no-resume"]) == 2
     assert "n_experts must be at least 2" in capsys.readouterr().err
+
+
+def test_inside_view_shows_the_experts_transformers_chooses(moe_dir, tok):
+    """``inspect_text``'s routing (recomputed from each layer's input) names the experts transformers' own
+    router picks (``output_router_logits``), with its weights; a dense model has none."""
+    name, path, reference = moe_dir
+    bundle = import_hf(path)
+    ids = _batch(tok)[0]
+    shown = inspect_text(bundle.model, ids.tolist(), bundle.tokenizer)["experts"]
+    assert (shown["n"], shown["active"]) == (4, 2) and len(shown["routes"]) == 2
+    with torch.no_grad():
+        logits = reference(ids[None], output_router_logits=True).router_logits
+    for layer, (routes, router_TE) in enumerate(zip(shown["routes"], logits, strict=True)):
+        weight_TK, expert_TK = router_TE.float().softmax(-1).topk(2, dim=-1)
+        if name == "mixtral":
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        assert [[e for e, _ in token] for token in routes] == expert_TK.tolist(), layer
+        assert torch.allclose(torch.tensor([[w for _, w in token] for token in routes]), weight_TK, atol=1e-4)
+        assert sum(shown["load"][layer]) == pytest.approx(1.0, abs=1e-3)
+    dense = GPT(ModelConfig(tok.vocab_size, 1, 32, 4, 2, 64, 64))
+    assert inspect_text(dense, ids.tolist(), bundle.tokenizer)["experts"] is None

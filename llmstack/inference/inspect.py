@@ -8,7 +8,8 @@ For token ids and a model (``llama.GPT``: ours and every imported Llama-family m
   layer and query head (GQA: ``kv_head`` says which key/value head each query head reads);
 - a logit lens: every layer's residual stream through the final norm and the head, which shows at what
   depth the prediction forms (the last layer's row is the model's own output);
-- across a run's checkpoints, the probability of each actual next token: what training taught, and when.
+- across a run's checkpoints, the probability of each actual next token: what training taught, and when;
+- for a mixture of experts, the experts each token is routed to in each layer, with their weights.
 
 The residual stream is computed by walking the model's own layers (embedding, then each layer as the
 model's forward calls it), not with hooks: a server decodes with the same module in another thread, and a
@@ -31,6 +32,7 @@ from torch import nn
 
 from llmstack.model.gpt2 import GPT2
 from llmstack.model.llama import GPT, causal_mask
+from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope
 
 MAX_TOKENS = 256  # attention is L x H x T x T numbers: 256 tokens of a 30-layer, 9-head model are 18M
@@ -255,7 +257,8 @@ def inspect_text(
          "attention": {"layers": [l, ...], "kv_head": H ints, "window": null | int,
                        "maps": per layer in "layers", H x T rows, row q: q + 1 weights over keys 0..q},
          "lens": {"top": L x T x k [id, p], "p_next": L x (T - 1)},   # row l: the output of layer l
-         "checkpoints": null | {"steps": [...], "p_next": n x (T - 1), "mean_surprise": n, "skipped": [...]}}
+         "checkpoints": null | {"steps": [...], "p_next": n x (T - 1), "mean_surprise": n, "skipped": [...]},
+         "experts": null | {"n": E, "active": k, "routes": L x T x k [expert, weight], "load": L x E}}
 
     Attention weights are rounded to 4 decimals, probabilities to 4 significant digits, bits to 3
     decimals. ``layers`` picks the layers whose attention is returned (None: all); ``checkpoints`` adds
@@ -276,4 +279,30 @@ def inspect_text(
         "attention": attention(model, stream, wanted),
         "lens": lens,
         "checkpoints": across_checkpoints(checkpoints, ids_T) if checkpoints is not None else None,
+        "experts": routing(model, stream),
     }
+
+
+@torch.no_grad()
+def routing(model: Model, stream: list[torch.Tensor]) -> dict[str, Any] | None:
+    """A mixture of experts' choices: per layer and token, the chosen experts and their weights (as its
+    forward weighs them), and each expert's share of the layer's routed slots; None for a dense model. The
+    router's input is recomputed from the layer's input: attention added, then the second norm."""
+    if not isinstance(model, GPT) or model.config.moe is None:
+        return None
+    moe = model.config.moe
+    T = stream[0].shape[0]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    routes, load = [], []
+    for layer, x_TC in zip(model.model.layers, stream, strict=False):
+        h_1TC = x_TC[None] + layer.self_attn(layer.input_layernorm(x_TC[None]), cos, sin, None)
+        assert isinstance(layer.mlp, MoE)
+        probs_TE = layer.mlp.gate(layer.post_attention_layernorm(h_1TC))[0].float().softmax(-1)
+        weight_TK, expert_TK = probs_TE.topk(moe.n_active, dim=-1)
+        if moe.norm_topk:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        weights = rounded(weight_TK)
+        routes.append([list(zip(e, w, strict=True)) for e, w in zip(expert_TK.tolist(), weights, strict=True)])
+        counts = torch.bincount(expert_TK.flatten(), minlength=moe.n_experts).double() / expert_TK.numel()
+        load.append(rounded(counts))
+    return {"n": moe.n_experts, "active": moe.n_active, "routes": routes, "load": load}
