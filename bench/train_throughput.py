@@ -16,6 +16,9 @@ from ``GPT.forward(x, targets_BT=y)``, chunked linear + cross-entropy, no (B, T,
 ``--optimizer adamw|muon`` (``llmstack.training.optim``), ``--ckpt-act`` (activation checkpointing of
 every decoder layer: recompute in the backward, for a larger micro-batch).
 
+``--experts 8`` makes both a mixture of experts (8 experts, 2 per token, each half the --mlp width):
+ours against transformers' MixtralForCausalLM (its experts fused into 3D tensors, looped per expert).
+
 ``--matrix`` measures a list of lever combinations for llmstack alone, one after another in this
 process, and writes JSON (after each combination, so a timeout loses only the one running). A
 combination is levers joined by '+': ``eager`` or ``compile``, ``chunked``, ``muon``, ``ckpt``, ``b<N>``
@@ -23,6 +26,7 @@ combination is levers joined by '+': ``eager`` or ``compile``, ``chunked``, ``mu
 
     # CPU, the anchor shape (6 layers x 384, T=256, B=16, vocab 8192):
     python bench/train_throughput.py
+    python bench/train_throughput.py --experts 8 --dtype float32     # a mixture, against Mixtral
     # one GPU, a d20-like shape, bf16 + torch.compile:
     python bench/train_throughput.py --device cuda --layers 20 --dim 1280 --heads 10 --seq 2048 \\
         --batch 16 --vocab 65536 --dtype bfloat16 --compile
@@ -59,6 +63,7 @@ from llmstack.model.config import ModelConfig
 from llmstack.model.llama import GPT
 from llmstack.training.config import TrainConfig, resolve_dtype
 from llmstack.training.optim import build_optimizer
+from llmstack.training.presets import with_experts
 from llmstack.training.pretrain import logits_of
 
 PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
@@ -105,11 +110,30 @@ class CheckpointedLayer(nn.Module):
 
 
 def build_hf(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM  # optional: only this comparison needs it
+    """transformers' model of ``cfg``'s family: LlamaForCausalLM, or MixtralForCausalLM for a mixture."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # optional: only this comparison needs it
 
-    hf_cfg = LlamaConfig(**cfg.to_hf_dict())
+    d = cfg.to_hf_dict()
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     hf_cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(hf_cfg)
+    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def hf_state(ours: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' in-memory names: a mixture's experts fused into 3D tensors
+    (``experts.gate_up_proj`` (E, 2I, C), ``experts.down_proj`` (E, C, I)), as transformers 5 holds them."""
+    state, out = ours.state_dict(), {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for k, v in state.items():
+        if m := re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight", k):
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = v
+        else:
+            out[k] = v
+    for prefix, by_e in experts.items():
+        ordered = [by_e[e] for e in range(len(by_e))]
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat((w["gate_proj"], w["up_proj"])) for w in ordered])
+        out[f"{prefix}.down_proj"] = torch.stack([w["down_proj"] for w in ordered])
+    return out
 
 
 def prepare(model: nn.Module, levers: Levers) -> nn.Module:
@@ -232,6 +256,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="--matrix: write the results here")
     ap.add_argument("--budget-s", type=float, default=0, help="--matrix: skip combinations that would pass this")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=0, help="a mixture of experts (against MixtralForCausalLM)")
+    ap.add_argument("--experts-active", type=int, default=2)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,6 +272,8 @@ def main() -> None:
         max_seq_len=args.seq,
         tie_embeddings=True,
     )
+    if args.experts:  # each expert --mlp / active wide: a token uses as many MLP parameters as the dense shape
+        cfg = with_experts(cfg, args.experts, args.experts_active)
     if args.matrix:
         if args.dtype == "both":
             args.dtype = resolve_dtype("auto", device)
@@ -255,7 +283,8 @@ def main() -> None:
     torch.manual_seed(0)
     ours = GPT(cfg).to(device)
     hf = build_hf(cfg).to(device)
-    hf.load_state_dict(ours.state_dict(), strict=False)
+    missing, _ = hf.load_state_dict(hf_state(ours), strict=False)
+    assert not [k for k in missing if "rotary" not in k], missing  # the same weights in both
     models = {"llmstack": prepare(ours, levers), "transformers": prepare(hf, levers)}
     if args.dtype == "both":
         # one process per dtype: measured here, bf16 steps run ~2x slower in a process that ran fp32
