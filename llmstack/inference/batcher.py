@@ -226,7 +226,7 @@ class Batcher:
             self._ensure(len(self.rows), len(seq.req.prompt) + 1)
             self.lens[seq.slot] = 0
             prompt = seq.req.prompt
-            blocks = self.prefix.match(prompt) if self.prefix is not None else []
+            blocks = self.prefix.match(prompt) if self.prefix is not None and seq.req.embeds is None else []
             for i, (kb, vb) in enumerate(blocks):
                 a, b = i * self.prefix.block, (i + 1) * self.prefix.block  # type: ignore[union-attr]
                 for layer in range(len(self.k)):
@@ -320,7 +320,9 @@ class Batcher:
             s = seq.slot
             view = KVCache.over(self.cfg, [t[s : s + 1] for t in self.k], [t[s : s + 1] for t in self.v], seq.n_cached)
             view.fused = True
-            logits = self.model(torch.tensor([part], device=self.device), view, last_only=True)[:, -1]
+            embeds = seq.req.embeds  # a prompt given as embeddings: this chunk's rows of them
+            kw = {} if embeds is None else {"embeds_BTC": embeds[seq.n_cached : seq.n_cached + len(part)][None]}
+            logits = self.model(torch.tensor([part], device=self.device), view, last_only=True, **kw)[:, -1]
             seq.n_cached += len(part)
             self.lens[s] = seq.n_cached
             seq.feed = seq.feed[len(part) :]
@@ -328,7 +330,7 @@ class Batcher:
             self.prefilled += len(part)
             if seq.feed:
                 continue
-            if self.prefix is not None and not seq.prompt_cached:
+            if self.prefix is not None and not seq.prompt_cached and seq.req.embeds is None:
                 self.prefix.insert(seq.req.prompt, self.k, self.v, s)
                 seq.prompt_cached = True
             self._sampled(seq, logits)

@@ -23,7 +23,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 
 
 def build_registry(
-    model_specs: list[str], assistants_root: Path | None = None, device: str = "cpu", dtype: str | None = None
+    model_specs: list[str],
+    assistants_root: Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    vlm_specs: list[str] | None = None,
 ) -> ModelRegistry:
     """Load every model named (and every assistant found under ``assistants_root``) onto ``device``, in
     ``dtype`` (``None``: as the files hold them; imports of quantized GGUF files come as float32)."""
@@ -32,6 +36,9 @@ def build_registry(
     for spec in model_specs:
         name, path = parse_model_spec(spec)
         registry.add(name, path, created=now)
+    for spec in vlm_specs or []:  # vision-language models (``llmstack vlm train``): they also read images
+        name, path = parse_model_spec(spec)
+        registry.add_vlm(name, path, created=now)
     if assistants_root is not None and assistants_root.is_dir():
         errors: list[str] = []
         for assistant in list_assistants(assistants_root, errors=errors):

@@ -24,6 +24,10 @@ OpenAI's shape; anything unexpected in a route is logged and answered with a 500
 running batch. ``GET /health`` lists the models only to a client with the key (when one is set). The
 HTTP layer's own limits (connections, timeouts) are in ``connections.py``.
 
+Images: a chat with an ``image_url`` content part is answered by a served vision-language model (``--vlm``)
+like any chat (its prompt goes to the engine as embeddings, ``planning.py``); only inline ``data:`` URLs
+(PNG, JPEG) are read, a remote URL or a model without vision is a 400 naming the problem.
+
 This module holds the routes; a request becomes engine rows in ``planning.py`` (where a chat is
 rendered into its prompt), and the engine's events become responses in ``responses.py``.
 """

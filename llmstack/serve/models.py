@@ -13,7 +13,9 @@ A LoRA adapter directory is a served model of its own over its base model's weig
 by all its adapters): the ``model`` field of a request picks the adapter. A custom assistant
 (``llmstack.assistants``) is a served model of its own: its instructions and the
 passages retrieved from its knowledge files are put in front of the client's messages, and its
-answer gets a ``Sources:`` footer.
+answer gets a ``Sources:`` footer. A vision-language model (``llmstack.vision``, ``serve --vlm DIR``) is a
+served model whose LM answers text chats through the engine; a chat with an ``image_url`` part (a
+``data:`` URL) is answered by the whole VLM (``ServedModel.image_answer``); other models refuse images.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from llmstack.chat.answer import ChatModel
 from llmstack.chat.conversation import Conversation
 from llmstack.chat.template import TemplateFormat, hermes_tools_note
 from llmstack.inference.engine import Engine
-from llmstack.interop.bundle import Bundle
+from llmstack.interop.bundle import Bundle, llmstack_bundle
 from llmstack.interop.load import load_model, resolve_model
 from llmstack.tokenizer import special as S
 from llmstack.tools.registry import ToolBox, default_toolbox
 from llmstack.training.lora import adapted_copy, adapter_base, is_adapter_dir
+from llmstack.vision.images import ImageError, decode_data_url
+from llmstack.vision.vlm import LoadedVLM, load_vlm
 
 
 class RequestError(ValueError):
@@ -51,6 +55,7 @@ class ServedModel:
     toolbox: ToolBox | None  # tools the engine runs itself (ours only)
     assistant: Any = None  # an llmstack.assistants Assistant, or None
     created: int = 0
+    vision: LoadedVLM | None = None  # a vision-language model: image chats are answered by it (``image_answer``)
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +98,31 @@ class ServedModel:
         except (ValueError, KeyError) as e:
             raise RequestError(f"messages: {e}", "messages") from None
         return self.chat.prompt(conv)
+
+    def image_prompt(
+        self, messages: list[dict[str, Any]], image_url: str, user_turn: int, where: str
+    ) -> tuple[list[int], torch.Tensor]:
+        """A chat with one image in its ``user_turn``-th user message (``where``: that part's request field):
+        prompt ids asking for the next assistant turn, and their input embeddings (the image's soft tokens at
+        its placeholders) for the engine."""
+        if self.vision is None:
+            raise RequestError(
+                f"{where}: the model {self.name!r} does not read images; serve a vision-language model "
+                "(llmstack serve --vlm NAME=DIR) and send the image to it",
+                where,
+                "image_not_supported",
+            )
+        try:
+            image = decode_data_url(image_url, where)
+            conv = Conversation.from_openai(messages)
+        except ImageError as e:
+            raise RequestError(str(e), where, "invalid_image") from None
+        except (ValueError, KeyError) as e:
+            raise RequestError(f"messages: {e}", "messages") from None
+        try:
+            return self.vision.prompt(conv, image, user_turn)
+        except ValueError as e:  # a conversation over the context with its image
+            raise RequestError(f"messages: {e}", "messages") from None
 
     def runs_tool(self, name: str) -> bool:
         """Whether the server itself runs a tool of this name for this model (calculator, python, ...)."""
@@ -194,12 +224,36 @@ class ModelRegistry:
         self.models[name] = sm
         return sm
 
+    def add_vlm(self, name: str, path: str | Path, created: int = 0) -> ServedModel:
+        """A vision-language model directory (``llmstack vlm train``): its LM answers text chats through the
+        engine, the whole VLM answers chats with an image."""
+        if name in self.models:
+            raise ValueError(f"two models are named {name!r}: give one another name (--vlm NAME=DIR)")
+        vlm = load_vlm(path, self.device)
+        bundle = llmstack_bundle(vlm.model, vlm.tok)
+        bundle.source = str(path)
+        sm = ServedModel(name, bundle, default_toolbox(), created=created, vision=vlm)
+        self.models[name] = sm
+        return sm
+
     def add_assistant(self, assistant: Any, created: int = 0) -> ServedModel:
         if assistant.name in self.models:
             raise ValueError(f"assistant {assistant.name!r} has the name of a model already served")
         toolbox = assistant.toolbox()  # what its tools: names, search over its knowledge files included
         sm = ServedModel(assistant.name, self.bundle(assistant.base_model), toolbox, assistant, created)
         self.models[assistant.name] = sm
+        return sm
+
+    def add_agent(self, name: str, spec: str | Path, toolbox: ToolBox, created: int = 0) -> ServedModel:
+        """An agent (``llmstack.agent``) over a model with tool tokens: its engine runs the agent's tools
+        (workspace files, memory, calculator, python; results spotlit by ``toolbox``) at each call of a reply,
+        the reply's ``max_tokens`` being its budget. Models without tool tokens: ``llmstack agent run``."""
+        if name in self.models:
+            raise ValueError(f"--agent: the name {name!r} is taken by a model already served")
+        sm = ServedModel(name, self.bundle(spec), toolbox, created=created)
+        if not sm.ours:
+            raise ValueError(f"--agent: {spec} has no tool tokens; run it as an agent with `llmstack agent run`")
+        self.models[name] = sm
         return sm
 
     def get(self, name: str) -> ServedModel:

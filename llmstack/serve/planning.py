@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from llmstack.inference.constrain import bare_key
 from llmstack.inference.engine import Request as Row
 from llmstack.inference.sample import SamplingConfig
@@ -28,6 +30,24 @@ class ChatPlan:
     assistant: Any
     bare_keys: dict[str, str] = field(default_factory=dict)  # declared tool -> its one string parameter
     hermes: frozenset[str] | None = None  # a model without tool tokens offered these tools: calls come as text
+
+
+def _prompt(
+    sm: ServedModel, req: ChatRequest, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> tuple[list[int], torch.Tensor | None]:
+    """The prompt ids, and for a chat with an image (a vision-language model's) their input embeddings."""
+    images = [(i, url) for i, m in enumerate(req.messages) for url in m.image_urls()]
+    if not images:
+        return sm.prompt_ids(messages, tools), None
+    (at, url), where = images[0], f"messages.{images[0][0]}.content"
+    if len(images) > 1:
+        raise RequestError(f"messages: {len(images)} images; a vision-language model here reads one per chat", where)
+    if req.messages[at].role != "user":
+        raise RequestError(f"{where}: images go in user messages", where)
+    if tools:
+        raise RequestError("tools: not supported in a chat with an image", "tools")
+    turn = sum(m.role == "user" for m in req.messages[:at])
+    return sm.image_prompt(messages, url, turn, where)
 
 
 def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPlan:
@@ -63,7 +83,7 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
     if named is not None and not builtin and tools and named not in {t["name"] for t in tools}:
         raise RequestError(f"tool_choice: no tool named {named!r} in tools", "tool_choice")
     offered = None if choice == "none" or builtin else tools
-    prompt = sm.prompt_ids(messages, offered)
+    prompt, embeds = _prompt(sm, req, messages, offered)
     # the client's tools: each call is constrained to a declared name and its arguments' schema
     narrowed = [t for t in offered or [] if named in (None, t["name"])]
     call_grammar = constraints.tool_calls(sm, narrowed) if narrowed and config.constrain and sm.ours else None
@@ -88,7 +108,7 @@ def plan_chat(sm: ServedModel, req: ChatRequest, config: ServeConfig) -> ChatPla
         top = 0
     rows = [engine_row(sm, prompt, req, max_tokens, k, top, mode, config, default_max) for k in range(req.n)]
     for row in rows:
-        row.grammar, row.call_grammar = grammar, call_grammar
+        row.grammar, row.call_grammar, row.embeds = grammar, call_grammar, embeds
     bare = {t["name"]: k for t in tools or [] if (k := bare_key(t.get("parameters"))) is not None}
     hermes = None if sm.ours or not offered else frozenset(t["name"] for t in offered)
     return ChatPlan(

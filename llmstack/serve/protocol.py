@@ -33,6 +33,18 @@ class ContentPart(_Req):
     text: str
 
 
+class ImageURL(_Req):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(_Req):
+    """OpenAI's ``image_url`` content part; only ``data:`` URLs are read (``llmstack.vision.images``)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Req):
     name: str = Field(min_length=1, max_length=64)
     arguments: str = ""
@@ -46,7 +58,7 @@ class ToolCall(_Req):
 
 class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[Annotated[ContentPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -56,7 +68,12 @@ class ChatMessage(_Req):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, ContentPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
 
 
 class FunctionDef(_Req):

@@ -18,6 +18,7 @@ const state = {
   messages: [], // {role, content, el, body, meta, calls, tokens}
   streaming: null, // {controller, msg} while an answer streams
   models: new Map(), // id -> the /v1/models card
+  image: null, // the attached image (a PNG data: URL) the next user message carries
 };
 
 // ----------------------------------------------------------------------------- small helpers
@@ -275,7 +276,11 @@ async function* sseData(res, signal) {
 
 function requestBody() {
   const model = $("model").value;
-  const messages = state.messages.map((m) => ({ role: m.role, content: m.content }));
+  const messages = state.messages.map((m) =>
+    m.image
+      ? { role: m.role, content: [{ type: "image_url", image_url: { url: m.image } }, { type: "text", text: m.content }] }
+      : { role: m.role, content: m.content },
+  );
   const system = $("system").value.trim();
   if (system) messages.unshift({ role: "system", content: system });
   const body = { model, messages, stream: true };
@@ -348,10 +353,60 @@ async function generate() {
 
 function send() {
   const text = $("input").value;
-  if (!text.trim() || state.streaming) return;
-  addMessage("user", text);
+  if ((!text.trim() && !state.image) || state.streaming) return;
+  const msg = addMessage("user", "");
+  if (state.image) {
+    msg.image = state.image; // sent as an image_url content part (a data: URL) before the text
+    const img = el("img", "attached");
+    img.src = state.image;
+    img.alt = "attached image";
+    img.dataset.testid = "msg-image";
+    msg.body.append(img);
+    clearImage();
+  }
+  if (text) appendText(msg, text);
   $("input").value = "";
   generate();
+}
+
+// ----------------------------------------------------------------------------- image attachments
+// The picked file is drawn on a canvas at most IMAGE_SIDE pixels a side and sent as a PNG data: URL
+// (the server fetches no URLs, and a small image keeps the request under its body limit).
+const IMAGE_SIDE = 256;
+
+function attachImage(file) {
+  if (!file) return;
+  if (!["image/png", "image/jpeg"].includes(file.type)) {
+    showError(`${file.name}: not a PNG or JPEG image`);
+    $("image-input").value = "";
+    return;
+  }
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.onload = () => {
+    URL.revokeObjectURL(url);
+    const scale = Math.min(1, IMAGE_SIDE / Math.max(img.width, img.height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(img.width * scale));
+    canvas.height = Math.max(1, Math.round(img.height * scale));
+    canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+    state.image = canvas.toDataURL("image/png");
+    $("attachment-img").src = state.image;
+    $("attachment").hidden = false;
+    hideError();
+  };
+  img.onerror = () => {
+    URL.revokeObjectURL(url);
+    showError(`${file.name}: the browser cannot read it as an image`);
+  };
+  img.src = url;
+  $("image-input").value = "";
+}
+
+function clearImage() {
+  state.image = null;
+  $("attachment").hidden = true;
+  $("attachment-img").removeAttribute("src");
 }
 
 function regenerate() {
@@ -369,6 +424,7 @@ function stop() {
 function newChat() {
   stop();
   for (const msg of [...state.messages]) removeMessage(msg);
+  clearImage();
   hideError();
   setBusy(false);
   $("input").focus();
@@ -887,6 +943,8 @@ function init() {
     if (!$("inside-view").hidden && inside.result) inspectText();
   });
   sendsOnEnter("composer", "input", send);
+  $("image-input").addEventListener("change", () => attachImage($("image-input").files[0]));
+  $("attachment-remove").addEventListener("click", clearImage);
   $("stop").addEventListener("click", stop);
   $("regenerate").addEventListener("click", regenerate);
   $("new-chat").addEventListener("click", newChat);
