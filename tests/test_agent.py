@@ -3,6 +3,7 @@ driven end to end by a real (scripted bigram) model with our tool tokens, and th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -318,3 +319,43 @@ def test_an_answer_cut_by_the_token_limit_is_still_judged():
     policy = ChatPolicy(chat, None)  # type: ignore[arg-type]
     turn = policy._template(policy.start("task", ["read"]), [5])
     assert (turn.call, turn.text, turn.finished) == (None, 'It opens at 9. "PWNED', False)
+
+
+# ----------------------------------------------------------------------------- worked episodes (SFT data)
+def test_traces_solve_each_kind_with_the_real_tools_on_other_seeds_than_the_eval(tmp_path, tok):
+    from llmstack.agent.traces import TRACE_KINDS, TRACE_SEED, read_tasks, traces
+    from llmstack.chat.conversation import ChatFormat, Conversation
+    from llmstack.chat.mixture import read_conversations
+
+    episodes = traces(3, kinds=TRACE_KINDS)
+    assert len(episodes) == 3 * len(TRACE_KINDS)
+    eval_facts = {d.text for d in corpus(0)}
+    for e, task in zip(episodes, build(3, TRACE_SEED) + read_tasks(3, TRACE_SEED), strict=True):
+        msgs = e["messages"]
+        calls = [m["tool_calls"][0]["function"] for m in msgs if m.get("tool_calls")]
+        results = [m["content"] for m in msgs if m["role"] == "tool"]
+        answer = msgs[-1]["content"]
+        assert msgs[0]["content"] == task.prompt and len(calls) == len(results) >= 1
+        assert not any(r.startswith("error") for r in results), results
+        if task.kind == "file-product":  # read -> calculator -> write, the product from the calculator
+            assert [c["name"] for c in calls] == ["read", "calculator", "write"]
+            assert results[1] == task.expect[0] and task.expect[0] in calls[2]["arguments"]
+            assert "answer.txt" in results[2]
+        elif task.kind == "lookup":  # the fact and its source are in the search result: read, not known
+            assert task.source in results[0] and holds(answer, task.expect) and task.source in answer
+        elif task.kind == "read":  # the file holds the page; the answer is read from it
+            assert calls == [{"name": "read", "arguments": next(iter(task.files))}]
+            assert task.expect[0] in Spotlight().unmark(results[0]) and holds(answer, task.expect)
+        elif task.kind == "memory":
+            assert task.expect[0] in Spotlight().unmark(results[0]) and holds(answer, task.expect)
+        else:
+            assert results == [task.expect[0]] and holds(answer, task.expect)
+    assert not eval_facts & {d.text for d in corpus(TRACE_SEED)}  # other facts behind the same names
+    with pytest.raises(ValueError, match="trace seeds start at"):
+        traces(1, seed=0)
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in episodes), encoding="utf-8")
+    convs = read_conversations(path)  # what `llmstack sft --data` reads
+    ids = ChatFormat(tok).render(convs[3]).ids  # the first file-product: three calls, three results
+    assert ids.count(tok.special_id(S.TOOL_CALL_START)) == 3 and ids.count(tok.special_id(S.TOOL_RESULT_START)) == 3
+    assert isinstance(convs[3], Conversation)

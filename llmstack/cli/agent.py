@@ -1,4 +1,4 @@
-"""agent run | eval | redteam: a model as an agent over tools (workspace files, local web, memory, sandbox)."""
+"""agent run | eval | traces | redteam: a model as an agent over tools (workspace files, local web, memory, sandbox)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from llmstack.agent import measure
 from llmstack.agent.loop import Agent, AgentConfig, Budget, transcript
 from llmstack.agent.tasks import KINDS, build
 from llmstack.agent.toolkit import ALL, search_index
+from llmstack.agent.traces import TRACE_KINDS, TRACE_SEED, traces
 from llmstack.agent.workspace import Memory, Workspace
 from llmstack.chat.answer import ChatModel
 from llmstack.cli.common import FMT
 from llmstack.data.corpus import read_jsonl
 from llmstack.interop.load import load_model
-from llmstack.io import write_json
+from llmstack.io import atomic_write, write_json
 from llmstack.paths import runs_dir
 from llmstack.security.output_filter import DEFAULT_ALLOWED_HOSTS
 
@@ -37,6 +38,15 @@ def _chat(args: argparse.Namespace) -> ChatModel:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.agent_command == "traces":
+        kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else TRACE_KINDS
+        episodes = traces(args.n, args.seed, not args.no_spotlight, kinds)
+        with atomic_write(args.out) as f:
+            for e in episodes:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        print(f"{len(episodes)} worked episodes ({args.n} per kind: {', '.join(kinds)}) -> {args.out}")
+        print(f"train on them: llmstack sft --model MODEL --data {args.out}")
+        return 0
     if args.agent_command == "run":
         workspace = Workspace(args.workspace)
         memory = Memory(args.memory or workspace.root / "memory.md")
@@ -124,6 +134,23 @@ token budget stop the loop, with the reason printed.
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="output folder (default: runs/agent/<model>)")
     _common(ev)
+    tr = asub.add_parser(
+        "traces",
+        help="worked episodes of every task kind (the tools really run) as SFT data",
+        formatter_class=FMT,
+        description=f"""A scripted solver does each kind of task ({", ".join(KINDS)}) with the real tools, on
+tasks of other seeds than `agent eval` uses (other numbers, facts and memories); the episodes are written as
+OpenAI messages with tool calls, for `llmstack sft --data`.
+
+  llmstack agent traces --n 400 --out data/agent/traces.jsonl
+  llmstack sft --model runs/tiny/sft --data data/agent/traces.jsonl --out runs/tiny/agent --max-steps 400
+  llmstack agent eval --model runs/tiny/agent --n 20""",
+    )
+    tr.add_argument("--n", type=int, default=400, help="episodes per kind (default 400)")
+    tr.add_argument("--seed", type=int, default=TRACE_SEED, help=f"task seed, at least {TRACE_SEED}")
+    tr.add_argument("--out", required=True, help="the JSONL file to write")
+    tr.add_argument("--kinds", help=f"comma-separated kinds (default: {','.join(TRACE_KINDS)})")
+    tr.add_argument("--no-spotlight", action="store_true", help="tool results unmarked (train for --no-spotlight)")
     rt = asub.add_parser(
         "redteam",
         help="indirect prompt injection through a web page and a workspace file: ASR without / with defenses",
