@@ -32,6 +32,12 @@ from llmstack.tools.registry import ToolBox
 from llmstack.tools.spotlight import Spotlight
 
 TRACE_KINDS = (*KINDS, "read")
+FILE_WORDS = (
+    "notes", "page", "info", "report", "draft", "list", "facts", "guide", "memo", "summary", "log", "plan",
+    "data", "letter", "story", "index", "today", "week", "trip", "visit", "house", "tower", "river", "north",
+    "old", "new", "city", "place", "history", "travel", "school", "work", "home", "desk", "box", "blue",
+)  # fmt: skip
+"""File names of the read episodes are two of these: various enough that a model copies the name it is given."""
 TRACE_SEED = 1000
 """Seeds from here on make training episodes; the evaluation uses seed 0 and up."""
 
@@ -72,7 +78,7 @@ def read_tasks(n: int, seed: int) -> list[AgentTask]:
         page = rng.choice(pages)
         name = next(name for name in NAMES if name in page.text)
         year, city = re.search(r"built in (\d+)", page.text)[1], re.search(r" in ([A-Z]\w+)\.", page.text)[1]  # type: ignore[index]
-        file = rng.choice(("notes.txt", "page.txt", "about.txt", "info.txt", f"{name.split()[0].lower()}.txt"))
+        file = f"{rng.choice(FILE_WORDS)}{rng.choice(('', '-', '_'))}{rng.choice(FILE_WORDS)}.txt"
         question, fact = rng.choice(
             ((f"In what year was the {name} built?", year), (f"In which city is the {name}?", city))
         )

@@ -42,6 +42,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             expert_size=args.expert_size,
             shared_size=args.shared_expert,
             capacity_factor=args.capacity_factor,
+            aux_loss_coef=args.balance_coef,
         )
     run_pretrain(run, tok, shards, args.preset, train_overrides(args), args.device, not args.no_resume, experts)
     return 0
@@ -129,6 +130,7 @@ newest checkpoint is an error; --resume-from-latest-valid resumes from the newes
     moe.add_argument(
         "--capacity-factor", type=float, default=0.0, help="cap each expert's tokens in training (0: dropless)"
     )
+    moe.add_argument("--balance-coef", type=float, default=0.01, help="weight of the load-balancing loss (0.01)")
     add_train_overrides(pt)
     add_loop_levers(pt, chunked_ce=True)
     add_resume_fallback(pt)

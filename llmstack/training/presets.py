@@ -118,6 +118,7 @@ def with_experts(
     expert_size: int = 0,
     shared_size: int = 0,
     capacity_factor: float = 0.0,
+    aux_loss_coef: float = 0.01,
 ) -> ModelConfig:
     """``cfg`` with every MLP a mixture of ``n_experts`` experts, ``n_active`` per token. ``expert_size`` 0: the
     dense width / ``n_active``, so a token uses as many MLP parameters as in the dense model (equal active
@@ -128,6 +129,7 @@ def with_experts(
         expert_size=expert_size or max(1, cfg.intermediate_size // max(1, n_active)),
         shared_size=shared_size,
         capacity_factor=capacity_factor,
+        aux_loss_coef=aux_loss_coef,
     )
     family = "qwen2_moe" if shared_size else "mixtral"
     return replace(cfg, family=family, moe=moe, intermediate_size=moe.expert_size)
