@@ -204,7 +204,7 @@ def test_balancing_loss_shapes_the_gradient_not_the_value(tok):
     grads, losses = [], []
     for coef in (0.0, 1.0):
         model = _ours(MoEConfig(4, 2, 48, aux_loss_coef=coef), tok.vocab_size).train()
-        loss = model(ids[:, :-1], targets_BT=ids[:, 1:])
+        loss = model(ids[:, :-1], targets_BT=ids[:, 1:]) + model.balancing()
         loss.backward()
         losses.append(loss.item())
         grads.append(model.model.layers[0].mlp.gate.weight.grad.clone())
@@ -312,3 +312,26 @@ def test_inside_view_shows_the_experts_transformers_chooses(moe_dir, tok):
         assert sum(shown["load"][layer]) == pytest.approx(1.0, abs=1e-3)
     dense = GPT(ModelConfig(tok.vocab_size, 1, 32, 4, 2, 64, 64))
     assert inspect_text(dense, ids.tolist(), bundle.tokenizer)["experts"] is None
+
+
+def test_the_training_loop_applies_the_balancing_loss(tok, shard_dir, tmp_path):
+    """However a stage computes its loss (here logits, then cross-entropy outside the model), the loop adds
+    the balancing term: the same run with another coefficient logs the same first loss, then other routers."""
+    from llmstack.data.shards import ShardIndex
+    from llmstack.training.config import TrainConfig
+    from llmstack.training.distributed import DistInfo
+    from llmstack.training.loop import train
+    from llmstack.training.pretrain import PretrainTask
+
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    cfg = TrainConfig(max_steps=3, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=0, ckpt_every=0)
+    routers, first = [], []
+    for coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = GPT(with_experts(ModelConfig(tok.vocab_size, 2, 32, 4, 2, 64, 64), 4, 2, aux_loss_coef=coef))
+        task = PretrainTask(ShardIndex.load(shard_dir), tok, cfg, cpu)
+        result = train(model, task, cfg, tmp_path / str(coef), cpu, meta={}, resume=False, progress=False)
+        routers.append(model.model.layers[0].mlp.gate.weight.detach().clone())
+        first.append(result.losses[0])
+    assert first[0] == pytest.approx(first[1], abs=1e-6)
+    assert (routers[0] - routers[1]).abs().max() > 1e-5

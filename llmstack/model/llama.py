@@ -446,16 +446,18 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         if targets_BT is not None:
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
-            return loss + self._balancing() if self.training and self.config.moe is not None else loss
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         return self.lm_head(x)
 
-    def _balancing(self) -> torch.Tensor:
-        """A mixture's load-balancing loss (mean over layers, times its coefficient) as a term whose value is
-        0 and whose gradient is its own: the returned loss still reads as the plain cross-entropy."""
-        assert self.config.moe is not None
-        aux = torch.stack([m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]).mean()
-        aux = self.config.moe.aux_loss_coef * aux
+    def balancing(self) -> torch.Tensor | float:
+        """A mixture's load-balancing loss of the last training forward (mean over layers, times its
+        coefficient) as a term whose value is 0 and whose gradient is its own: the training loop adds it to
+        every stage's loss, however the loss was computed, and the loss still reads as the plain
+        cross-entropy. 0 for a dense model, or outside training."""
+        layers = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None] if self.training else []
+        if not layers or self.config.moe is None:
+            return 0.0
+        aux = self.config.moe.aux_loss_coef * torch.stack(layers).mean()
         return aux - aux.detach()
 
     def moe_layers(self) -> list[MoE]:

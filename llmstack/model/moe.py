@@ -14,12 +14,12 @@ unchosen ones are weighted 0: the same sum.
 
 Balancing: the load-balancing loss of Switch Transformer / Mixtral, ``n_experts * sum_e f_e * P_e`` (f_e: the
 share of routed slots expert e received; P_e: its mean router probability), minimal (1 per chosen slot)
-when the load is uniform. ``aux_loss_coef`` scales it into the training gradient (``GPT.forward`` adds it
-so that the loss value itself stays the plain cross-entropy). With ``capacity_factor`` > 0 an expert takes
-at most ``ceil(capacity_factor * tokens * n_active / n_experts)`` slots per forward, in token order; the
-rest are dropped (that expert's share of those tokens is 0; the residual still carries them). 0 is
-dropless, as transformers runs it. Load, drops and the auxiliary loss accumulate while training and are
-read (and reset) by ``GPT.train_stats``.
+when the load is uniform. ``aux_loss_coef`` scales it into the training gradient (the training loop adds
+``GPT.balancing()`` to every stage's loss, as a term of value 0, so the loss reads as the cross-entropy).
+With ``capacity_factor`` > 0 an expert takes at most ``ceil(capacity_factor * tokens * n_active /
+n_experts)`` slots per forward, in token order; the rest are dropped (that expert's share of those tokens
+is 0; the residual still carries them). 0 is dropless, as transformers runs it. Load, drops and the
+auxiliary loss accumulate while training and are read (and reset) by ``GPT.train_stats``.
 
 What is not here: expert parallelism (experts on different devices), aux-loss-free bias balancing, and
 routing groups (DeepSeek-V3); these would be new pieces beside this one.

@@ -237,6 +237,7 @@ def train(
                 model.set_requires_gradient_sync(sync)  # type: ignore[operator]
             with contextlib.nullcontext() if sync or sharded else fwd_model.no_sync(), _autocast(device, amp_dtype):
                 loss, n_tokens = task.loss(fwd_model, batch)
+                loss = loss + getattr(model, "balancing", float)()  # a mixture's balancing gradient; value 0
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += n_tokens
