@@ -109,10 +109,14 @@ class RewardModel(GPT):
         cache: KVCache | None = None,
         targets_BT: torch.Tensor | None = None,
         last_only: bool = False,
+        embeds_BTC: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> the reward after each prefix (B, T); a reward model takes no targets."""
-        if targets_BT is not None or last_only:
-            raise ValueError("a reward model scores every prefix of a sequence: no next-token targets, no last_only")
+        if targets_BT is not None or last_only or embeds_BTC is not None:
+            raise ValueError(
+                "a reward model scores every prefix of a sequence of tokens: no next-token targets, no last_only, "
+                "no input embeddings"
+            )
         h_BTC = super().forward(idx_BT, cache)
         r_BT = self.score(h_BTC).squeeze(-1)
         if self.likelihood_weight is None or self.reference is None:
