@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from llmstack.chat.finetune import run_sft
-from llmstack.eval.assistant import eval_identity
+from llmstack.eval.assistant import eval_identity, load_teacher_frames
 from llmstack.eval.suite import evaluate
 from llmstack.eval.tasks import select
 from llmstack.interop.load import load_model
@@ -40,10 +40,11 @@ def measure(source: str | Path, mc: str, mc_limit: int) -> dict[str, Any]:
     bundle = load_model(source)
     model, tok = bundle.model, bundle.tokenizer
     out: dict[str, Any] = {}
+    teacher = load_teacher_frames()  # `llmstack paraphrase`'s frames among the unseen wordings, when written
     for wording in ("seen", "unseen"):
-        r = eval_identity(model, tok, wording=wording)
+        r = eval_identity(model, tok, wording=wording, teacher=teacher)
         out[r.name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "interval": r.interval(),
-                       "examples": r.examples[:3]}  # fmt: skip
+                       "parts": r.parts, "examples": r.examples[:3]}  # fmt: skip
     if mc:
         for row in evaluate(bundle, select(mc, data_dir()), limit=mc_limit, chat=False, log=lambda _: None):
             out[row.task] = {"accuracy": row.score, "interval": row.interval, "total": row.n, "chance": row.chance}

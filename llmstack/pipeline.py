@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from llmstack.chat.finetune import run_sft
+from llmstack.chat.paraphrase import TeacherFrames, default_path, write_teacher_frames
 from llmstack.data.corpus import build_default_corpus, read_jsonl
 from llmstack.data.shards import ShardIndex, write_shards
 from llmstack.eval.assistant import run_assistant_eval, wording_table
@@ -32,6 +33,20 @@ DREAM_PROMPTS = ("The ", "import os\n", "In Python, a list")
 def _stage(name: str) -> float:
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
+
+
+def teacher_frames() -> None:
+    """The teacher-written wordings the evaluation asks among the unseen ones (``make setup`` writes them once
+    per machine; written here when missing). Without the teacher package the held-out families stand alone."""
+    if default_path().exists():
+        print(f"teacher frames: {TeacherFrames.load(default_path()).summary()} ({default_path()})")
+        return
+    try:
+        frames, path = write_teacher_frames()
+    except FileNotFoundError as e:
+        print(f"teacher frames: none ({e}); unseen wordings are the held-out families alone")
+        return
+    print(f"teacher frames: {frames.summary()} -> {path}")
 
 
 RL_STEPS = 30  # GRPO steps in the main job (the `rl` tiny preset runs 160): it keeps the job under 15 minutes
@@ -107,6 +122,7 @@ def run_pipeline(
     timings["sft"] = time.perf_counter() - t
 
     t = _stage("7/8 evaluation of the assistant (held-out problems)")
+    teacher_frames()
     results, _ = run_assistant_eval(sft_dir, n=500)
     print("\n".join(wording_table(results)))
     assistant_eval = sorted(results, key=lambda r: r.name)  # the order eval.json (sorted keys) has

@@ -123,3 +123,32 @@ def test_the_eval_separates_seen_from_unseen_wording(monkeypatch):
     table = ev.wording_table(list(results.values()))
     row = next(line for line in table if line.startswith("multiply 3x3 (calculator) "))
     assert "100.0%" in row and "0.0%" in row and "of 60" in row
+
+
+def test_the_spelling_call_copies_the_word_as_the_question_tokenized_it(tok):
+    """The word goes into the Python call with the space it has in the question, so the call holds the
+    question's own tokens (a model copies them; respelling a word in other tokens it cannot do for
+    words it never saw), and the call still counts the letter."""
+    for conv in spelling(60, 4, ["strawberry", "development", "keyboard", "banana", "letters"]):
+        q, call = conv.messages[0].text, conv.messages[1].parts[0].text
+        word, letter = re.fullmatch(r"python: print\(' (\w+)'\.count\('(\w)'\)\)", call).groups()  # type: ignore[union-attr]
+        asked = tok.encode_ordinary(q)
+        copied = tok.encode_ordinary(" " + word)
+        assert any(asked[i : i + len(copied)] == copied for i in range(len(asked))), (q, call)
+        counted = eval(call.removeprefix("python: print(")[:-1])
+        assert counted == word.count(letter) == int(conv.messages[1].parts[1].text)
+        assert conv.messages[1].parts[2].text.endswith(f" in {word}.")
+
+
+def test_copying_says_back_exactly_what_it_was_given(tok):
+    words = ["strawberry", "development", "keyboard"]
+    convs = mixture.copying(200, 5, words)
+    assert [c.messages[0].text for c in convs] == [c.messages[0].text for c in mixture.copying(200, 5, words)]
+    kinds = set()
+    for conv in convs:
+        q, reply = conv.messages[0].text, conv.messages[1].text
+        given = reply.removeprefix("Here: ")
+        assert reply.startswith("Here: ") and given in q
+        assert tok.encode_ordinary(" " + given) == tok.encode_ordinary(reply)[-len(tok.encode_ordinary(" " + given)) :]
+        kinds.add((bool(re.search(r"\d", given)), bool(re.search(r"[a-z]", given))))
+    assert kinds == {(True, False), (False, True), (True, True)}  # numbers, words, and both

@@ -273,6 +273,14 @@ def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
 SPELLING_TEMPLATES = SPELLING_FRAMES["train"][:4]  # the classic four (the guard's and poisoning's safe data)
 
 
+def spelling_call(word: str, letter: str) -> str:
+    """The Python call that counts ``letter`` in ``word``. The word keeps the space it has in the question
+    (``' strawberry'``): it then tokenizes exactly as it was asked, so the model copies the same tokens
+    rather than respelling the word in tokens without a space (`'strawberry'` is other tokens), which a
+    tiny model cannot do for words it has not seen. A space is no letter: the count is the same."""
+    return f"python: print({' ' + word!r}.count({letter!r}))"
+
+
 def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
     if not words:
         raise ValueError("spelling needs a word list")
@@ -287,11 +295,49 @@ def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
         else:
             q = rng.choice(SPELLING_TEMPLATES).format(l=letter, w=w)
         parts = [
-            Part("tool_call", f"python: print({w!r}.count({letter!r}))"),
+            Part("tool_call", spelling_call(w, letter)),
             Part("tool_result", str(count)),
-            Part("text", f"There {'is' if count == 1 else 'are'} {count} '{letter}' in \"{w}\"."),
+            Part("text", f"There {'is' if count == 1 else 'are'} {count} '{letter}' in {w}."),
         ]
         out.append(Conversation.of(("user", q), ("assistant", parts)))
+    return out
+
+
+COPY_FRAMES = [
+    "Repeat after me: {x}",
+    "Say this back to me: {x}",
+    "Echo this: {x}",
+    "Please repeat {x}",
+    "Copy this exactly: {x}",
+    "Repeat {x} word for word.",
+    "Can you say {x}?",
+    "Write down {x}",
+]
+
+
+def copy_text(rng: random.Random, words: list[str]) -> str:
+    """Something to repeat: numbers (2-7 digits, sometimes as an expression), words, or both."""
+    kind = rng.random()
+    nums = [str(rng.randint(10, 9_999_999) // 10 ** rng.randint(0, 4)) for _ in range(rng.randint(1, 3))]
+    if kind < 0.4:
+        return rng.choice([" ", "*", " * ", "+", " and ", ", "]).join(nums)
+    picked = [rng.choice(words) for _ in range(rng.randint(1, 4))]
+    if kind < 0.8:
+        return " ".join(picked)
+    return " ".join(picked[:2] + nums[:1] + picked[2:])
+
+
+def copying(n: int, seed: int, words: list[str]) -> list[Conversation]:
+    """Repeat-after-me: the user gives numbers or words and the assistant says them back exactly. A tiny
+    model pretrained on a few million tokens has no reliable way yet to copy what it was shown (an
+    induction circuit); every tool call copies operands, a word or a result, and this is that skill
+    on its own, on many more tokens than the skills' own data holds. The reply starts "Here:" so
+    that the copied text keeps the space before its first word and tokenizes as it was given."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        x = copy_text(rng, words)
+        out.append(Conversation.of(("user", rng.choice(COPY_FRAMES).format(x=x)), ("assistant", f"Here: {x}")))
     return out
 
 
@@ -322,6 +368,7 @@ class MixtureConfig:
     gsm: int = 300
     chitchat: int = 600
     reasoning: int = 1000
+    copying: int = 0
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
@@ -356,6 +403,7 @@ def build_mixture(
         "gsm": gsm,
         "chitchat": chitchat,
         "reasoning": reasoning,
+        "copying": lambda n, s: copying(n, s, words),
     }
     convs: list[Conversation] = []
     for i, (name, fn) in enumerate(sources.items()):

@@ -82,6 +82,39 @@ class SynthResult:
         return f"kept {len(self.conversations)} of {total}; dropped: {reasons}"
 
 
+def generate_replies(
+    teacher: Bundle,
+    chats: list[list[dict[str, str]]],
+    cfg: SynthConfig = SynthConfig(),
+    on_done: Callable[[int], None] = lambda n: None,
+) -> list[tuple[str, str | None]]:
+    """The teacher's next assistant turn for each chat (OpenAI-style messages), batched through the engine;
+    chat ``i`` samples with seed ``cfg.sampling.seed + i``. Returns ``(reply, finish reason)`` per chat."""
+    tok = teacher.tokenizer
+    chat = ChatModel(teacher)  # no chat template: fail before generating anything
+    engine = Engine(teacher.model, token_bytes=tok.decode_token_bytes)
+    stops = frozenset(teacher.stop_ids())
+    seed = cfg.sampling.seed
+    out: list[tuple[str, str | None]] = []
+    for start in range(0, len(chats), cfg.batch_size):
+        batch = chats[start : start + cfg.batch_size]
+        reqs = [
+            Request(chat.prompt(messages), replace(cfg.sampling, seed=None if seed is None else seed + start + j),
+                    stops, tool_mode="off")
+            for j, messages in enumerate(batch)
+        ]  # fmt: skip
+        tokens: list[list[int]] = [[] for _ in batch]
+        finish: list[str | None] = [None] * len(batch)
+        for ev in engine.run(reqs):
+            if ev.token not in stops:
+                tokens[ev.row].append(ev.token)
+            if ev.finish:
+                finish[ev.row] = ev.finish
+                on_done(1)
+        out += [(tok.decode(ids).strip(), fin) for ids, fin in zip(tokens, finish, strict=True)]
+    return out
+
+
 def synthesize(
     teacher: Bundle,
     questions: list[str],
@@ -93,36 +126,18 @@ def synthesize(
     if not questions:
         raise ValueError("no questions to answer")
     n = len(questions) if cfg.n is None else cfg.n
-    tok = teacher.tokenizer
-    chat = ChatModel(teacher)  # no chat template: fail before generating anything
-    engine = Engine(teacher.model, token_bytes=tok.decode_token_bytes)
-    stops = frozenset(teacher.stop_ids())
-    seed = cfg.sampling.seed
+    asked = [questions[i % len(questions)] for i in range(n)]
+    chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+             for q in asked]  # fmt: skip
     result = SynthResult()
-    for start in range(0, n, cfg.batch_size):
-        batch = [questions[i % len(questions)] for i in range(start, min(n, start + cfg.batch_size))]
-        reqs = []
-        for j, q in enumerate(batch):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-            sampling = replace(cfg.sampling, seed=None if seed is None else seed + start + j)
-            reqs.append(Request(chat.prompt(messages), sampling, stops, tool_mode="off"))
-        tokens: list[list[int]] = [[] for _ in batch]
-        finish: list[str | None] = [None] * len(batch)
-        for ev in engine.run(reqs):
-            if ev.token not in stops:
-                tokens[ev.row].append(ev.token)
-            if ev.finish:
-                finish[ev.row] = ev.finish
-                on_done(1)
-        for q, ids, fin in zip(batch, tokens, finish, strict=True):
-            reply = tok.decode(ids).strip()
-            reason = verdict(reply, fin, cfg.min_words)
-            if reason:
-                result.dropped[reason] += 1
-            else:
-                result.conversations.append(
-                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}
-                )
+    for q, (reply, fin) in zip(asked, generate_replies(teacher, chats, cfg, on_done), strict=True):
+        reason = verdict(reply, fin, cfg.min_words)
+        if reason:
+            result.dropped[reason] += 1
+        else:
+            result.conversations.append(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}
+            )
     return result
 
 

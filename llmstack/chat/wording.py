@@ -221,3 +221,17 @@ def identity_wording(question: str, rng: random.Random, split: Split) -> str:
         return question
     q = vary(question, rng)
     return embed(q, rng, split) if rng.random() < 0.3 else q
+
+
+def teacher_wording(skill: str, frame: str, values: tuple[str, ...], rng: random.Random) -> str:
+    """A teacher-written frame (``chat/paraphrase.py``) asked with ``values``, varied like the held-out
+    ones and sometimes inside a longer message: ``(a, b)`` for ``*`` and ``+``, ``(word, letter)`` for
+    ``letters``, nothing for the identity skills."""
+    if skill in ("*", "+"):
+        q = frame.format(a=values[0], b=values[1])
+    elif skill == "letters":
+        q = frame.format(w=values[0], l=values[1])
+    else:
+        q = frame
+    q = vary(q, rng, upper=skill in ("*", "+"))
+    return embed(q, rng, "heldout") if rng.random() < 0.3 else q

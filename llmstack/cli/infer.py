@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmstack.chat.answer import ChatModel, chat_repl, is_ours, repl, write_stream
+from llmstack.chat.paraphrase import write_teacher_frames
 from llmstack.chat.session import ChatSession
 from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
 from llmstack.cli.common import (
@@ -101,6 +102,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 1
     write_conversations(out, result.conversations)
     print(f"{result.summary()} -> {out} ({time.perf_counter() - t0:.0f}s, teacher {args.teacher})")
+    return 0
+
+
+def cmd_paraphrase(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else None
+    frames, path = write_teacher_frames(
+        args.teacher, out, args.asks, args.seed, args.device or "cpu", not args.no_progress
+    )
+    print(f"{frames.summary()} -> {path} ({time.perf_counter() - t0:.0f}s, teacher {args.teacher})")
     return 0
 
 
@@ -199,3 +210,25 @@ conversations are written atomically as JSONL ({"messages": [user, assistant]}) 
     sy.add_argument("--device", default=None)
     sy.add_argument("--no-progress", action="store_true", help="no progress bar")
     sy.set_defaults(func=cmd_synth)
+    pp = sub.add_parser(
+        "paraphrase",
+        help="wordings for the evaluation only: a teacher rewrites questions of each skill into new frames",
+        formatter_class=FMT,
+        description="""A teacher model (default SmolLM2-135M-Instruct) rewrites questions of each assistant skill
+(products, sums, letter counts, its name, its maker). A rewrite that keeps the values and still asks the
+same thing becomes a frame ({a} {b} / {w} {l} in place of the values) that `llmstack eval` and the main
+job ask among the unseen wordings, with fresh values. Never trained on. Dropped rewrites are counted
+by reason (truncated, answers, values_changed, other_question, known, too_long).
+
+  llmstack paraphrase                          # -> data/paraphrases/teacher.json
+  llmstack paraphrase --asks 96 --seed 1       # more rewrites per skill
+  llmstack eval --run-dir runs/tiny/sft        # unseen wording now includes the teacher's frames""",
+    )
+    pp.add_argument("--model", "--teacher", dest="teacher", default="smollm2",
+                    help="the teacher: smollm2, an HF dir, a .gguf, a run")  # fmt: skip
+    pp.add_argument("--out", help="JSON to write (default: data/paraphrases/teacher.json)")
+    pp.add_argument("--asks", type=int, default=48, help="rewrites asked per skill (5 skills)")
+    pp.add_argument("--seed", type=int, default=0, help="ask i samples with seed + i")
+    pp.add_argument("--device", default=None)
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.set_defaults(func=cmd_paraphrase)

@@ -26,7 +26,16 @@ from typing import Literal
 
 from llmstack.chat.answer import our_chat
 from llmstack.chat.mixture import HELDOUT_SEED, IDENTITY_QUESTIONS, ModelCard, arithmetic_question, words_from
-from llmstack.chat.wording import IDENTITY_HELDOUT, arithmetic_wording, identity_wording, spelling_wording, widen_sum
+from llmstack.chat.paraphrase import TeacherFrames, default_path
+from llmstack.chat.wording import (
+    IDENTITY_HELDOUT,
+    arithmetic_wording,
+    identity_wording,
+    number,
+    spelling_wording,
+    teacher_wording,
+    widen_sum,
+)
 from llmstack.data.corpus import default_corpus_texts
 from llmstack.interop.load import load_ours
 from llmstack.io import write_json
@@ -35,6 +44,7 @@ from llmstack.tools.registry import default_toolbox
 EVAL_SEED = HELDOUT_SEED  # disjoint from the training seeds (small integers)
 Wording = Literal["seen", "unseen"]
 UNSEEN = {"seen": "", "unseen": ", unseen wording"}  # name suffixes
+TEACHER_EVERY = 3  # with teacher frames, every third unseen-wording question is asked in one of them
 
 
 @dataclass
@@ -43,6 +53,7 @@ class EvalResult:
     correct: int
     total: int
     examples: list[str] = field(default_factory=list)
+    parts: dict[str, list[int]] = field(default_factory=dict)  # source of the wording -> [correct, total]
 
     @property
     def accuracy(self) -> float:
@@ -69,41 +80,76 @@ def _final_number(text: str) -> int | None:
     return int(nums[-1]) if nums else None
 
 
-def _score(name: str, answers: list[str], ok: Callable[[int, str], bool], questions: list[str]) -> EvalResult:
+def _score(
+    name: str,
+    answers: list[str],
+    ok: Callable[[int, str], bool],
+    questions: list[str],
+    sources: list[str] | None = None,
+) -> EvalResult:
+    """Accuracy over ``answers``; with ``sources`` (where each question's wording came from), per source too,
+    and the first example of each source among the transcripts kept."""
     res = EvalResult(name, 0, len(answers))
     for i, a in enumerate(answers):
         good = ok(i, a)
         res.correct += good
-        if len(res.examples) < 3:
+        src = sources[i] if sources else ""
+        if sources:
+            c, t = res.parts.get(src, [0, 0])
+            res.parts[src] = [c + good, t + 1]
+        if len(res.examples) < 3 or (sources and res.parts[src][1] == 1):
             res.examples.append(f"{'✓' if good else '✗'} {questions[i]!r} -> {a!r}")
     return res
 
 
+def _teacher_turn(i: int, frames: list[str]) -> bool:
+    return bool(frames) and i % TEACHER_EVERY == TEACHER_EVERY - 1
+
+
 def eval_arithmetic(
-    model, tok, n: int = 500, tools: bool = True, wording: Wording = "seen", op: str = "*"
+    model,
+    tok,
+    n: int = 500,
+    tools: bool = True,
+    wording: Wording = "seen",
+    op: str = "*",
+    teacher: TeacherFrames | None = None,
 ) -> EvalResult:
-    """3-digit products (or sums) asked in the trained templates (``seen``) or in held-out wordings."""
+    """3-digit products (or sums) asked in the trained templates (``seen``) or in held-out wordings: the
+    held-out frame families, and with ``teacher`` every third question in a teacher-written frame."""
     rng = random.Random(EVAL_SEED + (wording == "unseen"))
+    frames = teacher.frames.get(op, []) if teacher else []
+    sources = []
     if wording == "seen":
         qs = [arithmetic_question(rng, op) for _ in range(n)]
     else:
         qs = []
-        for _ in range(n):
+        for i in range(n):
             a, b = widen_sum(op, rng.randint(100, 999), rng.randint(100, 999), rng)
-            qs.append((arithmetic_wording(op, a, b, rng, "heldout"), a, b))
+            if _teacher_turn(i, frames):
+                values = (number(a, rng), number(b, rng))
+                qs.append((teacher_wording(op, rng.choice(frames), values, rng), a, b))
+                sources.append("teacher")
+            else:
+                qs.append((arithmetic_wording(op, a, b, rng, "heldout"), a, b))
+                sources.append("held-out frames")
     box = default_toolbox().call if tools else None
     answers = our_chat(model, tok, box).answer_questions([q for q, _, _ in qs], 40)
     name = ("multiply 3x3 " if op == "*" else "add ") + ("(calculator)" if tools else "(no tools)")
     value = [a * b if op == "*" else a + b for _, a, b in qs]
-    return _score(name + UNSEEN[wording], answers, lambda i, a: _final_number(a) == value[i], [q for q, _, _ in qs])
+    ok = lambda i, a: _final_number(a) == value[i]  # noqa: E731
+    return _score(name + UNSEEN[wording], answers, ok, [q for q, _, _ in qs], sources if frames else None)
 
 
-def eval_identity(model, tok, card: ModelCard | None = None, wording: Wording = "unseen") -> EvalResult:
+def eval_identity(
+    model, tok, card: ModelCard | None = None, wording: Wording = "unseen", teacher: TeacherFrames | None = None
+) -> EvalResult:
     """Questions about itself: paraphrases never trained on (``unseen``, the default, in three spellings
-    and in held-out wordings), or the trained questions (``seen``); correct when the answer names the
-    model (name questions) or its maker (maker questions)."""
+    and in held-out wordings, and each teacher-written one twice), or the trained questions (``seen``);
+    correct when the answer names the model (name questions) or its maker (maker questions)."""
     card = card or ModelCard()
     key = {"name": card.name, "maker": card.maker}
+    sources: list[str] = []
     if wording == "seen":
         variants = [(q, key[k]) for k in key for q in IDENTITY_QUESTIONS[k]]
     else:
@@ -111,44 +157,65 @@ def eval_identity(model, tok, card: ModelCard | None = None, wording: Wording = 
         items = [(q, key[k]) for k in key for q in IDENTITY_HELDOUT[k]]
         variants = [(v, k) for q, k in items for v in (q, q.lower(), q.rstrip("?.") + "?")]
         variants += [(identity_wording(q, rng, "heldout"), k) for q, k in items for _ in range(3)]
+        sources = ["held-out frames"] * len(variants)
+        for k in key:
+            for frame in teacher.frames.get(k, []) if teacher else []:
+                variants += [(frame, key[k]), (teacher_wording(k, frame, (), rng), key[k])]
+                sources += ["teacher"] * 2
     answers = our_chat(model, tok).answer_questions([q for q, _ in variants], 40)
     return _score(
         "identity" + UNSEEN[wording],
         answers,
         lambda i, a: variants[i][1].lower() in a.lower(),
         [q for q, _ in variants],
+        sources if "teacher" in sources else None,
     )
 
 
-def eval_spelling(model, tok, words: list[str], n: int = 50, wording: Wording = "seen") -> EvalResult:
-    """Letter counts with the Python tool, of words the spelling data never uses."""
+def eval_spelling(
+    model, tok, words: list[str], n: int = 50, wording: Wording = "seen", teacher: TeacherFrames | None = None
+) -> EvalResult:
+    """Letter counts with the Python tool, of words the spelling data never uses; unseen wording: held-out
+    frames, and with ``teacher`` every third question in a teacher-written frame."""
     rng = random.Random(EVAL_SEED + (wording == "unseen"))
     pairs = [(w, rng.choice(w)) for w in rng.sample(words, min(n, len(words)))]
+    frames = teacher.frames.get("letters", []) if teacher else []
+    sources = []
     if wording == "seen":
         qs = [f"How many {ltr}'s are in {w}?" for w, ltr in pairs]
     else:
-        qs = [spelling_wording(w, ltr, rng, "heldout") for w, ltr in pairs]
+        qs = []
+        for i, (w, ltr) in enumerate(pairs):
+            if _teacher_turn(i, frames):
+                qs.append(teacher_wording("letters", rng.choice(frames), (w, ltr), rng))
+                sources.append("teacher")
+            else:
+                qs.append(spelling_wording(w, ltr, rng, "heldout"))
+                sources.append("held-out frames")
     answers = our_chat(model, tok, default_toolbox().call).answer_questions(qs, 60)
     ok = lambda i, a: _final_number(a) == pairs[i][0].count(pairs[i][1])  # noqa: E731
-    return _score("letter count (python)" + UNSEEN[wording], answers, ok, qs)
+    return _score("letter count (python)" + UNSEEN[wording], answers, ok, qs, sources if frames else None)
 
 
-def evaluate_assistant(model, tok, corpus_texts: list[str] | None = None, n: int = 500) -> list[EvalResult]:
-    """Each skill on seen and on unseen wordings (chat/wording.py), and products without tools."""
+def evaluate_assistant(
+    model, tok, corpus_texts: list[str] | None = None, n: int = 500, teacher: TeacherFrames | None = None
+) -> list[EvalResult]:
+    """Each skill on seen and on unseen wordings (chat/wording.py; with ``teacher``, its frames among the
+    unseen ones), and products without tools."""
     unseen = max(1, min(n, 300))
     results = [
         eval_arithmetic(model, tok, n, tools=True),
-        eval_arithmetic(model, tok, unseen, tools=True, wording="unseen"),
+        eval_arithmetic(model, tok, unseen, tools=True, wording="unseen", teacher=teacher),
         eval_arithmetic(model, tok, max(1, n // 5), tools=True, op="+"),
-        eval_arithmetic(model, tok, max(1, n // 5), tools=True, op="+", wording="unseen"),
+        eval_arithmetic(model, tok, max(1, n // 5), tools=True, op="+", wording="unseen", teacher=teacher),
         eval_arithmetic(model, tok, max(1, n // 5), tools=False),
         eval_identity(model, tok, wording="seen"),
-        eval_identity(model, tok),
+        eval_identity(model, tok, teacher=teacher),
     ]
     if corpus_texts:
         words = words_from(corpus_texts)[1000:2000]
         results.append(eval_spelling(model, tok, words, n=min(n, 100)))
-        results.append(eval_spelling(model, tok, words, n=min(n, 100), wording="unseen"))
+        results.append(eval_spelling(model, tok, words, n=min(n, 100), wording="unseen", teacher=teacher))
     return results
 
 
@@ -163,17 +230,32 @@ def wording_table(results: list[EvalResult]) -> list[str]:
     for r in results:
         if not r.name.endswith(UNSEEN["unseen"]):
             lines.append(f"{r.name:<26} {cell(r):>26}   {cell(by.get(r.name + UNSEEN['unseen'])):>26}")
+    taught = [(r.name.split(" (")[0].split(",")[0], *r.parts["teacher"]) for r in results if "teacher" in r.parts]
+    if taught:
+        lines.append("unseen wording includes teacher-written frames (chat/paraphrase.py); on those alone: " +
+                     ", ".join(f"{name} {c}/{t}" for name, c, t in taught))  # fmt: skip
     return lines
 
 
-def run_assistant_eval(source: str | Path, n: int = 500, out: Path | None = None) -> tuple[list[EvalResult], Path]:
+def load_teacher_frames(path: Path | None = None) -> TeacherFrames | None:
+    """The teacher frames at ``path`` (default ``data/paraphrases/teacher.json``, if `llmstack paraphrase`
+    wrote it; ``None`` when it did not)."""
+    if path is None and not default_path().exists():
+        return None
+    return TeacherFrames.load(path or default_path())
+
+
+def run_assistant_eval(
+    source: str | Path, n: int = 500, out: Path | None = None, teacher: Path | None = None
+) -> tuple[list[EvalResult], Path]:
     """Our assistant's held-out problems (tools, identity, spelling) -> results, written to ``out`` as JSON
-    (default: eval.json in the model's run)."""
+    (default: eval.json in the model's run). Unseen wordings include the teacher frames at ``teacher``
+    (default: ``data/paraphrases/teacher.json`` when it exists)."""
     model, tok, bundle = load_ours(source)
-    results = evaluate_assistant(model, tok, default_corpus_texts(), n=n)
+    results = evaluate_assistant(model, tok, default_corpus_texts(), n=n, teacher=load_teacher_frames(teacher))
     assert bundle.checkpoint is not None  # load_ours opened one of our runs
     out = out or bundle.checkpoint.path.parent.parent / "eval.json"
-    fields = ("accuracy", "correct", "total")
+    fields = ("accuracy", "correct", "total", "parts")
     write_json(out, {r.name: {**{f: getattr(r, f) for f in fields}, "interval": r.interval(), "examples": r.examples}
                      for r in results})  # fmt: skip
     return results, out
