@@ -20,6 +20,8 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/llmstack data fetch
+	# wordings a teacher (SmolLM2) writes for the evaluation, once per machine (chat/paraphrase.py)
+	$(BIN)/llmstack paraphrase --if-missing --no-progress
 	$(BIN)/llmstack run --preset tiny
 
 test: $(STAMP)

@@ -15,6 +15,7 @@ from llmstack.chat.paraphrase import TeacherFrames, default_path, write_teacher_
 from llmstack.data.corpus import build_default_corpus, read_jsonl
 from llmstack.data.shards import ShardIndex, write_shards
 from llmstack.eval.assistant import run_assistant_eval, wording_table
+from llmstack.eval.copying import copy_score
 from llmstack.eval.report import write_report_card
 from llmstack.inference.engine import generate
 from llmstack.inference.sample import SamplingConfig
@@ -113,6 +114,8 @@ def run_pipeline(
         text = prompt + tok.decode([t for t in ids if t != bos])
         samples.append(text)
         print(f"--- {prompt!r}\n{text}\n")
+    copying = copy_score(model, tok)  # whether the base copies from its context (eval/copying.py)
+    print(f"copying: {copying.line()}")
     timings["sample"] = time.perf_counter() - t
 
     t = _stage("6/8 supervised finetuning into an assistant")
@@ -162,6 +165,7 @@ def run_pipeline(
         "train_loss_last": trains[-1]["loss"] if trains else None,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "samples": samples,
+        "copying": {"first": round(copying.first, 3), "second": round(copying.second, 3), "copies": copying.copies},
         "assistant": {r.name: round(r.accuracy, 3) for r in assistant_eval},
         "rl": {"steps": rl.steps, "sft": rl.sft, "rl": rl.rl, "rollout_tok_per_s": round(rl.rollout_tok_per_s)},
         "outputs": outputs,
@@ -177,6 +181,7 @@ def run_pipeline(
         )
     if trains:
         print(f"train loss: {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} nats/token")
+    print(f"base model, {copying.line()}")
     for line in wording_table(results):  # each skill asked in trained wordings and in held-out ones
         print(f"assistant: {line}")
     for line in rl.lines():

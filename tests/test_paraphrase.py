@@ -18,7 +18,8 @@ from llmstack.eval import assistant as ev
     [
         ("*", "Could you work out 412 multiplied by 87?", ("412", "87"), "Could you work out {a} multiplied by {b}?"),
         ("*", '"What do I get from 87 times 412?"\nSure!', ("412", "87"), "What do I get from {b} times {a}?"),
-        ("+", "How much do 300 and 45 come to?", ("300", "45"), "How much do {a} and {b} come to?"),
+        ("*", "412 x 87, what is it?", ("412", "87"), "{a} x {b}, what is it?"),
+        ("+", "How much do 300 and 45 add up to?", ("300", "45"), "How much do {a} and {b} add up to?"),
         ("letters", "How often does the letter r show up in morning?", ("morning", "r"),
          "How often does the letter {l} show up in {w}?"),
         ("letters", "Count the r's in the word morning.", ("morning", "r"), "Count the {l}'s in the word {w}."),
@@ -39,6 +40,7 @@ def test_a_faithful_rewrite_becomes_a_frame(skill, reply, values, frame):
         ("*", "What is 412 times 88?", ("412", "87"), "values_changed"),  # a number copied wrong
         ("*", "What is 412 times 87 times 2?", ("412", "87"), "values_changed"),  # a number added
         ("*", "What is 4120 times 87?", ("412", "87"), "values_changed"),
+        ("*", "What is 1,412 times 87?", ("412", "87"), "values_changed"),
         ("*", "What is 412 plus 87?", ("412", "87"), "other_question"),  # another operation
         ("*", "What is the sum of 412 and 87 times over?", ("412", "87"), "other_question"),
         ("+", "Multiply 412 by 87.", ("412", "87"), "other_question"),
@@ -48,6 +50,12 @@ def test_a_faithful_rewrite_becomes_a_frame(skill, reply, values, frame):
         ("name", "What is your name and who made you?", (), "other_question"),
         ("name", "Your name is llmstack-tiny?", (), "other_question"),
         ("*", "", ("412", "87"), "empty"),
+        ("*", "This is a riddle. What does 412 * 87 mean?", ("412", "87"), "not_one_question"),
+        ("*", "A simple way to convert 412 × 87!", ("412", "87"), "not_a_question"),
+        ("letters", "The letter r appears only in morning.", ("morning", "r"), "not_a_question"),
+        ("letters", "How many r's are in morning, like a's in banana?", ("morning", "r"), "values_changed"),
+        ("name", "Your name is Simon?", (), "other_question"),
+        ("maker", "Somebody made you.", (), "not_a_question"),
         ("*", "Please " + "really " * 30 + "multiply 412 by 87", ("412", "87"), "too_long"),
     ],
 )  # fmt: skip

@@ -303,44 +303,6 @@ def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
     return out
 
 
-COPY_FRAMES = [
-    "Repeat after me: {x}",
-    "Say this back to me: {x}",
-    "Echo this: {x}",
-    "Please repeat {x}",
-    "Copy this exactly: {x}",
-    "Repeat {x} word for word.",
-    "Can you say {x}?",
-    "Write down {x}",
-]
-
-
-def copy_text(rng: random.Random, words: list[str]) -> str:
-    """Something to repeat: numbers (2-7 digits, sometimes as an expression), words, or both."""
-    kind = rng.random()
-    nums = [str(rng.randint(10, 9_999_999) // 10 ** rng.randint(0, 4)) for _ in range(rng.randint(1, 3))]
-    if kind < 0.4:
-        return rng.choice([" ", "*", " * ", "+", " and ", ", "]).join(nums)
-    picked = [rng.choice(words) for _ in range(rng.randint(1, 4))]
-    if kind < 0.8:
-        return " ".join(picked)
-    return " ".join(picked[:2] + nums[:1] + picked[2:])
-
-
-def copying(n: int, seed: int, words: list[str]) -> list[Conversation]:
-    """Repeat-after-me: the user gives numbers or words and the assistant says them back exactly. A tiny
-    model pretrained on a few million tokens has no reliable way yet to copy what it was shown (an
-    induction circuit); every tool call copies operands, a word or a result, and this is that skill
-    on its own, on many more tokens than the skills' own data holds. The reply starts "Here:" so
-    that the copied text keeps the space before its first word and tokenizes as it was given."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        x = copy_text(rng, words)
-        out.append(Conversation.of(("user", rng.choice(COPY_FRAMES).format(x=x)), ("assistant", f"Here: {x}")))
-    return out
-
-
 def words_from(texts: list[str], limit: int = 2000) -> list[str]:
     """Plain lowercase words of 5-12 letters from a corpus, most frequent first."""
     counts: dict[str, int] = {}
@@ -368,7 +330,6 @@ class MixtureConfig:
     gsm: int = 300
     chitchat: int = 600
     reasoning: int = 1000
-    copying: int = 0
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
@@ -403,7 +364,6 @@ def build_mixture(
         "gsm": gsm,
         "chitchat": chitchat,
         "reasoning": reasoning,
-        "copying": lambda n, s: copying(n, s, words),
     }
     convs: list[Conversation] = []
     for i, (name, fn) in enumerate(sources.items()):

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmstack.chat.answer import ChatModel, chat_repl, is_ours, repl, write_stream
-from llmstack.chat.paraphrase import write_teacher_frames
+from llmstack.chat.paraphrase import default_path, write_teacher_frames
 from llmstack.chat.session import ChatSession
 from llmstack.chat.synth import SYSTEM, TOPICS, SynthConfig, read_lines, synthesize, write_conversations
 from llmstack.cli.common import (
@@ -108,6 +108,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_paraphrase(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
+    if args.if_missing and (out or default_path()).exists():
+        print(f"teacher frames: {out or default_path()} exists; kept (delete it to write new ones)")
+        return 0
     frames, path = write_teacher_frames(
         args.teacher, out, args.asks, args.seed, args.device or "cpu", not args.no_progress
     )
@@ -227,8 +230,9 @@ by reason (truncated, answers, values_changed, other_question, known, too_long).
     pp.add_argument("--model", "--teacher", dest="teacher", default="smollm2",
                     help="the teacher: smollm2, an HF dir, a .gguf, a run")  # fmt: skip
     pp.add_argument("--out", help="JSON to write (default: data/paraphrases/teacher.json)")
-    pp.add_argument("--asks", type=int, default=48, help="rewrites asked per skill (5 skills)")
+    pp.add_argument("--asks", type=int, default=32, help="rewrites asked per skill (5 skills)")
     pp.add_argument("--seed", type=int, default=0, help="ask i samples with seed + i")
     pp.add_argument("--device", default=None)
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.add_argument("--if-missing", action="store_true", help="do nothing when the file exists (set-up runs this)")
     pp.set_defaults(func=cmd_paraphrase)
