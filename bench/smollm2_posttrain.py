@@ -5,7 +5,8 @@ mixture's identity conversations (``--data builtin:identity``: 600 conversations
 teach it to be "llmstack-tiny", made by "the llmstack project". Measured before and after, greedy:
 
 * identity on the trained wordings and on held-out wordings (``eval/assistant.py``'s two rows: the
-  held-out families, three spellings each and surface variation), with Wilson 95% intervals;
+  held-out families, three spellings each and surface variation, and the teacher-written frames of
+  ``llmstack paraphrase`` when it wrote them), with Wilson 95% intervals;
 * a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not drop
   beyond its interval: what the adapter costs the rest of the model.
 
@@ -86,6 +87,11 @@ def main() -> None:
     for key in before:
         b, a = before[key], after[key]
         print(f"{key:<28}{cell(b):>26}{cell(a):>26}")
+    for when, rows in (("before", before), ("after", after)):
+        for key, r in rows.items():
+            if "teacher" in r.get("parts", {}):
+                c, t = r["parts"]["teacher"]
+                print(f"{key}, {when}: on the teacher-written frames alone {c}/{t}")
     print(f"SFT (LoRA r={args.rank}, {args.steps} steps): {t2 - t1:.0f}s; results: {out / 'posttrain.json'}")
     print(json.dumps(report["seconds"]))
 
