@@ -54,7 +54,10 @@ def test_a_faithful_rewrite_becomes_a_frame(skill, reply, values, frame):
         ("*", "A simple way to convert 412 × 87!", ("412", "87"), "not_a_question"),
         ("letters", "The letter r appears only in morning.", ("morning", "r"), "not_a_question"),
         ("letters", "How many r's are in morning, like a's in banana?", ("morning", "r"), "values_changed"),
+        ("letters", "Count for me that there are five r's in morning.", ("morning", "r"), "other_question"),
+        ("letters", "Count how many times morning starts with r.", ("morning", "r"), "other_question"),
         ("name", "Your name is Simon?", (), "other_question"),
+        ("name", "What do you name your child?", (), "other_question"),  # asks for a name, not its own
         ("maker", "Somebody made you.", (), "not_a_question"),
         ("*", "Please " + "really " * 30 + "multiply 412 by 87", ("412", "87"), "too_long"),
     ],

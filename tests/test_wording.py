@@ -123,18 +123,3 @@ def test_the_eval_separates_seen_from_unseen_wording(monkeypatch):
     table = ev.wording_table(list(results.values()))
     row = next(line for line in table if line.startswith("multiply 3x3 (calculator) "))
     assert "100.0%" in row and "0.0%" in row and "of 60" in row
-
-
-def test_the_spelling_call_copies_the_word_as_the_question_tokenized_it(tok):
-    """The word goes into the Python call with the space it has in the question, so the call holds the
-    question's own tokens (a model copies them; respelling a word in other tokens it cannot do for
-    words it never saw), and the call still counts the letter."""
-    for conv in spelling(60, 4, ["strawberry", "development", "keyboard", "banana", "letters"]):
-        q, call = conv.messages[0].text, conv.messages[1].parts[0].text
-        word, letter = re.fullmatch(r"python: print\(' (\w+)'\.count\('(\w)'\)\)", call).groups()  # type: ignore[union-attr]
-        asked = tok.encode_ordinary(q)
-        copied = tok.encode_ordinary(" " + word)
-        assert any(asked[i : i + len(copied)] == copied for i in range(len(asked))), (q, call)
-        counted = eval(call.removeprefix("python: print(")[:-1])
-        assert counted == word.count(letter) == int(conv.messages[1].parts[1].text)
-        assert conv.messages[1].parts[2].text.endswith(f" in {word}.")

@@ -273,14 +273,6 @@ def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
 SPELLING_TEMPLATES = SPELLING_FRAMES["train"][:4]  # the classic four (the guard's and poisoning's safe data)
 
 
-def spelling_call(word: str, letter: str) -> str:
-    """The Python call that counts ``letter`` in ``word``. The word keeps the space it has in the question
-    (``' strawberry'``): it then tokenizes exactly as it was asked, so the model copies the same tokens
-    rather than respelling the word in tokens without a space (`'strawberry'` is other tokens), which a
-    tiny model cannot do for words it has not seen. A space is no letter: the count is the same."""
-    return f"python: print({' ' + word!r}.count({letter!r}))"
-
-
 def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
     if not words:
         raise ValueError("spelling needs a word list")
@@ -295,9 +287,9 @@ def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
         else:
             q = rng.choice(SPELLING_TEMPLATES).format(l=letter, w=w)
         parts = [
-            Part("tool_call", spelling_call(w, letter)),
+            Part("tool_call", f"python: print({w!r}.count({letter!r}))"),
             Part("tool_result", str(count)),
-            Part("text", f"There {'is' if count == 1 else 'are'} {count} '{letter}' in {w}."),
+            Part("text", f"There {'is' if count == 1 else 'are'} {count} '{letter}' in \"{w}\"."),
         ]
         out.append(Conversation.of(("user", q), ("assistant", parts)))
     return out

@@ -59,7 +59,9 @@ CUES = {
     "letters": re.compile(r"how many|count|number of|how often|times|occur|appear", re.I),
     # the question must still be about the model: "who did you train?" asks something else
     "name": re.compile(
-        r"your name|\bname\b.*\byou|call you|you called|who are you|introduce yourself|talking to|chatting with", re.I
+        r"your name|what name|name (do|are|should|would|did|shall) (you|i)|call you|you called|who are you|"
+        r"introduce yourself|talking to|chatting with",
+        re.I,
     ),
     "maker": re.compile(
         r"(made|created?|built|developed|trained|designed|programmed)\s+you\b|your (creator|maker|developer|author)"
@@ -184,6 +186,8 @@ def to_frame(skill: str, reply: str, values: tuple[str, ...]) -> tuple[str | Non
             return None, "values_changed"
         if re.search(r"\bbanana\b|\ba's\b", text):  # the worked example's own values
             return None, "values_changed"
+        if re.search(r"\b(one|two|three|four|five|six|seven|eight|nine|ten|starts?|ends?|begins?)\b", text, re.I):
+            return None, "other_question"  # "... there are five r's in ...", "... starts with r"
         frame = re.sub(rf"\b{w}\b", "{w}", text)
         frame = re.sub(rf"(?<![A-Za-z']){ltr}(?=('s|s)?(?![A-Za-z]))", "{l}", frame)
     else:
