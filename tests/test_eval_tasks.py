@@ -349,3 +349,21 @@ def test_fetch_eval_data_keeps_only_the_task_files(tmp_path, monkeypatch):
     assert calls == ["bigbench", "evals"]
     fetch.fetch_eval_data(tmp_path / "eval", log=lambda _: None)  # present: nothing downloaded again
     assert calls == ["bigbench", "evals"]
+
+
+def test_an_eval_package_without_its_files_does_not_stop_the_other(tmp_path, monkeypatch):
+    """A registry serving a placeholder ``bigbench`` (no task files): the evals part still arrives, and the
+    error names the part that failed and why."""
+    from llmstack.data import fetch
+
+    archives = fake_archives(tmp_path)
+    empty = tmp_path / "bigbench-0.0.1.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        info = tarfile.TarInfo("bigbench-0.0.1/setup.py")
+        tar.addfile(info, io.BytesIO(b""))
+    archives["bigbench"] = empty
+    monkeypatch.setattr(fetch, "_pip_download", lambda package, *_: archives[package])
+    with pytest.raises(fetch.FetchError, match=r"bigbench: bigbench-0.0.1.tar.gz .* holds no files for \['arithmetic'"):
+        fetch.fetch_eval_data(tmp_path / "eval", log=lambda _: None)
+    assert (tmp_path / "eval" / "evals" / "quartz" / "samples.jsonl").is_file()
+    assert not (tmp_path / "eval" / "bigbench").exists()

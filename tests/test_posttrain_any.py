@@ -15,9 +15,11 @@ import torch
 import transformers
 from conftest import chatml_model
 
+from llmstack.chat.answer import TOOL_ROUNDS, ChatModel
 from llmstack.chat.conversation import ChatFormat, Conversation, Part
-from llmstack.chat.template import TemplateFormat, chat_format, format_of
+from llmstack.chat.template import TemplateFormat, chat_format, format_of, hermes_call
 from llmstack.cli import main
+from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_model, load_trainable
 from llmstack.rl.pairs import encode_reply
 from llmstack.training import lora
@@ -308,3 +310,52 @@ def test_a_reward_model_of_an_hf_model_rewards_grpo(chatml_dir, tmp_path):
     rollouts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rollouts if r["kind"] == "rl"]
     assert len(rewards) == 2 and any(not float(r).is_integer() for r in rewards)  # RM scores, not 0/1 verdicts
+
+
+def test_a_template_model_runs_tool_calls_in_rounds_as_training_renders_them(chatml_dir, monkeypatch):
+    """With tools, a template model's reply that calls one stops there; the call runs, its result comes back
+    as a ``tool`` turn, and the next prompt is exactly what SFT rendered for the same tool use, so a model
+    trained on tool use answers with it (the generation here is scripted: the model is random)."""
+    bundle = load_model(chatml_dir)
+    tok, ran = bundle.tokenizer, []
+    chat = ChatModel(bundle, lambda text: ran.append(text) or "408")
+    eos = min(chat.stop_ids)
+    call = hermes_call("calculator", {"input": "12*34"})
+    script = {1: call, 2: "It is 408."}  # the reply for the prompt of each round
+    prompts: list[list[int]] = []
+
+    def generate(batch, cfg, tools=None):
+        prompts.extend(batch)
+        return [tok.encode_ordinary(script[len(prompts)]) + [eos] for _ in batch]
+
+    monkeypatch.setattr(chat, "generate", generate)
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    [full] = chat.answer([chat.ask("What is 12*34?")], cfg)
+    assert ran == ["calculator: 12*34"]
+    assert full == call + "<tool_response>\n408\n</tool_response>It is 408."
+    trained = chat_format(bundle).render(
+        Conversation.of(
+            ("user", "What is 12*34?"),
+            (
+                "assistant",
+                [Part("tool_call", "calculator: 12*34"), Part("tool_result", "408"), Part("text", "It is 408.")],
+            ),
+        )
+    )
+    assert trained.ids[: len(prompts[1])] == prompts[1]  # round two's prompt: the training render's prefix
+    assert tok.decode(trained.ids[len(prompts[1]) :]).startswith("It is 408.<|im_end|>")
+
+    prompts.clear()
+    script = {1: call, 2: "It is 408."}
+    [shown] = chat.answer([chat.ask("What is 12*34?")], cfg, visible=True)
+    assert shown == "It is 408."  # the call and its result left out
+
+    prompts.clear()
+    script = dict.fromkeys(range(1, 10), call)  # a model that never stops calling
+    [cut] = chat.answer([chat.ask("What is 12*34?")], cfg)  # its history outgrows the 256-token context
+    assert len(prompts) < TOOL_ROUNDS + 1 and cut is not None and cut.startswith(call + "<tool_response>")
+    prompts.clear()
+    chat.context = 4096
+    [looped] = chat.answer([chat.ask("What is 12*34?")], cfg)
+    assert len(prompts) == TOOL_ROUNDS + 1 and looped.count("<tool_call>") == TOOL_ROUNDS + 1
+    assert looped.count("<tool_response>") == TOOL_ROUNDS  # the last call is left unanswered

@@ -59,11 +59,6 @@ class State:
     memory: bool = False  # it started with notes in its context (an observation already: it may answer at once)
 
 
-class _AnyName:
-    def __contains__(self, name: object) -> bool:  # a call to an unknown tool gets the toolbox's error
-        return isinstance(name, str)
-
-
 def _shot(
     task: str, steps: list[tuple[str, dict[str, str], str]], answer: str, structured: bool
 ) -> list[dict[str, Any]]:
@@ -213,7 +208,7 @@ class ChatPolicy:
     def _template(self, state: State, ids: list[int]) -> Turn:
         finished = bool(ids) and ids[-1] in self.chat.stop_ids
         text = self.chat.text(ids)
-        rest, calls = parse_hermes_calls(text, _AnyName())  # type: ignore[arg-type]
+        rest, calls = parse_hermes_calls(text)  # any name: an unknown tool gets the toolbox's error
         state.messages.append({"role": "assistant", "content": text.strip()})
         closed = text.rstrip().endswith("</tool_call>")
         if calls and calls[0]["name"] == ANSWER.name and self.structured:

