@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmstack.chat.mixture import IDENTITY_QUESTIONS
 from llmstack.chat.synth import SynthConfig, generate_replies
 from llmstack.chat.wording import (
     ARITH_FRAMES,
@@ -36,6 +37,7 @@ from llmstack.chat.wording import (
 )
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.bundle import Bundle
+from llmstack.interop.load import load_model
 from llmstack.io import write_json
 from llmstack.paths import data_dir
 
@@ -141,8 +143,6 @@ def known_frames(skill: str) -> set[str]:
     elif skill == "letters":
         frames = [f for split in SPELLING_FRAMES.values() for f in split]
     else:
-        from llmstack.chat.mixture import IDENTITY_QUESTIONS  # the trained questions
-
         frames = IDENTITY_QUESTIONS[skill] + IDENTITY_HELDOUT[skill]
     return {_norm(f) for f in frames}
 
@@ -211,8 +211,6 @@ def _source(skill: str, rng: random.Random) -> tuple[str, tuple[str, ...]]:
         w = rng.choice(WORDS)
         ltr = rng.choice(sorted(set(w) - {"a", "i"}))
         return rng.choice(SPELLING_FRAMES["train"][:3]).format(l=ltr, w=w), (w, ltr)
-    from llmstack.chat.mixture import IDENTITY_QUESTIONS
-
     return rng.choice(IDENTITY_QUESTIONS[skill]), ()
 
 
@@ -265,8 +263,6 @@ def write_teacher_frames(
     """Load ``teacher`` (smollm2, an HF folder, a .gguf, a run), have it rewrite ``asks`` questions per skill,
     and write the frames it kept to ``out`` (default ``data/paraphrases/teacher.json``), atomically."""
     from tqdm import tqdm
-
-    from llmstack.interop.load import load_model
 
     bundle = load_model(teacher)
     bundle.model.to(device)
