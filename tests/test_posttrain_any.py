@@ -359,3 +359,19 @@ def test_a_template_model_runs_tool_calls_in_rounds_as_training_renders_them(cha
     [looped] = chat.answer([chat.ask("What is 12*34?")], cfg)
     assert len(prompts) == TOOL_ROUNDS + 1 and looped.count("<tool_call>") == TOOL_ROUNDS + 1
     assert looped.count("<tool_response>") == TOOL_ROUNDS  # the last call is left unanswered
+
+
+def test_the_assistant_eval_takes_a_model_that_is_not_ours(chatml_dir, tmp_path, monkeypatch):
+    """``llmstack eval`` without --tasks (seen and unseen wordings side by side) opens any model, not only our
+    runs; for a model that is no run its results go under runs/eval."""
+    from llmstack.eval.assistant import run_assistant_eval, wording_table
+
+    monkeypatch.setenv("LLMSTACK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LLMSTACK_DATA", str(tmp_path / "data"))  # no teacher frames, no corpus: no spelling rows
+    results, out = run_assistant_eval(chatml_dir, n=5)
+    assert out == tmp_path / "runs" / "eval" / "model-assistant.json"
+    saved = json.loads(out.read_text())
+    names = {r.name for r in results}
+    assert {"multiply 3x3 (calculator)", "multiply 3x3 (calculator), unseen wording", "identity"} <= names
+    assert set(saved) == names and all(saved[r.name]["total"] == r.total > 0 for r in results)
+    assert any(line.startswith("multiply 3x3 (calculator) ") for line in wording_table(results))

@@ -139,8 +139,9 @@ def register(sub) -> None:
         "eval",
         help="evaluate a model: held-out assistant problems, or the task suite (--tasks)",
         formatter_class=FMT,
-        description="""Without --tasks: our assistant's held-out problems (tools, identity, spelling), each asked in the
+        description="""Without --tasks: the assistant's held-out problems (tools, identity, spelling), each asked in the
 wordings it was trained on and in held-out wordings (llmstack/chat/wording.py), side by side; to eval.json.
+Any model: ours, or a fine-tuned SmolLM2 / HF / GGUF one (its tool calls run as Hermes <tool_call> text).
 With --tasks: the task suite on any model (ours, an HF dir, a .gguf, smollm2): bits per byte on held-out
 text, multiple choice by log-likelihood (BIG-bench, OpenAI evals' quartz, your own FILE.jsonl), and for
 chat models generative problems (reasoning-gym math direct vs chain of thought, 9.11 vs 9.9, ...).
@@ -151,6 +152,7 @@ completion run against its unit tests in our sandbox; pass@1 with a 95% Wilson i
 asks a chat model in a user message and takes the function from its code block.
 
   llmstack eval --model runs/tiny/sft
+  llmstack eval --model runs/smollm2-calculator --n 100   # SmolLM2 after bench/smollm2_posttrain.py
   llmstack eval --model smollm2 --tasks mc --limit 200
   llmstack eval --model runs/tiny --tasks heldout_bpb,winowhy,quartz --limit 100
   llmstack eval --model runs/tiny/sft --tasks all --limit 50 --out results.json

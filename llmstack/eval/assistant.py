@@ -37,8 +37,9 @@ from llmstack.chat.wording import (
     widen_sum,
 )
 from llmstack.data.corpus import default_corpus_texts
-from llmstack.interop.load import load_ours
+from llmstack.interop.load import load_model
 from llmstack.io import write_json
+from llmstack.paths import runs_dir
 from llmstack.tools.registry import default_toolbox
 
 EVAL_SEED = HELDOUT_SEED  # disjoint from the training seeds (small integers)
@@ -255,13 +256,23 @@ def load_teacher_frames(path: Path | None = None) -> TeacherFrames | None:
 def run_assistant_eval(
     source: str | Path, n: int = 500, out: Path | None = None, teacher: Path | None = None
 ) -> tuple[list[EvalResult], Path]:
-    """Our assistant's held-out problems (tools, identity, spelling) -> results, written to ``out`` as JSON
-    (default: eval.json in the model's run). Unseen wordings include the teacher frames at ``teacher``
-    (default: ``data/paraphrases/teacher.json`` when it exists)."""
-    model, tok, bundle = load_ours(source)
+    """The assistant's held-out problems (tools, identity, spelling) for any model (our run, an HF folder, a
+    .gguf, ``smollm2``: a template model's tool calls run as Hermes calls) -> results, written to ``out`` as
+    JSON (default: eval.json in the model's run; for a model that is no run, ``runs/eval/<name>-
+    assistant.json``). Unseen wordings include the teacher frames at ``teacher`` (default:
+    ``data/paraphrases/teacher.json`` when it exists). Identity asks for ``ModelCard``'s name and maker:
+    a model not trained on them scores 0 there."""
+    bundle = load_model(source)
+    bundle.model.eval()
+    model, tok = bundle.model, bundle.tokenizer
     results = evaluate_assistant(model, tok, default_corpus_texts(), n=n, teacher=load_teacher_frames(teacher))
-    assert bundle.checkpoint is not None  # load_ours opened one of our runs
-    out = out or bundle.checkpoint.path.parent.parent / "eval.json"
+    if out is None:
+        ckpt = bundle.checkpoint
+        out = (
+            ckpt.path.parent.parent / "eval.json"
+            if ckpt
+            else runs_dir() / "eval" / f"{Path(str(source)).name}-assistant.json"
+        )
     fields = ("accuracy", "correct", "total", "parts")
     write_json(out, {r.name: {**{f: getattr(r, f) for f in fields}, "interval": r.interval(), "examples": r.examples}
                      for r in results})  # fmt: skip
