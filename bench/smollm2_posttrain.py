@@ -9,7 +9,9 @@ wrote them), with Wilson 95% intervals:
   conversations) teaches it to be "llmstack-tiny", made by "the llmstack project";
 * ``calculator``: 3-digit products through the calculator tool (``builtin:arithmetic``: five question
   templates, the call ``calculator: a*b``, the result, "The answer is ..."), which the template model
-  writes as a Hermes ``<tool_call>`` and gets back as a ``tool`` turn (``chat/answer.py``).
+  writes as a Hermes ``<tool_call>`` and gets back as a ``tool`` turn (``chat/answer.py``);
+* ``spelling``: letter counts through the Python tool (``builtin:spelling``: ``print('word'.count('r'))``),
+  asked of words the spelling data never uses.
 
 Beside them a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not
 drop beyond its interval: what the adapter costs the rest of the model.
@@ -33,7 +35,9 @@ from typing import Any
 import torch
 
 from llmstack.chat.finetune import run_sft
-from llmstack.eval.assistant import EvalResult, eval_arithmetic, eval_identity, load_teacher_frames
+from llmstack.chat.mixture import words_from
+from llmstack.data.corpus import default_corpus_texts
+from llmstack.eval.assistant import EvalResult, eval_arithmetic, eval_identity, eval_spelling, load_teacher_frames
 from llmstack.eval.suite import evaluate
 from llmstack.eval.tasks import select
 from llmstack.interop.load import load_model
@@ -41,7 +45,7 @@ from llmstack.io import write_json
 from llmstack.paths import data_dir
 from llmstack.training.lora import LoRAConfig
 
-SKILLS = {"identity": "builtin:identity", "calculator": "builtin:arithmetic"}
+SKILLS = {"identity": "builtin:identity", "calculator": "builtin:arithmetic", "spelling": "builtin:spelling"}
 
 
 def measure(source: str | Path, skill: str, n: int, mc: str, mc_limit: int) -> dict[str, Any]:
@@ -53,6 +57,9 @@ def measure(source: str | Path, skill: str, n: int, mc: str, mc_limit: int) -> d
         r: EvalResult
         if skill == "identity":
             r = eval_identity(model, tok, wording=wording, teacher=teacher)
+        elif skill == "spelling":  # words the spelling data never uses, as evaluate_assistant picks them
+            words = words_from(default_corpus_texts())[1000:2000]
+            r = eval_spelling(model, tok, words, n=100, wording=wording, teacher=teacher)
         else:  # products: a hundred in the trained wordings, ``n`` in held-out ones
             r = eval_arithmetic(model, tok, 100 if wording == "seen" else n, wording=wording, teacher=teacher)
         out[r.name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "interval": r.interval(),
