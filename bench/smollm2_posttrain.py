@@ -1,6 +1,6 @@
 """LoRA SFT of SmolLM2-135M-Instruct on a skill it lacks, measured before and after, on CPU.
 
-Two skills (``--skill``), each trained on the built-in mixture's conversations in their trained wordings
+Three skills (``--skill``), each trained on the built-in mixture's conversations in their trained wordings
 only, and measured greedy on those wordings and on held-out ones (``eval/assistant.py``: the held-out
 frame families with surface variation, and the teacher-written frames of ``llmstack paraphrase`` when it
 wrote them), with Wilson 95% intervals:
@@ -35,9 +35,16 @@ from typing import Any
 import torch
 
 from llmstack.chat.finetune import run_sft
-from llmstack.chat.mixture import words_from
 from llmstack.data.corpus import default_corpus_texts
-from llmstack.eval.assistant import EvalResult, eval_arithmetic, eval_identity, eval_spelling, load_teacher_frames
+from llmstack.eval.assistant import (
+    EvalResult,
+    eval_arithmetic,
+    eval_identity,
+    eval_spelling,
+    heldout_words,
+    load_teacher_frames,
+)
+from llmstack.eval.copying import copy_score
 from llmstack.eval.suite import evaluate
 from llmstack.eval.tasks import select
 from llmstack.interop.load import load_model
@@ -53,12 +60,14 @@ def measure(source: str | Path, skill: str, n: int, mc: str, mc_limit: int) -> d
     model, tok = bundle.model, bundle.tokenizer
     out: dict[str, Any] = {}
     teacher = load_teacher_frames()  # `llmstack paraphrase`'s frames among the unseen wordings, when written
+    words = heldout_words(default_corpus_texts()) if skill == "spelling" else []
+    copying = copy_score(model, tok)  # why held-out wordings work: the model copies from its context
+    out["copy score"] = {"first": copying.first, "second": copying.second, "line": copying.line()}
     for wording in ("seen", "unseen"):
         r: EvalResult
         if skill == "identity":
             r = eval_identity(model, tok, wording=wording, teacher=teacher)
         elif skill == "spelling":  # words the spelling data never uses, as evaluate_assistant picks them
-            words = words_from(default_corpus_texts())[1000:2000]
             r = eval_spelling(model, tok, words, n=100, wording=wording, teacher=teacher)
         else:  # products: a hundred in the trained wordings, ``n`` in held-out ones
             r = eval_arithmetic(model, tok, 100 if wording == "seen" else n, wording=wording, teacher=teacher)
@@ -106,6 +115,9 @@ def main() -> None:
     print(f"{'row':<28}{'before':>26}{'after':>26}")
     for key in before:
         b, a = before[key], after[key]
+        if key == "copy score":
+            print(f"copy score before: {b['line']}\ncopy score after:  {a['line']}")
+            continue
         print(f"{key:<28}{cell(b):>26}{cell(a):>26}")
     for when, rows in (("before", before), ("after", after)):
         for key, r in rows.items():

@@ -40,14 +40,14 @@ def teacher_frames() -> None:
     """The teacher-written wordings the evaluation asks among the unseen ones (``make setup`` writes them once
     per machine; written here when missing). Without the teacher package the held-out families stand alone."""
     if default_path().exists():
-        print(f"teacher frames: {TeacherFrames.load(default_path()).summary()} ({default_path()})")
+        print(f"{TeacherFrames.load(default_path()).summary()} ({default_path()})")
         return
     try:
         frames, path = write_teacher_frames()
     except FileNotFoundError as e:
         print(f"teacher frames: none ({e}); unseen wordings are the held-out families alone")
         return
-    print(f"teacher frames: {frames.summary()} -> {path}")
+    print(f"{frames.summary()} -> {path}")
 
 
 RL_STEPS = 30  # GRPO steps in the main job (the `rl` tiny preset runs 160): it keeps the job under 15 minutes

@@ -346,7 +346,6 @@ def test_a_template_model_runs_tool_calls_in_rounds_as_training_renders_them(cha
     assert tok.decode(trained.ids[len(prompts[1]) :]).startswith("It is 408.<|im_end|>")
 
     prompts.clear()
-    script = {1: call, 2: "It is 408."}
     [shown] = chat.answer([chat.ask("What is 12*34?")], cfg, visible=True)
     assert shown == "It is 408."  # the call and its result left out
 

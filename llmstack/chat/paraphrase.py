@@ -11,7 +11,8 @@ letter), so that the evaluation asks it again with fresh values. These frames ar
 A rewrite is dropped, and counted under its reason, when it is truncated, loses or changes a value,
 adds a number, answers instead of asking (``"To solve this, multiply..."``), is a statement or more
 than one sentence, asks about another operation, or repeats a frame already known (a trained,
-held-out or earlier teacher frame). A 135M teacher writes few good questions: about a third survive.
+held-out or earlier teacher frame). A 135M teacher writes few good questions: 18 of 160 survived with
+the defaults (the command prints what it kept and the file counts what it dropped, by reason).
 """
 
 from __future__ import annotations
@@ -264,8 +265,7 @@ def write_teacher_frames(
     and write the frames it kept to ``out`` (default ``data/paraphrases/teacher.json``), atomically."""
     from tqdm import tqdm
 
-    bundle = load_model(teacher)
-    bundle.model.to(device)
+    bundle = load_model(teacher, device)
     bundle.template()  # no chat template: fail before generating anything
     with tqdm(total=asks * len(SKILLS), desc="paraphrase", unit="ask", disable=not progress) as bar:
         frames = paraphrase(bundle, asks, seed, on_done=bar.update, teacher_name=teacher)

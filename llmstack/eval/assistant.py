@@ -205,6 +205,12 @@ def eval_spelling(
     return _score("letter count (python)" + UNSEEN[wording], answers, ok, qs, sources if frames else None)
 
 
+def heldout_words(corpus_texts: list[str]) -> list[str]:
+    """The letter-count eval's words: the corpus's 1,001st to 2,000th most frequent (``words_from``), which
+    the spelling data (``corpus_words``: the first 1,000) never uses."""
+    return words_from(corpus_texts)[1000:2000]
+
+
 def evaluate_assistant(
     model, tok, corpus_texts: list[str] | None = None, n: int = 500, teacher: TeacherFrames | None = None
 ) -> list[EvalResult]:
@@ -221,7 +227,7 @@ def evaluate_assistant(
         eval_identity(model, tok, teacher=teacher),
     ]
     if corpus_texts:
-        words = words_from(corpus_texts)[1000:2000]
+        words = heldout_words(corpus_texts)
         results.append(eval_spelling(model, tok, words, n=min(n, 100)))
         results.append(eval_spelling(model, tok, words, n=min(n, 100), wording="unseen", teacher=teacher))
     return results
