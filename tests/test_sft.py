@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model_config
 
 from llmstack.chat.conversation import ChatFormat, Conversation
+from llmstack.chat.finetune import mixture_parts
 from llmstack.chat.mixture import (
     HELDOUT_SEED,
     REASONING_GYM,
@@ -159,3 +161,21 @@ def test_scoring_ignores_numbers_inside_tool_spans():
     r = EvalResult("x", 95, 100)
     lo, hi = r.interval()
     assert lo < 0.95 < hi and lo > 0.88 and hi < 0.99
+
+
+def test_builtin_spec_picks_kinds_and_their_amounts():
+    full = mixture_parts("builtin")
+    assert full.arithmetic > 1000 and full.identity > 0  # the whole mixture
+    some = mixture_parts("builtin:identity,spelling")
+    assert (some.arithmetic, some.identity, some.spelling, some.gsm) == (0, full.identity, full.spelling, 0)
+    balanced = mixture_parts("builtin:arithmetic=600, identity=250,spelling")
+    assert (balanced.arithmetic, balanced.identity, balanced.spelling) == (600, 250, full.spelling)
+    assert balanced.reasoning == balanced.chitchat == 0
+    for bad, named in (
+        ("builtin:arithmetic=0", "positive integer"),
+        ("builtin:arithmetic=many", "positive integer"),
+        ("builtin:arithmetics", "unknown mixture kind 'arithmetics'"),
+        ("builtin:,", "no mixture kinds"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            mixture_parts(bad)

@@ -9,7 +9,7 @@
   stages use too): the template's text becomes control tokens, what the user typed never does. With a
   ``tools`` function, ``answer`` runs its calls in rounds, as training renders them (``to_messages``): a
   reply's ``<tool_call>{...}</tool_call>`` stops the turn, the result comes back as a ``tool`` message,
-  and the model answers again (at most ``TOOL_ROUNDS`` calls). Streaming runs no tools.
+  and the model answers again (at most ``TOOL_ROUNDS`` calls); ``stream`` does the same, round by round.
 
 Chat, serve, eval, the arena, the red team, synthetic data, preferences and RL all answer through
 here. What is not here: a base model continuing a document (``inference/simulate.py``), multi-modal turns.
@@ -186,21 +186,11 @@ class ChatModel:
                 if reply is None:  # the history outgrew the context: what was said so far
                     out[i] = "".join(shown[i]) if round_ else None
                     continue
-                text, calls = parse_hermes_calls(reply)
-                if not calls or round_ == TOOL_ROUNDS:
-                    out[i] = "".join(shown[i]) + (text if visible else reply)
+                responses = run_calls(reply, tools, history[i]) if round_ < TOOL_ROUNDS else None
+                if responses is None:
+                    out[i] = "".join(shown[i]) + (parse_hermes_calls(reply)[0] if visible else reply)
                     continue
-                history[i].append(
-                    {
-                        "role": "assistant",
-                        "content": text,
-                        "tool_calls": [{"type": "function", "function": c} for c in calls],
-                    }
-                )
-                results = [tools(call_text(c)) for c in calls]
-                history[i] += [{"role": "tool", "content": r} for r in results]
-                responses = "".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
-                shown[i].append(text if visible else reply + responses)
+                shown[i].append(parse_hermes_calls(reply)[0] if visible else reply + responses)
                 again.append(i)
             todo = again
             if not todo:
@@ -222,19 +212,64 @@ class ChatModel:
         """The engine's events for ready prompts (with this model's stop tokens and tools)."""
         return self.engine.stream(prompts, cfg, set(self.stop_ids))
 
-    def stream(self, messages: list[Message], cfg: SamplingConfig) -> Iterator[str]:
-        """Stream the next reply as text pieces; the end-of-turn token itself is not shown."""
+    def stream(self, messages: list[Message], cfg: SamplingConfig, added: list[Message] | None = None) -> Iterator[str]:
+        """Stream the next reply as text pieces; the end-of-turn token itself is not shown. A template model
+        with ``tools`` runs its calls between rounds, as ``answer`` does, and streams each tool's response as a
+        ``<tool_response>`` block. ``added`` gets the messages the reply adds to the chat, in order (the
+        assistant's calls, the ``tool`` results, its answer): the history to keep for the next turn."""
+        if self.ours or self.tools is None:
+            return self._stream_round(messages, cfg, added)
+        return self._stream_rounds(messages, cfg, self.tools, added)
 
+    def _stream_round(self, messages: list[Message], cfg: SamplingConfig, added: list[Message] | None) -> Iterator[str]:
         def until_stop() -> Iterator[int]:
             for ev in self.events([self.prompt(messages)], cfg):
                 if ev.token in self.stop_ids:
                     return
                 yield ev.token
 
-        return stream_text(until_stop(), self.tok.decode_token_bytes)
+        pieces = []
+        for piece in stream_text(until_stop(), self.tok.decode_token_bytes):
+            pieces.append(piece)
+            yield piece
+        if added is not None:
+            added.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _stream_rounds(
+        self, messages: list[Message], cfg: SamplingConfig, tools: Callable[[str], str], added: list[Message] | None
+    ) -> Iterator[str]:
+        history, new = list(messages), list[Message]()
+        for round_ in range(TOOL_ROUNDS + 1):
+            if round_ and not self.fits(history):  # the tools' results outgrew the context: stop there
+                break
+            turn: list[Message] = []
+            yield from self._stream_round(history, cfg, turn)
+            responses = run_calls(turn[0]["content"], tools, new) if round_ < TOOL_ROUNDS else None
+            if responses is None:
+                new += turn
+                break
+            history = list(messages) + new
+            yield responses
+        if added is not None:
+            added += new
 
     def reply(self, messages: list[Message], cfg: SamplingConfig) -> str:
         return "".join(self.stream(messages, cfg))
+
+
+def run_calls(reply: str, tools: Callable[[str], str], history: list[Message]) -> str | None:
+    """A template model's reply with Hermes tool calls: append the assistant's calls and a ``tool`` message
+    with each result to ``history`` (as SFT renders tool use) and return the results as ``<tool_response>``
+    blocks; ``None`` (nothing appended) when the reply calls no tool."""
+    text, calls = parse_hermes_calls(reply)
+    if not calls:
+        return None
+    history.append(
+        {"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": c} for c in calls]}
+    )
+    results = [tools(call_text(c)) for c in calls]
+    history += [{"role": "tool", "content": r} for r in results]
+    return "".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
 
 
 def write_stream(pieces: Iterable[str], out: Any) -> str:
@@ -271,16 +306,15 @@ def repl(
 
 
 def chat_repl(model: ChatModel, cfg: SamplingConfig, system: str | None, out: Any, read: Any = input) -> None:
-    """Multi-turn chat with any model: the history grows by each question and reply."""
+    """Multi-turn chat with any model: the history grows by each question and what its reply added (a template
+    model's tool calls and their results too, when the model has tools)."""
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
 
     def reply(text: str) -> Iterator[str]:
         messages.append({"role": "user", "content": text})
-        pieces = []
-        for piece in model.stream(messages, cfg):
-            pieces.append(piece)
-            yield piece
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        added: list[Message] = []
+        yield from model.stream(messages, cfg, added)
+        messages.extend(added)
 
     repl(reply, out, read)
 

@@ -60,19 +60,27 @@ def is_builtin(spec: str | Path) -> bool:
 
 
 def mixture_parts(spec: str) -> MixtureConfig:
-    """``builtin`` (the whole mixture) or ``builtin:identity,spelling`` (those kinds only, in their amounts)."""
+    """``builtin`` (the whole mixture), ``builtin:identity,spelling`` (those kinds only, in their amounts) or
+    ``builtin:arithmetic=600,identity`` (a kind with its own number of conversations: a balanced mixture for
+    a model that needs only a few hundred of each)."""
     full = MixtureConfig()
     _, _, kinds = spec.partition(":")
     if not kinds:
         return full
     names = {f.name for f in fields(full)}
-    wanted = {k.strip() for k in kinds.split(",") if k.strip()}
-    unknown = wanted - names
-    if unknown or not wanted:
-        raise ValueError(
-            f"--data {spec}: unknown mixture kinds {sorted(unknown)}; choose among {', '.join(sorted(names))}"
-        )
-    return MixtureConfig(**{n: getattr(full, n) if n in wanted else 0 for n in names})
+    wanted: dict[str, int] = {}
+    for part in (k.strip() for k in kinds.split(",")):
+        if not part:
+            continue
+        name, eq, amount = (x.strip() for x in part.partition("="))
+        if name not in names:
+            raise ValueError(f"--data {spec}: unknown mixture kind {name!r}; choose among {', '.join(sorted(names))}")
+        if eq and not (amount.isdigit() and int(amount) > 0):
+            raise ValueError(f"--data {spec}: {part!r}: the number of conversations must be a positive integer")
+        wanted[name] = int(amount) if eq else getattr(full, name)
+    if not wanted:
+        raise ValueError(f"--data {spec}: no mixture kinds; choose among {', '.join(sorted(names))}")
+    return MixtureConfig(**{n: wanted.get(n, 0) for n in names})
 
 
 def sft_mixtures(

@@ -73,7 +73,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
     if is_ours(bundle):
         return _chat_llmstack(bundle, cfg, args)  # our own assistants: tools, /commands, token view
-    chat = ChatModel(bundle)
+    chat = ChatModel(bundle, None if args.no_tools else default_toolbox().call)  # its Hermes calls run
     if args.prompt is not None:
         print(chat.reply(chat.ask(args.prompt, args.system), cfg))
         return 0
@@ -162,7 +162,14 @@ def register(sub) -> None:
     ch = sub.add_parser(
         "chat",
         help="chat with a model using its own chat template (REPL, or one --prompt)",
-        description='Example: llmstack chat --model runs/smollm2 --prompt "What is the capital of France?"',
+        description="""Chat with any model: our runs (our chat format; tool calls run inside the engine; /reset,
+/system, /tokens) or any other chat model (its own template; a <tool_call> it writes runs the calculator
+or the python sandbox, and the result comes back as a tool turn, as SFT trained it).
+
+  llmstack chat --model smollm2 --prompt "What is the capital of France?"
+  llmstack chat --model runs/smollm2-calculator --prompt "What is 123 times 456?"   # a LoRA-tuned SmolLM2
+  llmstack chat --model runs/tiny/sft                                             # a REPL""",
+        formatter_class=FMT,
     )
     ch.add_argument("--model", required=True, help="HF directory, .gguf file, or run / checkpoint directory")
     ch.add_argument("--prompt", help="one user message; print the reply and exit (non-interactive)")
@@ -172,7 +179,7 @@ def register(sub) -> None:
     ch.add_argument("--top-k", type=int, default=50, help="0 disables")
     ch.add_argument("--top-p", type=float, default=None)
     ch.add_argument("--seed", type=int, default=None)
-    ch.add_argument("--no-tools", action="store_true", help="llmstack models: leave tool calls unanswered")
+    ch.add_argument("--no-tools", action="store_true", help="leave tool calls unanswered (ours, Hermes <tool_call>s)")
     ch.add_argument("--show-tokens", action="store_true", help="llmstack models: print each token's id after it")
     ch.set_defaults(func=cmd_chat)
     sy = sub.add_parser(

@@ -167,7 +167,8 @@ or .parquet. Bad rows are skipped and counted by reason; 5% of each file is held
         metavar="FILE",
         help=f"train on this conversation file (repeatable); `{BUILTIN}` names the built-in mixture, "
         f"`{BUILTIN}:identity,spelling` some of its kinds (arithmetic, identity, spelling, gsm, chitchat, "
-        "reasoning). Without --data: the mixture alone",
+        f"reasoning), `{BUILTIN}:arithmetic=600,identity=600` with their numbers of conversations. Without "
+        "--data: the mixture alone",
     )
     sf.add_argument("--tokenizer")
     sf.add_argument("--out", help="output run directory (default: <run>/sft)")
