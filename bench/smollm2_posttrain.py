@@ -12,7 +12,10 @@ wrote them), with Wilson 95% intervals:
   writes as a Hermes ``<tool_call>`` and gets back as a ``tool`` turn (``chat/answer.py``);
 * ``spelling``: letter counts through the Python tool (``builtin:spelling``: ``print('word'.count('r'))``),
   asked of words the spelling data never uses;
-* ``all``: one adapter for the three, on 600 conversations of each (``builtin:arithmetic=600,...``).
+* ``all``: one adapter for the three, on 600 conversations of each, with 80% of the arithmetic and letter
+  questions in the trained wording families (``builtin:arithmetic=600,...,wording=0.8``). With the classic
+  templates alone, the identity data's "Are you ChatGPT?" -> "No. I am llmstack-tiny" took over other
+  skills' yes/no questions ("Do you know what the product of 197 and 222 equals?" got that answer).
 
 Beside them a multiple-choice task of the suite (default quartz, log-likelihood scoring), which must not
 drop beyond its interval: what the adapter costs the rest of the model.
@@ -59,7 +62,7 @@ SKILLS = {
     "identity": "builtin:identity",
     "calculator": "builtin:arithmetic",
     "spelling": "builtin:spelling",
-    "all": "builtin:arithmetic=600,identity=600,spelling=600",  # one adapter for the three, in equal parts
+    "all": "builtin:arithmetic=600,identity=600,spelling=600,wording=0.8",  # one adapter, three skills
 }
 
 
@@ -111,32 +114,35 @@ def main() -> None:
         default="auto",
         help="the model's when measured: auto = bfloat16 on a CPU with fast bf16 (1.7x faster), else float32",
     )
+    ap.add_argument("--data", help="the training data instead of the skill's (e.g. builtin:arithmetic=600,wording=0.8)")
+    ap.add_argument("--no-before", action="store_true", help="measure the model after training only")
     args = ap.parse_args()
     dtype = torch.bfloat16 if resolve_dtype(args.dtype, torch.device("cpu")) == "bfloat16" else None
     torch.manual_seed(0)
     out = Path(args.out or f"runs/smollm2-{args.skill}")
     t0 = time.perf_counter()
-    before = measure(args.model, args.skill, args.n, args.mc, args.mc_limit, dtype)
+    before = {} if args.no_before else measure(args.model, args.skill, args.n, args.mc, args.mc_limit, dtype)
     t1 = time.perf_counter()
     lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank)
     overrides = {"max_steps": args.steps, "lr": args.lr, "eval_every": max(10, args.steps // 3)}
-    result = run_sft(args.model, out, overrides, "cpu", data=[SKILLS[args.skill]], lora=lora)
+    result = run_sft(args.model, out, overrides, "cpu", data=[args.data or SKILLS[args.skill]], lora=lora)
     t2 = time.perf_counter()
     after = measure(out, args.skill, args.n, args.mc, args.mc_limit, dtype)
     t3 = time.perf_counter()
     report = {
-        "model": args.model, "skill": args.skill, "lora_rank": args.rank, "steps": args.steps, "lr": args.lr,
+        "model": args.model, "skill": args.skill, "data": args.data or SKILLS[args.skill], "lora_rank": args.rank,
+        "steps": args.steps, "lr": args.lr,
         "dtype": args.dtype, "val_loss": result.val_loss, "before": before, "after": after,
         "seconds": {"eval_before": t1 - t0, "sft": t2 - t1, "eval_after": t3 - t2},
     }  # fmt: skip
     write_json(out / "posttrain.json", report)
     print(f"{'row':<28}{'before':>26}{'after':>26}")
-    for key in before:
-        b, a = before[key], after[key]
+    for key, a in after.items():
+        b = before.get(key)
         if key == "copy score":
-            print(f"copy score before: {b['line']}\ncopy score after:  {a['line']}")
+            print(f"copy score before: {b['line'] if b else '-'}\ncopy score after:  {a['line']}")
             continue
-        print(f"{key:<28}{cell(b):>26}{cell(a):>26}")
+        print(f"{key:<28}{cell(b) if b else '-':>26}{cell(a):>26}")
     for when, rows in (("before", before), ("after", after)):
         for key, r in rows.items():
             if "teacher" in r.get("parts", {}):

@@ -170,12 +170,20 @@ def test_builtin_spec_picks_kinds_and_their_amounts():
     assert (some.arithmetic, some.identity, some.spelling, some.gsm) == (0, full.identity, full.spelling, 0)
     balanced = mixture_parts("builtin:arithmetic=600, identity=250,spelling")
     assert (balanced.arithmetic, balanced.identity, balanced.spelling) == (600, 250, full.spelling)
-    assert balanced.reasoning == balanced.chitchat == 0
+    assert balanced.reasoning == balanced.chitchat == 0 and balanced.wording_share == full.wording_share
+    worded = mixture_parts("builtin:arithmetic=40,wording=1")
+    assert worded.wording_share == 1.0 and worded.arithmetic == 40 and worded.identity == 0
+    classic = [c.messages[0].text for c in arithmetic(40, 3)]
+    reworded = [c.messages[0].text for c in arithmetic(40, 3, worded.wording_share)]
+    assert sum(a != b for a, b in zip(classic, reworded, strict=True)) > 30  # other sentences around them
     for bad, named in (
         ("builtin:arithmetic=0", "positive integer"),
         ("builtin:arithmetic=many", "positive integer"),
         ("builtin:arithmetics", "unknown mixture kind 'arithmetics'"),
         ("builtin:,", "no mixture kinds"),
+        ("builtin:arithmetic,wording=1.5", "from 0 to 1"),
+        ("builtin:arithmetic,wording=most", "from 0 to 1"),
+        ("builtin:wording=0.5", "no mixture kinds"),
     ):
         with pytest.raises(ValueError, match=named):
             mixture_parts(bad)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.datafiles import read_data_file
-from llmstack.chat.mixture import MixtureConfig, build_mixture, corpus_words
+from llmstack.chat.mixture import KINDS, MixtureConfig, build_mixture, corpus_words
 from llmstack.chat.template import TemplateFormat, chat_format, is_ours
 from llmstack.interop.bundle import Bundle
 from llmstack.interop.load import load_trainable
@@ -60,27 +60,36 @@ def is_builtin(spec: str | Path) -> bool:
 
 
 def mixture_parts(spec: str) -> MixtureConfig:
-    """``builtin`` (the whole mixture), ``builtin:identity,spelling`` (those kinds only, in their amounts) or
+    """``builtin`` (the whole mixture), ``builtin:identity,spelling`` (those kinds only, in their amounts),
     ``builtin:arithmetic=600,identity`` (a kind with its own number of conversations: a balanced mixture for
-    a model that needs only a few hundred of each)."""
+    a model that needs only a few hundred of each); ``wording=0.8`` words that share of the arithmetic and
+    letter-count questions from the trained families (``chat/wording.py``) instead of the classic templates."""
     full = MixtureConfig()
     _, _, kinds = spec.partition(":")
     if not kinds:
         return full
-    names = {f.name for f in fields(full)}
     wanted: dict[str, int] = {}
+    share = full.wording_share
     for part in (k.strip() for k in kinds.split(",")):
         if not part:
             continue
         name, eq, amount = (x.strip() for x in part.partition("="))
-        if name not in names:
-            raise ValueError(f"--data {spec}: unknown mixture kind {name!r}; choose among {', '.join(sorted(names))}")
+        if name == "wording":
+            try:
+                share = float(amount)
+            except ValueError:
+                share = -1.0
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"--data {spec}: {part!r}: the wording share must be a number from 0 to 1")
+            continue
+        if name not in KINDS:
+            raise ValueError(f"--data {spec}: unknown mixture kind {name!r}; choose among {', '.join(KINDS)}")
         if eq and not (amount.isdigit() and int(amount) > 0):
             raise ValueError(f"--data {spec}: {part!r}: the number of conversations must be a positive integer")
         wanted[name] = int(amount) if eq else getattr(full, name)
     if not wanted:
-        raise ValueError(f"--data {spec}: no mixture kinds; choose among {', '.join(sorted(names))}")
-    return MixtureConfig(**{n: wanted.get(n, 0) for n in names})
+        raise ValueError(f"--data {spec}: no mixture kinds; choose among {', '.join(KINDS)}")
+    return MixtureConfig(**{n: wanted.get(n, 0) for n in KINDS}, wording_share=share)
 
 
 def sft_mixtures(
@@ -92,7 +101,7 @@ def sft_mixtures(
     """The training and validation conversations: the mixture (a twentieth of it held out, other seeds) + extras."""
     mix, words = mix or MixtureConfig(), corpus_words()
     train_convs = build_mixture(mix, seed=seed, words=words, extra=list(extra))
-    small = MixtureConfig(*(-(-getattr(mix, f.name) // 20) for f in fields(mix)))
+    small = replace(mix, **{k: -(-getattr(mix, k) // 20) for k in KINDS})
     return train_convs, build_mixture(small, seed=seed + 1, words=words, extra=list(val_extra))
 
 

@@ -117,7 +117,7 @@ WORDING_SHARE = 0.0
 FIVE_DIGIT_EXTRA = 0.2  # this share of products is redrawn until it is 5 digits long: 34% of products, not 17%
 
 
-def arithmetic(n: int, seed: int) -> list[Conversation]:
+def arithmetic(n: int, seed: int, wording_share: float = WORDING_SHARE) -> list[Conversation]:
     """3-digit products (80%) and sums, each through a calculator call. Kept to the eval's 3x3 shape on
     purpose: a tiny model first learns to copy the result from a fixed distance back, tuned to the
     usual 6-digit products. A third of the products are 5 digits long (``FIVE_DIGIT_EXTRA``), twice
@@ -131,7 +131,7 @@ def arithmetic(n: int, seed: int) -> list[Conversation]:
         if op == "*" and rng.random() < FIVE_DIGIT_EXTRA:
             while a * b >= 100_000:
                 q, a, b = arithmetic_question(rng, op)
-        if WORDING_SHARE and rng.random() < WORDING_SHARE:  # the same numbers in one of the many wordings
+        if wording_share and rng.random() < wording_share:  # the same numbers in one of the many wordings
             a, b = widen_sum(op, a, b, rng)
             q = arithmetic_wording(op, a, b, rng, "train")
         value = a * b if op == "*" else a + b
@@ -273,7 +273,7 @@ def chitchat(n: int, seed: int, max_turns: int = 6) -> list[Conversation]:
 SPELLING_TEMPLATES = SPELLING_FRAMES["train"][:4]  # the classic four (the guard's and poisoning's safe data)
 
 
-def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
+def spelling(n: int, seed: int, words: list[str], wording_share: float = WORDING_SHARE) -> list[Conversation]:
     if not words:
         raise ValueError("spelling needs a word list")
     rng = random.Random(seed)
@@ -282,7 +282,7 @@ def spelling(n: int, seed: int, words: list[str]) -> list[Conversation]:
         w = rng.choice(words)
         letter = rng.choice(w) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         count = w.count(letter)
-        if WORDING_SHARE and rng.random() < WORDING_SHARE:
+        if wording_share and rng.random() < wording_share:
             q = spelling_wording(w, letter, rng, "train")
         else:
             q = rng.choice(SPELLING_TEMPLATES).format(l=letter, w=w)
@@ -314,7 +314,8 @@ def corpus_words(limit: int = 1000) -> list[str]:
 
 @dataclass(frozen=True)
 class MixtureConfig:
-    """How many conversations of each kind (train); held-out sets use other seeds."""
+    """How many conversations of each kind (train; held-out sets use other seeds), and the share of arithmetic
+    and letter-count questions worded from the trained families (``WORDING_SHARE``)."""
 
     arithmetic: int = 8000
     identity: int = 600
@@ -322,6 +323,11 @@ class MixtureConfig:
     gsm: int = 300
     chitchat: int = 600
     reasoning: int = 1000
+    wording_share: float = WORDING_SHARE
+
+
+KINDS = ("arithmetic", "identity", "spelling", "gsm", "chitchat", "reasoning")
+"""The mixture's kinds of conversation (``MixtureConfig``'s counts)."""
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
@@ -350,9 +356,9 @@ def build_mixture(
 ) -> list[Conversation]:
     """The generated sources in ``cfg``'s amounts, plus ``extra`` conversations as they are, shuffled together."""
     sources: dict[str, Callable[[int, int], list[Conversation]]] = {
-        "arithmetic": arithmetic,
+        "arithmetic": lambda n, s: arithmetic(n, s, cfg.wording_share),
         "identity": identity,
-        "spelling": lambda n, s: spelling(n, s, words),
+        "spelling": lambda n, s: spelling(n, s, words, cfg.wording_share),
         "gsm": gsm,
         "chitchat": chitchat,
         "reasoning": reasoning,
