@@ -444,3 +444,22 @@ def test_the_assistant_eval_takes_a_model_that_is_not_ours(chatml_dir, tmp_path,
     assert {"multiply 3x3 (calculator)", "multiply 3x3 (calculator), unseen wording", "identity"} <= names
     assert set(saved) == names and all(saved[r.name]["total"] == r.total > 0 for r in results)
     assert any(line.startswith("multiply 3x3 (calculator) ") for line in wording_table(results))
+
+
+def test_llmstack_eval_casts_the_weights_it_is_asked_to(chatml_dir, tmp_path, monkeypatch, capsys):
+    import llmstack.eval.assistant as assistant_eval
+
+    loaded, real = [], assistant_eval.load_model
+
+    def spy(source, *args, **kwargs):
+        bundle = real(source, *args, **kwargs)
+        loaded.append(next(bundle.model.parameters()).dtype)
+        return bundle
+
+    monkeypatch.setattr(assistant_eval, "load_model", spy)
+    monkeypatch.setenv("LLMSTACK_DATA", str(tmp_path / "data"))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(chatml_dir), "--n", "5", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert main(["eval", "--model", str(chatml_dir), "--n", "5", "--out", str(out)]) == 0
+    assert loaded == [torch.bfloat16, torch.float32] and json.loads(out.read_text())
+    assert "unseen wording" in capsys.readouterr().out

@@ -49,7 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = args.model or str(run_dir(args) / "sft")
         evaluate_model(spec, args.tasks, limit=args.limit, seed=args.seed, device=args.device, out=args.out)
         return 0
-    results, out = run_assistant_eval(args.model or run_dir(args) / "sft", args.n, Path(args.out) if args.out else None)
+    dtype = None if args.dtype == "float32" else getattr(torch, resolve_dtype(args.dtype, torch.device("cpu")))
+    source = args.model or run_dir(args) / "sft"
+    results, out = run_assistant_eval(source, args.n, Path(args.out) if args.out else None, dtype=dtype)
     for r in results:
         print(r.line())
         for ex in r.examples[:2]:
@@ -153,6 +155,7 @@ asks a chat model in a user message and takes the function from its code block.
 
   llmstack eval --model runs/tiny/sft
   llmstack eval --model runs/smollm2-calculator --n 100   # SmolLM2 after bench/smollm2_posttrain.py
+  llmstack eval --model runs/smollm2-all --dtype auto     # bf16 where the CPU has it: 1.7x faster
   llmstack eval --model smollm2 --tasks mc --limit 200
   llmstack eval --model runs/tiny --tasks heldout_bpb,winowhy,quartz --limit 100
   llmstack eval --model runs/tiny/sft --tasks all --limit 50 --out results.json
@@ -184,6 +187,13 @@ The BIG-bench and quartz data come with `llmstack data fetch`; HumanEval's with 
         help="draws and generated problems (held out from training); HumanEval's sampling",
     )
     ev.add_argument("--device", default="cpu", help="cpu or cuda (with --tasks or --humaneval)")
+    ev.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "auto"],
+        default="float32",
+        help="the held-out problems' weights (without --tasks): bfloat16 answers a SmolLM2 1.7x faster on a CPU "
+        "with AVX512-BF16 or AMX (auto: bf16 there and on CUDA)",
+    )
     he = ev.add_argument_group("HumanEval (--humaneval)")
     he.add_argument("--humaneval", action="store_true", help="run HumanEval instead of the other evals")
     he.add_argument("--humaneval-samples", type=int, default=1, metavar="N", help="completions per problem")
