@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--data", help="the training data instead of the skill's (e.g. builtin:arithmetic=600,wording=0.8)")
     ap.add_argument("--no-before", action="store_true", help="measure the model after training only")
     args = ap.parse_args()
-    dtype = torch.bfloat16 if resolve_dtype(args.dtype, torch.device("cpu")) == "bfloat16" else None
+    dtype = getattr(torch, resolve_dtype(args.dtype, torch.device("cpu")))
     torch.manual_seed(0)
     out = Path(args.out or f"runs/smollm2-{args.skill}")
     t0 = time.perf_counter()

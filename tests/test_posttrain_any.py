@@ -409,9 +409,17 @@ def test_a_streamed_chat_runs_a_template_models_tool_calls_and_keeps_them_in_its
     prompts.clear()
     script = dict.fromkeys(range(1, 10), call)  # a model that never stops calling
     monkeypatch.setattr(ChatModel, "events", _scripted_events(tok, min(chat.stop_ids), script, prompts))
+    added.clear()
+    cut = "".join(chat.stream(chat.ask("What is 12*34?"), SamplingConfig(max_new_tokens=40), added))
+    assert len(prompts) < TOOL_ROUNDS + 1 and cut.endswith("[the tool results fill the model's 256-token context]")
+    assert added[-1] == {"role": "assistant", "content": "[the tool results fill the model's 256-token context]"}
+    prompts.clear()
+    added.clear()
     chat.context = 4096
-    looped = chat.reply(chat.ask("What is 12*34?"), SamplingConfig(max_new_tokens=40))
+    looped = "".join(chat.stream(chat.ask("What is 12*34?"), SamplingConfig(max_new_tokens=40), added))
     assert len(prompts) == TOOL_ROUNDS + 1 and looped.count("<tool_response>") == TOOL_ROUNDS
+    assert [m["role"] for m in added] == ["assistant", "tool"] * TOOL_ROUNDS + ["assistant"]
+    assert added[-1]["content"] == call  # the last call is left unanswered, kept as the reply
 
 
 def test_llmstack_chat_runs_the_calculator_for_a_template_model(chatml_dir, monkeypatch, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_model_config
@@ -9,11 +11,15 @@ from conftest import tiny_model_config
 from llmstack.chat.conversation import ChatFormat, Conversation
 from llmstack.chat.finetune import mixture_parts
 from llmstack.chat.mixture import (
+    ARITH_TEMPLATES,
     HELDOUT_SEED,
     REASONING_GYM,
     REASONING_GYM_SMALL,
+    SPELLING_TEMPLATES,
+    MixtureConfig,
     ModelCard,
     arithmetic,
+    build_mixture,
     identity,
     reasoning,
     reasoning_gym_entries,
@@ -176,6 +182,16 @@ def test_builtin_spec_picks_kinds_and_their_amounts():
     classic = [c.messages[0].text for c in arithmetic(40, 3)]
     reworded = [c.messages[0].text for c in arithmetic(40, 3, worded.wording_share)]
     assert sum(a != b for a, b in zip(classic, reworded, strict=True)) > 30  # other sentences around them
+    words = ["strawberry", "banana", "letters", "python", "bookkeeper"]
+    for share, worded_at_most in ((0.0, 0), (1.0, 40)):  # the share reaches both kinds through build_mixture
+        mix = MixtureConfig(arithmetic=20, identity=0, spelling=20, gsm=0, chitchat=0, reasoning=0, wording_share=share)
+        asked = [c.messages[0].text for c in build_mixture(mix, seed=5, words=words)]
+        classic_sums = {t for ts in ARITH_TEMPLATES.values() for t in ts} | set(SPELLING_TEMPLATES)
+        patterns = [re.escape(t).replace(r"\{a\}", r"\d+").replace(r"\{b\}", r"\d+") for t in classic_sums]
+        patterns = [p.replace(r"\{l\}", r"\w").replace(r"\{w\}", r"\w+") for p in patterns]
+        unusual = [q for q in asked if not any(re.fullmatch(p, q) for p in patterns)]
+        assert len(unusual) >= 30 if share else unusual == [], (share, unusual[:3])
+        assert len(unusual) <= worded_at_most
     for bad, named in (
         ("builtin:arithmetic=0", "positive integer"),
         ("builtin:arithmetic=many", "positive integer"),

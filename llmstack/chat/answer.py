@@ -216,7 +216,8 @@ class ChatModel:
         """Stream the next reply as text pieces; the end-of-turn token itself is not shown. A template model
         with ``tools`` runs its calls between rounds, as ``answer`` does, and streams each tool's response as a
         ``<tool_response>`` block. ``added`` gets the messages the reply adds to the chat, in order (the
-        assistant's calls, the ``tool`` results, its answer): the history to keep for the next turn."""
+        assistant's calls, the ``tool`` results, its answer), once the stream has been read to its end: the
+        history to keep for the next turn. Tool results that fill the context end the reply with a note."""
         if self.ours or self.tools is None:
             return self._stream_round(messages, cfg, added)
         return self._stream_rounds(messages, cfg, self.tools, added)
@@ -241,6 +242,9 @@ class ChatModel:
         history, new = list(messages), list[Message]()
         for round_ in range(TOOL_ROUNDS + 1):
             if round_ and not self.fits(history):  # the tools' results outgrew the context: stop there
+                note = f"[the tool results fill the model's {self.context}-token context]"
+                new.append({"role": "assistant", "content": note})
+                yield note
                 break
             turn: list[Message] = []
             yield from self._stream_round(history, cfg, turn)

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llmstack.agent.toolkit import served_toolbox
 from llmstack.assistants import create_assistant, default_root, list_assistants, load_assistant, sources_footer
@@ -78,11 +79,11 @@ def cmd_assistant(args: argparse.Namespace) -> int:
         if args.show_sources:
             for s in prepared.sources:
                 print(f"[{s.n}] {s.file} (bm25 {s.score:.2f}): {s.passage[:200]!r}", file=sys.stderr)
-        pieces = []
-        for piece in chat.stream(prepared.messages, cfg):
-            pieces.append(piece)
-            yield piece
-        answer = "".join(pieces)
+        added: list[dict[str, Any]] = []
+        yield from chat.stream(prepared.messages, cfg, added)
+        # the final answer alone: a template model's tool calls and results (a search's passages) stay out of
+        # the history and of the footer, which names the sources the answer cites
+        answer = added[-1]["content"] if added else ""
         history.append({"role": "assistant", "content": answer})
         yield sources_footer(answer, prepared.sources)
 
