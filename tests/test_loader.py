@@ -149,9 +149,9 @@ def test_chat_repl_keeps_the_history_between_turns(scripted_run, tmp_path):
     seen: list[int] = []
     stream = chat.stream
 
-    def spy(messages, cfg):
+    def spy(messages, cfg, added=None):
         seen.append(len(messages))
-        return stream(messages, cfg)
+        return stream(messages, cfg, added)
 
     chat.stream = spy  # type: ignore[method-assign]
     lines = iter(["one", "two", ""])
