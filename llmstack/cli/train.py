@@ -147,6 +147,8 @@ render in the model's own chat template and only the assistant's turns are train
   llmstack sft --extra-conversations data/synth/conversations.jsonl   # + a teacher's (`llmstack synth`)
   llmstack sft --model smollm2 --data mine.jsonl --lora-rank 8 --out runs/smol-mine   # your data, LoRA
   llmstack sft --model path/to/hf-folder --data mine.jsonl --data builtin            # yours + the mixture
+  llmstack sft --model smollm2 --lora-rank 8 --lr 1e-3 --max-steps 200 --hierarchy 0 --out runs/smol-assistant \\
+      --data builtin:arithmetic=600,identity=600,spelling=600,wording=0.8   # our skills, new wordings too
   torchrun --standalone --nproc_per_node 8 -m llmstack.cli sft --run-dir runs/d20
 
 --data files: JSONL of {"messages": [...]} (OpenAI: system/user/assistant/tool, tool_calls), ShareGPT
