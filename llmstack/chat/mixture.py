@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +326,7 @@ class MixtureConfig:
     wording_share: float = WORDING_SHARE
 
 
-KINDS = ("arithmetic", "identity", "spelling", "gsm", "chitchat", "reasoning")
+KINDS = tuple(f.name for f in fields(MixtureConfig) if f.name != "wording_share")
 """The mixture's kinds of conversation (``MixtureConfig``'s counts)."""
 
 

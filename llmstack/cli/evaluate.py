@@ -191,8 +191,9 @@ The BIG-bench and quartz data come with `llmstack data fetch`; HumanEval's with 
         "--dtype",
         choices=["float32", "bfloat16", "auto"],
         default="float32",
-        help="the held-out problems' weights (without --tasks): bfloat16 answers a SmolLM2 1.7x faster on a CPU "
-        "with AVX512-BF16 or AMX (auto: bf16 there and on CUDA)",
+        help="the held-out problems' weights (without --tasks): float32 keeps them as stored (our runs and GGUF "
+        "imports are float32); bfloat16 answers a SmolLM2 1.7x faster on a CPU with AVX512-BF16 or AMX (auto: "
+        "bf16 there and on CUDA)",
     )
     he = ev.add_argument_group("HumanEval (--humaneval)")
     he.add_argument("--humaneval", action="store_true", help="run HumanEval instead of the other evals")
